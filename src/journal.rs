@@ -1,0 +1,443 @@
+//! The journal file format. All of it is here.
+//!
+//! A journal starts with a 32-byte header, written once when the file is created (as a temp
+//! file, fsynced, then renamed into place) and never rewritten:
+//!
+//! ```text
+//! 0   8  magic "CLNBKJNL"
+//! 8   4  format version (1), little-endian like every integer here
+//! 12  8  generation (the backup's compaction count; also in the file name)
+//! 20  1  base kind: 0 = empty database (a fresh node), 1 = the generation's snapshot
+//! 21  3  zero
+//! 24  4  base data_version: the version of the snapshot (0 for an empty base)
+//! 28  4  CRC32C of bytes 0..28
+//! ```
+//!
+//! Then records, appended with one write each and fdatasynced before the plugin answers:
+//!
+//! ```text
+//! 0   4  payload length
+//! 4   4  data_version of the hook call
+//! 8   1  kind: 1 = a transaction (ends with lightningd's data_version bump),
+//!              2 = statements lightningd ran outside any transaction (PRAGMA foreign_keys)
+//! 9   4  CRC32C of the payload
+//! 13  4  CRC32C of bytes 0..13 (so a length can be trusted before it is used)
+//! 17  .. payload: each statement as u32 length + UTF-8 bytes
+//! ```
+//!
+//! Reading stops at the first record that is not whole and valid. If nothing valid follows
+//! it, it is a torn tail: a write that a crash cut short, never acknowledged to lightningd,
+//! so it is dropped (the writer truncates it). If a valid record follows, the file is
+//! damaged before its tail: that is an error naming the file and offset, never skipped.
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, StoreError};
+
+pub const MAGIC: &[u8; 8] = b"CLNBKJNL";
+pub const FORMAT: u32 = 1;
+pub const HEADER_LEN: u64 = 32;
+pub const RECORD_HEADER_LEN: usize = 17;
+/// No hook call comes near this; a larger length is damage.
+pub const MAX_PAYLOAD: u32 = 1 << 30;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Transaction = 1,
+    Outside = 2,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Transaction),
+            2 => Some(Kind::Outside),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Base {
+    Empty,
+    Snapshot(u32),
+}
+
+impl Base {
+    pub fn version(self) -> u32 {
+        match self {
+            Base::Empty => 0,
+            Base::Snapshot(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub generation: u64,
+    pub base: Base,
+}
+
+impl Header {
+    pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        h[12..20].copy_from_slice(&self.generation.to_le_bytes());
+        let (kind, v) = match self.base {
+            Base::Empty => (0u8, 0u32),
+            Base::Snapshot(v) => (1u8, v),
+        };
+        h[20] = kind;
+        h[24..28].copy_from_slice(&v.to_le_bytes());
+        let crc = crc32c::crc32c(&h[0..28]);
+        h[28..32].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    pub fn decode(path: &Path, h: &[u8]) -> Result<Header> {
+        let bad = |what: &str| StoreError::NotBackup { path: path.into(), what: what.into() };
+        if h.len() < HEADER_LEN as usize || &h[0..8] != MAGIC {
+            return Err(bad("no journal header (wrong magic bytes)"));
+        }
+        if u32le(&h[28..32]) != crc32c::crc32c(&h[0..28]) {
+            return Err(StoreError::Damaged {
+                path: path.into(),
+                offset: 0,
+                what: "journal header checksum mismatch".into(),
+            });
+        }
+        let format = u32le(&h[8..12]);
+        if format != FORMAT {
+            return Err(bad(&format!("journal format {format}, this build reads {FORMAT}: upgrade cln-backup")));
+        }
+        let generation = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
+        let base = match h[20] {
+            0 => Base::Empty,
+            1 => Base::Snapshot(u32le(&h[24..28])),
+            k => return Err(bad(&format!("unknown base kind {k}"))),
+        };
+        Ok(Header { generation, base })
+    }
+}
+
+fn u32le(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Appends one framed record to `out`.
+pub fn encode_record<S: AsRef<str>>(out: &mut Vec<u8>, data_version: u32, kind: Kind, writes: &[S]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    for w in writes {
+        let w = w.as_ref().as_bytes();
+        out.extend_from_slice(&(w.len() as u32).to_le_bytes());
+        out.extend_from_slice(w);
+    }
+    let payload_len = (out.len() - start - RECORD_HEADER_LEN) as u32;
+    let payload_crc = crc32c::crc32c(&out[start + RECORD_HEADER_LEN..]);
+    let h = &mut out[start..start + RECORD_HEADER_LEN];
+    h[0..4].copy_from_slice(&payload_len.to_le_bytes());
+    h[4..8].copy_from_slice(&data_version.to_le_bytes());
+    h[8] = kind as u8;
+    h[9..13].copy_from_slice(&payload_crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&h[0..13]);
+    h[13..17].copy_from_slice(&header_crc.to_le_bytes());
+}
+
+/// The fields of a record header whose own checksum holds.
+struct RecordHeader {
+    len: u32,
+    data_version: u32,
+    kind: u8,
+    payload_crc: u32,
+}
+
+fn parse_record_header(h: &[u8]) -> Option<RecordHeader> {
+    if u32le(&h[13..17]) != crc32c::crc32c(&h[0..13]) {
+        return None;
+    }
+    Some(RecordHeader { len: u32le(&h[0..4]), data_version: u32le(&h[4..8]), kind: h[8], payload_crc: u32le(&h[9..13]) })
+}
+
+/// Splits a payload into its statements.
+pub fn decode_statements(payload: &[u8]) -> std::result::Result<Vec<&str>, String> {
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        if rest.len() < 4 {
+            return Err("statement length cut short".into());
+        }
+        let n = u32le(rest) as usize;
+        rest = &rest[4..];
+        if n > rest.len() {
+            return Err("statement longer than its record".into());
+        }
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "statement is not UTF-8".to_string())?;
+        out.push(s);
+        rest = &rest[n..];
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+pub struct Record {
+    pub offset: u64,
+    pub data_version: u32,
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn end(&self) -> u64 {
+        self.offset + RECORD_HEADER_LEN as u64 + self.payload.len() as u64
+    }
+}
+
+/// Reads a journal's records in order, up to the length the file had when opened.
+pub struct JournalReader {
+    path: PathBuf,
+    file: BufReader<File>,
+    pub header: Header,
+    pos: u64,
+    len: u64,
+    /// Set when reading ended at a torn tail: (offset, bytes after it).
+    pub torn_tail: Option<(u64, u64)>,
+}
+
+impl JournalReader {
+    pub fn open(path: &Path) -> Result<JournalReader> {
+        let file = File::open(path).map_err(StoreError::io("open journal", path))?;
+        JournalReader::from_file(path, file)
+    }
+
+    pub fn from_file(path: &Path, mut file: File) -> Result<JournalReader> {
+        let len = file.metadata().map_err(StoreError::io("stat", path))?.len();
+        let mut h = [0u8; HEADER_LEN as usize];
+        file.seek(SeekFrom::Start(0)).map_err(StoreError::io("seek", path))?;
+        let n = read_full(&mut file, &mut h).map_err(StoreError::io("read journal header", path))?;
+        let header = Header::decode(path, &h[..n])?;
+        Ok(JournalReader {
+            path: path.into(),
+            file: BufReader::with_capacity(1 << 16, file),
+            header,
+            pos: HEADER_LEN,
+            len,
+            torn_tail: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// Bytes of the file this reader covers.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len <= HEADER_LEN
+    }
+    /// Offset of the next record (the end of the valid data once reading is done).
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The next valid record, or None at the end (clean, or a torn tail: see `torn_tail`).
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        let off = self.pos;
+        if off >= self.len {
+            return Ok(None);
+        }
+        let io = |e| StoreError::io("read journal", &self.path)(e);
+        if self.len - off < RECORD_HEADER_LEN as u64 {
+            return self.end_at(off, "record header cut short");
+        }
+        let mut h = [0u8; RECORD_HEADER_LEN];
+        self.file.read_exact(&mut h).map_err(io)?;
+        let Some(rh) = parse_record_header(&h) else {
+            return self.end_at(off, "record header checksum mismatch");
+        };
+        let end = off + RECORD_HEADER_LEN as u64 + rh.len as u64;
+        if rh.len > MAX_PAYLOAD || end > self.len {
+            return self.end_at(off, "record runs past the end of the file");
+        }
+        let mut payload = vec![0u8; rh.len as usize];
+        self.file.read_exact(&mut payload).map_err(|e| StoreError::io("read journal", &self.path)(e))?;
+        if crc32c::crc32c(&payload) != rh.payload_crc {
+            return self.end_at(off, "record payload checksum mismatch");
+        }
+        let Some(kind) = Kind::from_byte(rh.kind) else {
+            return Err(StoreError::Damaged {
+                path: self.path.clone(),
+                offset: off,
+                what: format!("unknown record kind {} (written by a newer cln-backup?)", rh.kind),
+            });
+        };
+        self.pos = end;
+        Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload }))
+    }
+
+    /// Reading stops at `off`: a torn tail if no valid record follows, else damage.
+    fn end_at(&mut self, off: u64, what: &str) -> Result<Option<Record>> {
+        if let Some(later) = self.find_valid_record_after(off)? {
+            return Err(StoreError::Damaged {
+                path: self.path.clone(),
+                offset: off,
+                what: format!("{what}, but a valid record follows at offset {later}"),
+            });
+        }
+        self.torn_tail = Some((off, self.len - off));
+        self.pos = self.len;
+        Ok(None)
+    }
+
+    fn find_valid_record_after(&self, off: u64) -> Result<Option<u64>> {
+        let file = self.file.get_ref();
+        let io = StoreError::io("read journal", &self.path);
+        let mut buf = Vec::new();
+        let tail_len = (self.len - off) as usize;
+        buf.resize(tail_len, 0);
+        // Only the part after `off` matters; a torn tail is one write, so this is small
+        // unless the file is damaged.
+        file.read_exact_at(&mut buf, off).map_err(io)?;
+        for p in 1..tail_len.saturating_sub(RECORD_HEADER_LEN - 1) {
+            let Some(rh) = parse_record_header(&buf[p..p + RECORD_HEADER_LEN]) else { continue };
+            let start = p + RECORD_HEADER_LEN;
+            let end = start as u64 + rh.len as u64;
+            if end <= tail_len as u64 && crc32c::crc32c(&buf[start..end as usize]) == rh.payload_crc {
+                return Ok(Some(off + p as u64));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn journal(records: &[(u32, Kind, Vec<&str>)]) -> (tempfile::TempDir, PathBuf, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut bytes = Header { generation: 1, base: Base::Empty }.encode().to_vec();
+        let mut offs = vec![];
+        for (v, k, w) in records {
+            offs.push(bytes.len() as u64);
+            encode_record(&mut bytes, *v, *k, w);
+        }
+        File::create(&p).unwrap().write_all(&bytes).unwrap();
+        (dir, p, offs)
+    }
+
+    fn read_all(p: &Path) -> Result<(Vec<Record>, Option<(u64, u64)>)> {
+        let mut r = JournalReader::open(p)?;
+        let mut v = vec![];
+        while let Some(rec) = r.next_record()? {
+            v.push(rec);
+        }
+        Ok((v, r.torn_tail))
+    }
+
+    fn sample() -> Vec<(u32, Kind, Vec<&'static str>)> {
+        vec![
+            (1, Kind::Transaction, vec!["CREATE TABLE t(a)", "INSERT INTO t VALUES (1)"]),
+            (1, Kind::Outside, vec!["PRAGMA foreign_keys = OFF;"]),
+            (2, Kind::Transaction, vec!["INSERT INTO t VALUES ('é')"]),
+        ]
+    }
+
+    #[test]
+    fn roundtrip() {
+        let (_d, p, offs) = journal(&sample());
+        let (recs, torn) = read_all(&p).unwrap();
+        assert!(torn.is_none());
+        assert_eq!(recs.len(), 3);
+        assert_eq!(recs[1].kind, Kind::Outside);
+        assert_eq!(recs[2].offset, offs[2]);
+        assert_eq!(decode_statements(&recs[2].payload).unwrap(), vec!["INSERT INTO t VALUES ('é')"]);
+        assert_eq!(decode_statements(&recs[0].payload).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn every_truncation_of_last_record_is_a_torn_tail() {
+        let (_d, p, offs) = journal(&sample());
+        let full = std::fs::read(&p).unwrap();
+        for cut in offs[2]..full.len() as u64 {
+            std::fs::write(&p, &full[..cut as usize]).unwrap();
+            let (recs, torn) = read_all(&p).unwrap();
+            assert_eq!(recs.len(), 2, "cut at {cut}");
+            assert_eq!(torn.map(|t| t.0), if cut == offs[2] { None } else { Some(offs[2]) });
+        }
+    }
+
+    #[test]
+    fn zeroed_tail_is_torn() {
+        let (_d, p, offs) = journal(&sample());
+        let mut full = std::fs::read(&p).unwrap();
+        for b in &mut full[offs[2] as usize + 5..] {
+            *b = 0;
+        }
+        std::fs::write(&p, &full).unwrap();
+        let (recs, torn) = read_all(&p).unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(torn.unwrap().0, offs[2]);
+    }
+
+    #[test]
+    fn flipped_byte_before_tail_is_damage_naming_offset() {
+        let (_d, p, offs) = journal(&sample());
+        let full = std::fs::read(&p).unwrap();
+        // every byte of records 0 and 1, header and payload alike
+        for i in offs[0]..offs[2] {
+            let mut bad = full.clone();
+            bad[i as usize] ^= 0x40;
+            std::fs::write(&p, &bad).unwrap();
+            let err = read_all(&p).unwrap_err();
+            let StoreError::Damaged { offset, .. } = err else { panic!("byte {i}: {err}") };
+            assert!(offset == offs[0] || offset == offs[1], "byte {i}: offset {offset}");
+        }
+    }
+
+    #[test]
+    fn header_damage_and_foreign_files() {
+        let (_d, p, _) = journal(&sample());
+        let mut full = std::fs::read(&p).unwrap();
+        full[13] ^= 1;
+        std::fs::write(&p, &full).unwrap();
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::Damaged { offset: 0, .. }));
+        std::fs::write(&p, b"SQLite format 3\0 and more bytes than a header needs").unwrap();
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::NotBackup { .. }));
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::NotBackup { .. }));
+    }
+
+    #[test]
+    fn unknown_kind_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut bytes = Header { generation: 1, base: Base::Snapshot(7) }.encode().to_vec();
+        let off = bytes.len();
+        encode_record(&mut bytes, 8, Kind::Transaction, &["x"]);
+        bytes[off + 8] = 9;
+        let crc = crc32c::crc32c(&bytes[off..off + 13]);
+        bytes[off + 13..off + 17].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&p, &bytes).unwrap();
+        let e = read_all(&p).unwrap_err();
+        assert!(e.to_string().contains("unknown record kind 9"), "{e}");
+    }
+}

@@ -1,0 +1,17 @@
+//! cln-backup: a crash-safe, continuous backup of Core Lightning's SQLite database.
+//!
+//! The plugin (`plugin`) appends every `db_write` call durably to a journal before it lets
+//! lightningd commit; `backup-cli` (`cli`) creates, verifies and restores backups.
+//! Storage: `layout` (files of a backup), `journal` (record format), `snapshot`,
+//! `writer`, `reader`, `restore`; rules: `versions`; durability: `fsutil`.
+
+pub mod error;
+pub mod fsutil;
+pub mod journal;
+pub mod layout;
+pub mod legacy;
+pub mod reader;
+pub mod restore;
+pub mod snapshot;
+pub mod versions;
+pub mod writer;

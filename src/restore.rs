@@ -1,0 +1,240 @@
+//! Rebuilding lightningd.sqlite3 from a backup, and checking a backup without writing.
+
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rusqlite::Connection;
+
+use crate::error::{Result, StoreError};
+use crate::fsutil;
+use crate::journal::{self, Kind, Record};
+use crate::reader::View;
+use crate::snapshot;
+use crate::versions::Position;
+use crate::writer::check_chain;
+
+pub const DB_NAME: &str = "lightningd.sqlite3";
+
+/// What a restore or verify went through.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub generation: u64,
+    pub snapshot_version: Option<u32>,
+    pub version: u32,
+    pub records: u64,
+    pub transactions: u64,
+    pub statements: u64,
+    pub bytes: u64,
+    pub torn_tail: Option<(u64, u64)>,
+    pub seconds: f64,
+    /// What could not be checked (older formats without checksums).
+    pub unverified: Vec<String>,
+}
+
+/// Where a restore writes: DEST itself, or DEST/lightningd.sqlite3 when DEST is a directory.
+pub fn resolve_dest(dest: &Path) -> PathBuf {
+    if dest.is_dir() { dest.join(DB_NAME) } else { dest.to_path_buf() }
+}
+
+/// Executes records on a database the way lightningd did: transactions inside one
+/// (consecutive ones share a single SQLite transaction, for speed), statements that ran
+/// outside any transaction outside one.
+pub struct Applier<'c> {
+    conn: &'c Connection,
+    in_tx: bool,
+    pub statements: u64,
+}
+
+impl<'c> Applier<'c> {
+    pub fn new(conn: &'c Connection) -> Applier<'c> {
+        Applier { conn, in_tx: false, statements: 0 }
+    }
+
+    pub fn apply<S: AsRef<str>>(&mut self, kind: Kind, statements: &[S]) -> rusqlite::Result<()> {
+        match (kind, self.in_tx) {
+            (Kind::Transaction, false) => {
+                self.conn.execute_batch("BEGIN")?;
+                self.in_tx = true;
+            }
+            (Kind::Outside, true) => self.commit()?,
+            _ => {}
+        }
+        for s in statements {
+            self.conn.execute_batch(s.as_ref())?;
+            self.statements += 1;
+        }
+        Ok(())
+    }
+
+    pub fn commit(&mut self) -> rusqlite::Result<()> {
+        if self.in_tx {
+            self.conn.execute_batch("COMMIT")?;
+            self.in_tx = false;
+        }
+        Ok(())
+    }
+}
+
+/// Opens a database being rebuilt: no rollback journal (a failed build is thrown away),
+/// and foreign keys on, as on lightningd's own connection.
+pub fn open_build_db(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).map_err(sql_err(path))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;",
+    )
+    .map_err(sql_err(path))?;
+    Ok(conn)
+}
+
+pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |e| StoreError::Invalid { path: path.into(), what: format!("SQLite: {e}") }
+}
+
+/// Reads every journal record of a view in order, checking checksums and the version chain.
+pub fn for_each_record(
+    view: &mut View,
+    summary: &mut Summary,
+    mut f: impl FnMut(&Record, Vec<&str>) -> Result<()>,
+    progress: &mut dyn FnMut(u64),
+) -> Result<()> {
+    let mut pos = Position { version: view.header.base.version(), droppable: false };
+    let path = view.journal.path().to_path_buf();
+    while let Some(rec) = view.journal.next_record()? {
+        check_chain(&path, pos, &rec)?;
+        let stmts = journal::decode_statements(&rec.payload).map_err(|what| StoreError::Damaged {
+            path: path.clone(),
+            offset: rec.offset,
+            what,
+        })?;
+        summary.records += 1;
+        summary.statements += stmts.len() as u64;
+        if rec.kind == Kind::Transaction {
+            summary.transactions += 1;
+            pos = Position { version: rec.data_version, droppable: true };
+        }
+        f(&rec, stmts)?;
+        progress(rec.end());
+    }
+    summary.version = pos.version;
+    summary.torn_tail = view.journal.torn_tail;
+    Ok(())
+}
+
+/// Restores the backup at `root` into `dest` (a new file, or a directory to put
+/// lightningd.sqlite3 in). Built in a temp file, checked, then linked into place.
+pub fn restore(root: &Path, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(PathBuf, Summary)> {
+    if crate::legacy::is_v1_file(root) {
+        return crate::legacy::restore(root, dest, progress);
+    }
+    let started = Instant::now();
+    let dest = resolve_dest(dest);
+    if fs::symlink_metadata(&dest).is_ok() {
+        return Err(StoreError::Exists { path: dest });
+    }
+    let mut view = View::open(root)?;
+    let total = view.total_bytes();
+    let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
+    fsutil::write_atomic(&dest, false, |file, tmp| {
+        let result = build(&mut view, file, tmp, &mut summary, total, progress);
+        for side in ["-journal", "-wal", "-shm"] {
+            let mut p = tmp.as_os_str().to_owned();
+            p.push(side);
+            let _ = fs::remove_file(PathBuf::from(p));
+        }
+        result
+    })?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok((dest, summary))
+}
+
+fn build(
+    view: &mut View,
+    file: &mut fs::File,
+    tmp: &Path,
+    summary: &mut Summary,
+    total: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
+    let mut snap_len = 0;
+    if let Some((p, f)) = view.snapshot.as_mut() {
+        snap_len = f.metadata().map_err(StoreError::io("stat", &*p))?.len();
+        let mut out = BufWriter::with_capacity(1 << 20, &mut *file);
+        let h = snapshot::extract(p, f, &mut out, &mut |n| progress(n, total))?;
+        out.flush().map_err(StoreError::io("write", tmp))?;
+        summary.snapshot_version = Some(h.data_version);
+        if h.data_version != view.header.base.version() {
+            return Err(StoreError::Damaged {
+                path: p.clone(),
+                offset: 0,
+                what: format!("snapshot is at version {}, its journal starts from {}", h.data_version, view.header.base.version()),
+            });
+        }
+    }
+    if summary.snapshot_version.is_none() && view.journal.is_empty() {
+        return Err(StoreError::Invalid {
+            path: view.layout.root.clone(),
+            what: "the backup is empty: no db_write has reached it yet, so there is nothing to restore".into(),
+        });
+    }
+    let conn = open_build_db(tmp)?;
+    let mut applier = Applier::new(&conn);
+    let jpath = view.journal.path().to_path_buf();
+    for_each_record(
+        view,
+        summary,
+        |rec, stmts| {
+            applier.apply(rec.kind, &stmts).map_err(|e| StoreError::Apply {
+                path: jpath.clone(),
+                offset: rec.offset,
+                version: rec.data_version,
+                what: e.to_string(),
+            })
+        },
+        &mut |n| progress(snap_len + n, total),
+    )?;
+    applier.commit().map_err(sql_err(tmp))?;
+    finish_db(&conn, tmp, summary.version)?;
+    conn.close().map_err(|(_, e)| sql_err(tmp)(e))
+}
+
+/// Final checks of a rebuilt database: a plain file (no WAL), intact, at the expected version.
+pub fn finish_db(conn: &Connection, path: &Path, version: u32) -> Result<()> {
+    let e = sql_err(path);
+    conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(&e)?;
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(&e)?;
+    if check != "ok" {
+        return Err(StoreError::Invalid { path: path.into(), what: format!("integrity check failed: {check}") });
+    }
+    let dv: Option<i64> = conn
+        .query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0))
+        .map_err(&e)?;
+    if dv != Some(version as i64) {
+        return Err(StoreError::Invalid {
+            path: path.into(),
+            what: format!("restored database says data_version {dv:?}, the backup's last version is {version}"),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the whole backup and checks every checksum and the version chain; writes nothing.
+pub fn verify(root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
+    if crate::legacy::is_v1_file(root) {
+        return crate::legacy::verify(root, progress);
+    }
+    let started = Instant::now();
+    let mut view = View::open(root)?;
+    let total = view.total_bytes();
+    let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
+    let mut snap_len = 0;
+    if let Some((p, f)) = view.snapshot.as_mut() {
+        snap_len = f.metadata().map_err(StoreError::io("stat", &*p))?.len();
+        let h = snapshot::extract(p, f, &mut io::sink(), &mut |n| progress(n, total))?;
+        summary.snapshot_version = Some(h.data_version);
+    }
+    for_each_record(&mut view, &mut summary, |_, _| Ok(()), &mut |n| progress(snap_len + n, total))?;
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}

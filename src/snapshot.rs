@@ -1,0 +1,231 @@
+//! Snapshot files: a whole SQLite database at one data_version, zstd-compressed.
+//!
+//! ```text
+//! 0   8  magic "CLNBKSNP"
+//! 8   4  format version (1), little-endian like every integer here
+//! 12  8  generation
+//! 20  4  data_version of the database
+//! 24  8  database size in bytes
+//! 32  4  CRC32C of the database bytes
+//! 36  8  compressed size (bytes after this header)
+//! 44 16  zero
+//! 60  4  CRC32C of bytes 0..60
+//! 64  .. one zstd stream of the database
+//! ```
+//!
+//! Written whole to a temp file, fsynced and renamed (never changed in place). Readers
+//! stream it: decompress, count and checksum, and refuse any mismatch.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::error::{Result, StoreError};
+use crate::fsutil;
+
+pub const MAGIC: &[u8; 8] = b"CLNBKSNP";
+pub const FORMAT: u32 = 1;
+pub const HEADER_LEN: u64 = 64;
+pub const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    pub generation: u64,
+    pub data_version: u32,
+    pub raw_len: u64,
+    pub raw_crc: u32,
+    pub compressed_len: u64,
+}
+
+impl SnapshotHeader {
+    fn encode(&self) -> [u8; HEADER_LEN as usize] {
+        let mut h = [0u8; HEADER_LEN as usize];
+        h[0..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        h[12..20].copy_from_slice(&self.generation.to_le_bytes());
+        h[20..24].copy_from_slice(&self.data_version.to_le_bytes());
+        h[24..32].copy_from_slice(&self.raw_len.to_le_bytes());
+        h[32..36].copy_from_slice(&self.raw_crc.to_le_bytes());
+        h[36..44].copy_from_slice(&self.compressed_len.to_le_bytes());
+        let crc = crc32c::crc32c(&h[0..60]);
+        h[60..64].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    fn decode(path: &Path, h: &[u8; HEADER_LEN as usize]) -> Result<SnapshotHeader> {
+        if &h[0..8] != MAGIC {
+            return Err(StoreError::NotBackup { path: path.into(), what: "not a snapshot (wrong magic bytes)".into() });
+        }
+        let u32at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let u64at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default());
+        if u32at(60) != crc32c::crc32c(&h[0..60]) {
+            return Err(damaged(path, 0, "snapshot header checksum mismatch"));
+        }
+        if u32at(8) != FORMAT {
+            return Err(StoreError::NotBackup {
+                path: path.into(),
+                what: format!("snapshot format {}, this build reads {FORMAT}: upgrade cln-backup", u32at(8)),
+            });
+        }
+        Ok(SnapshotHeader {
+            generation: u64at(12),
+            data_version: u32at(20),
+            raw_len: u64at(24),
+            raw_crc: u32at(32),
+            compressed_len: u64at(36),
+        })
+    }
+}
+
+fn damaged(path: &Path, offset: u64, what: &str) -> StoreError {
+    StoreError::Damaged { path: path.into(), offset, what: what.into() }
+}
+
+/// Counts and checksums what passes through.
+struct Crc<T> {
+    inner: T,
+    crc: u32,
+    len: u64,
+}
+
+impl<R: Read> Read for Crc<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Crc<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Compresses the database file `db` into a new snapshot file at `dest`, durably.
+pub fn write(dest: &Path, generation: u64, data_version: u32, db: &Path) -> Result<SnapshotHeader> {
+    let src = File::open(db).map_err(StoreError::io("open database image", db))?;
+    let mut header = None;
+    fsutil::write_atomic(dest, false, |f, tmp| {
+        let io = StoreError::io("write snapshot", tmp);
+        f.write_all(&[0u8; HEADER_LEN as usize]).map_err(StoreError::io("write snapshot", tmp))?;
+        let mut input = Crc { inner: BufReader::with_capacity(1 << 20, &src), crc: 0, len: 0 };
+        let out = BufWriter::with_capacity(1 << 20, &mut *f);
+        let mut enc = zstd::stream::Encoder::new(out, ZSTD_LEVEL).map_err(StoreError::io("start zstd", tmp))?;
+        io::copy(&mut input, &mut enc).map_err(StoreError::io("compress snapshot", tmp))?;
+        enc.finish().and_then(|mut w| w.flush()).map_err(StoreError::io("write snapshot", tmp))?;
+        let total = f.seek(SeekFrom::End(0)).map_err(StoreError::io("seek", tmp))?;
+        let h = SnapshotHeader {
+            generation,
+            data_version,
+            raw_len: input.len,
+            raw_crc: input.crc,
+            compressed_len: total - HEADER_LEN,
+        };
+        // Filling in the header of a temp file that nobody reads yet: not an in-place update.
+        f.write_all_at(&h.encode(), 0).map_err(io)?;
+        header = Some(h);
+        Ok(())
+    })?;
+    header.ok_or_else(|| StoreError::Invalid { path: dest.into(), what: "snapshot not written".into() })
+}
+
+pub fn read_header(path: &Path, file: &mut File) -> Result<SnapshotHeader> {
+    let mut h = [0u8; HEADER_LEN as usize];
+    file.seek(SeekFrom::Start(0)).map_err(StoreError::io("seek", path))?;
+    file.read_exact(&mut h).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            damaged(path, 0, "snapshot shorter than its header")
+        } else {
+            StoreError::io("read snapshot", path)(e)
+        }
+    })?;
+    SnapshotHeader::decode(path, &h)
+}
+
+/// Decompresses a snapshot into `out` (or nowhere, to check it), verifying size and checksum.
+/// `progress` gets compressed bytes read so far.
+pub fn extract(
+    path: &Path,
+    file: &mut File,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<SnapshotHeader> {
+    let h = read_header(path, file)?;
+    let len = file.metadata().map_err(StoreError::io("stat", path))?.len();
+    if len != HEADER_LEN + h.compressed_len {
+        return Err(damaged(
+            path,
+            len.min(HEADER_LEN + h.compressed_len),
+            &format!("snapshot is {len} bytes, its header says {}", HEADER_LEN + h.compressed_len),
+        ));
+    }
+    struct Progress<'a, R> {
+        inner: R,
+        n: u64,
+        f: &'a mut dyn FnMut(u64),
+    }
+    impl<R: Read> Read for Progress<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let k = self.inner.read(buf)?;
+            self.n += k as u64;
+            (self.f)(self.n);
+            Ok(k)
+        }
+    }
+    let input = BufReader::with_capacity(1 << 20, Progress { inner: &mut *file, n: 0, f: progress });
+    let mut dec = zstd::stream::Decoder::with_buffer(input).map_err(StoreError::io("start zstd", path))?;
+    let mut sink = Crc { inner: out, crc: 0, len: 0 };
+    io::copy(&mut dec, &mut sink).map_err(|e| match e.kind() {
+        io::ErrorKind::Other | io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => {
+            damaged(path, HEADER_LEN, &format!("compressed database does not decode: {e}"))
+        }
+        _ => StoreError::io("extract snapshot", path)(e),
+    })?;
+    if sink.len != h.raw_len || sink.crc != h.raw_crc {
+        return Err(damaged(path, HEADER_LEN, "decompressed database fails its size or checksum"));
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let db = d.path().join("db");
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        std::fs::write(&db, &data).unwrap();
+        let snap = d.path().join("s");
+        let h = write(&snap, 4, 77, &db).unwrap();
+        assert_eq!((h.generation, h.data_version, h.raw_len), (4, 77, data.len() as u64));
+        assert!(h.compressed_len < data.len() as u64 / 4);
+        let mut out = vec![];
+        let h2 = extract(&snap, &mut File::open(&snap).unwrap(), &mut out, &mut |_| {}).unwrap();
+        assert_eq!(h, h2);
+        assert_eq!(out, data);
+        // refuses to overwrite
+        assert!(matches!(write(&snap, 4, 77, &db), Err(StoreError::Exists { .. })));
+        let good = std::fs::read(&snap).unwrap();
+        for i in [5usize, 30, 70, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[i] ^= 0x10;
+            std::fs::write(&snap, &bad).unwrap();
+            let r = extract(&snap, &mut File::open(&snap).unwrap(), &mut io::sink(), &mut |_| {});
+            assert!(r.is_err(), "flip at {i} went unnoticed");
+        }
+        std::fs::write(&snap, &good[..good.len() - 10]).unwrap();
+        let e = extract(&snap, &mut File::open(&snap).unwrap(), &mut io::sink(), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
+    }
+}
