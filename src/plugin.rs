@@ -1,0 +1,396 @@
+//! The plugin: lightningd runs it, sends getmanifest, then db_write calls (some before
+//! init), init, more db_write calls and passthrough commands, then closes stdin.
+//!
+//! A db_write is answered `continue` only once its batch is on stable storage. Any failure,
+//! or a version that the backup cannot vouch for, halts: the answer is not `continue`, so
+//! lightningd stops without committing. A halt is final for the process.
+
+use std::env;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::layout::{self, Layout};
+use crate::legacy;
+use crate::protocol::{self, Level, Output};
+use crate::rpc;
+use crate::stats::Latency;
+use crate::writer::{Applied, Writer};
+
+pub const LOCK_NAME: &str = "backup.lock";
+
+#[derive(Deserialize)]
+struct DbWrite {
+    data_version: u32,
+    writes: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct BackupLock {
+    backend_url: String,
+}
+
+enum Backend {
+    Ready(Box<Writer>),
+    Halted(String),
+}
+
+pub struct Plugin {
+    out: Output,
+    lightning_dir: PathBuf,
+    url: Option<String>,
+    backend: Backend,
+    first_write_done: bool,
+    latency: Latency,
+    started: SystemTime,
+}
+
+/// Runs the plugin on stdin/stdout until lightningd closes stdin.
+pub fn run() -> anyhow::Result<()> {
+    let out = Output::stdout();
+    let dir = env::current_dir()?;
+    let mut plugin = Plugin::new(out.clone(), dir);
+    for msg in protocol::messages(io::stdin().lock()) {
+        match msg {
+            Ok(msg) => plugin.handle(msg),
+            Err(e) => {
+                out.log(Level::Warn, &format!("cannot parse what lightningd sent ({e}); exiting"));
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Plugin {
+    pub fn new(out: Output, lightning_dir: PathBuf) -> Plugin {
+        Plugin {
+            out,
+            lightning_dir,
+            url: None,
+            backend: Backend::Halted("the backup has not been opened yet".into()),
+            first_write_done: false,
+            latency: Latency::default(),
+            started: SystemTime::now(),
+        }
+    }
+
+    pub fn handle(&mut self, msg: Value) {
+        let Some(method) = msg.get("method").and_then(Value::as_str).map(str::to_owned) else {
+            return; // a response to a request we never make on stdio
+        };
+        let id = msg.get("id").cloned();
+        let params = msg.get("params").cloned().unwrap_or(Value::Null);
+        let Some(id) = id else {
+            return; // notifications: we subscribe to none
+        };
+        let r = match method.as_str() {
+            "getmanifest" => {
+                self.open_backend();
+                self.out.respond(&id, manifest())
+            }
+            "init" => self.init(&id, &params),
+            "db_write" => self.db_write(&id, params),
+            "backup-status" => self.out.respond(&id, self.status()),
+            _ => self.out.respond_error(&id, -32601, &format!("cln-backup has no method '{method}'")),
+        };
+        if let Err(e) = r {
+            // Stdout is gone: lightningd is shutting down; stdin EOF follows.
+            let _ = e;
+        }
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        self.lightning_dir.join(LOCK_NAME)
+    }
+
+    fn open_backend(&mut self) {
+        if matches!(self.backend, Backend::Ready(_)) {
+            return;
+        }
+        self.backend = match self.try_open() {
+            Ok(w) => Backend::Ready(Box::new(w)),
+            Err(reason) => {
+                self.out.log(Level::Warn, &reason);
+                Backend::Halted(reason)
+            }
+        };
+    }
+
+    fn try_open(&mut self) -> Result<Writer, String> {
+        let lock = self.lock_path();
+        let text = match fs::read_to_string(&lock) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "Could not find backup.lock in the lightning-dir ({}). lightningd will not be allowed to \
+                     write to its database without a backup. Create one first, with lightningd stopped: \
+                     backup-cli init --lightning-dir {} file:///path/to/backup",
+                    self.lightning_dir.display(),
+                    self.lightning_dir.display()
+                ))
+            }
+            Err(e) => return Err(format!("Cannot read {}: {e}", lock.display())),
+        };
+        let bl: BackupLock = serde_json::from_str(&text).map_err(|e| {
+            format!("{} is not valid ({e}); it should hold {{\"backend_url\": \"file:///path/to/backup\"}}", lock.display())
+        })?;
+        self.url = Some(bl.backend_url.clone());
+        let root = layout::parse_url(&bl.backend_url, &self.lightning_dir)
+            .map_err(|e| format!("backup.lock names an unusable backup URL: {e}"))?;
+        if legacy::is_v1_file(&root) {
+            return Err(format!(
+                "backup.lock points at {}, a backup of the Python backup plugin (format v1); cln-backup does not \
+                 write into it. With lightningd stopped, convert it: backup-cli migrate {} {} --lightning-dir {}",
+                root.display(),
+                bl.backend_url,
+                layout::url_for(&root.with_extension("cln-backup")),
+                self.lightning_dir.display()
+            ));
+        }
+        let (w, report) = Writer::open(&root).map_err(|e| format!("Cannot open the backup at {}: {}", bl.backend_url, e.explain()))?;
+        if !report.removed.is_empty() {
+            let names: Vec<_> = report.removed.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect();
+            self.out.log(
+                Level::Info,
+                &format!("Removed {} leftover file(s) of an interrupted compaction: {}", names.len(), names.join(", ")),
+            );
+        }
+        if let Some((off, len)) = report.torn_tail {
+            self.out.log(
+                Level::Info,
+                &format!(
+                    "Cut a torn record of {len} bytes at offset {off} of {}: a write cut short by a crash, never \
+                     acknowledged to lightningd",
+                    w.journal_path().display()
+                ),
+            );
+        }
+        self.out.log(
+            Level::Info,
+            &format!(
+                "Opened backup {} (generation {}, {} records since the snapshot, data_version {})",
+                bl.backend_url,
+                w.header().generation,
+                w.records(),
+                w.position().version
+            ),
+        );
+        Ok(w)
+    }
+
+    fn init(&mut self, id: &Value, params: &Value) -> io::Result<()> {
+        self.open_backend();
+        self.out.respond(id, json!({}))?;
+        let conf = &params["configuration"];
+        if let (Some(dir), Some(file)) = (conf["lightning-dir"].as_str(), conf["rpc-file"].as_str()) {
+            let socket = Path::new(dir).join(file);
+            let out = self.out.clone();
+            // Off the hook path: lightningd answers RPC only between db_write calls.
+            std::thread::spawn(move || check_config(&out, &socket));
+        }
+        Ok(())
+    }
+
+    fn db_write(&mut self, id: &Value, params: Value) -> io::Result<()> {
+        let t0 = Instant::now();
+        if !matches!(self.backend, Backend::Ready(_)) && !self.first_write_done {
+            self.open_backend();
+        }
+        let result = self.apply(params);
+        self.first_write_done = true;
+        let r = match result {
+            Ok(()) => self.out.respond(id, json!({"result": "continue"})),
+            Err(reason) => {
+                let first = !matches!(self.backend, Backend::Halted(_));
+                if first {
+                    self.out.log(Level::Warn, &reason);
+                }
+                self.backend = Backend::Halted(reason.clone());
+                self.out.log(Level::Warn, "Refusing the db_write so that lightningd stops without committing it");
+                self.out.respond(id, json!({"result": "halt", "reason": format!("cln-backup: {reason}")}))
+            }
+        };
+        self.latency.record(t0.elapsed().as_micros() as u64);
+        r
+    }
+
+    fn apply(&mut self, params: Value) -> Result<(), String> {
+        let w = match &mut self.backend {
+            Backend::Ready(w) => w,
+            Backend::Halted(reason) => return Err(reason.clone()),
+        };
+        let call: DbWrite = serde_json::from_value(params).map_err(|e| {
+            format!("Malformed db_write call from lightningd ({e}); expected {{\"data_version\": u32, \"writes\": [SQL, ...]}}")
+        })?;
+        let before = w.position().version;
+        match w.apply(call.data_version, &call.writes) {
+            Ok(Applied::Appended) => {
+                if !self.first_write_done {
+                    self.out.log(
+                        Level::Info,
+                        &format!("Versions match up: backup at {before}, lightningd sent {}", call.data_version),
+                    );
+                }
+                Ok(())
+            }
+            Ok(Applied::Replaced) => {
+                self.out.log(
+                    Level::Info,
+                    &format!(
+                        "Last changes not applied: lightningd never committed data_version {before}; \
+                         replaced it in the backup with the batch it sent now"
+                    ),
+                );
+                Ok(())
+            }
+            Err(refusal) => Err(refusal.to_string()),
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let hooks = json!({
+            "count": self.latency.count,
+            "p50_us": self.latency.quantile(0.5),
+            "p99_us": self.latency.quantile(0.99),
+            "max_us": self.latency.max_us,
+        });
+        let base = json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "destination": self.url,
+            "backend": "file",
+            "hooks": hooks,
+            "started": fmt_time(self.started),
+        });
+        let mut v = base;
+        match &self.backend {
+            Backend::Halted(reason) => {
+                v["state"] = json!("halted");
+                v["halt_reason"] = json!(reason);
+            }
+            Backend::Ready(w) => {
+                let h = w.header();
+                let layout: &Layout = w.layout();
+                let journal_bytes = w.journal_len();
+                let snapshot = match h.base {
+                    crate::journal::Base::Snapshot(ver) => {
+                        let p = layout.snapshot_path(layout::GenName { generation: h.generation, base_version: ver });
+                        let bytes = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                        Some((p, bytes, ver))
+                    }
+                    crate::journal::Base::Empty => None,
+                };
+                let mut files = vec![json!({"path": w.journal_path(), "bytes": journal_bytes})];
+                if let Some((p, bytes, _)) = &snapshot {
+                    files.push(json!({"path": p, "bytes": bytes}));
+                }
+                v["state"] = json!("ok");
+                v["path"] = json!(layout.root);
+                v["files"] = json!(files);
+                v["total_bytes"] = json!(journal_bytes + snapshot.as_ref().map_or(0, |s| s.1));
+                v["generation"] = json!(h.generation);
+                v["snapshot_version"] = json!(snapshot.as_ref().map(|s| s.2));
+                v["latest_version"] = json!(w.position().version);
+                v["records_since_snapshot"] = json!(w.records());
+                v["last_write"] = json!(w.last_write.map(fmt_time));
+                v["compaction"] = json!({"state": "idle"});
+            }
+        }
+        v
+    }
+}
+
+pub fn manifest() -> Value {
+    json!({
+        "options": [],
+        "rpcmethods": [{
+            "name": "backup-status",
+            "usage": "",
+            "description": "Show the backup: destination, files and sizes, versions, hook latency, last write.",
+        }],
+        "hooks": [{"name": "db_write"}],
+        "subscriptions": [],
+        "dynamic": false,
+        "nonnumericids": true,
+    })
+}
+
+/// After init, checks that lightningd is set up so that the backup means something.
+fn check_config(out: &Output, socket: &Path) {
+    let configs = match rpc::call(socket, "listconfigs", json!({})) {
+        Ok(v) => v,
+        Err(e) => {
+            out.log(Level::Debug, &format!("Could not check lightningd's configuration: {e:#}"));
+            return;
+        }
+    };
+    let c = &configs["configs"];
+    if let Some(wallet) = c["wallet"]["value_str"].as_str() {
+        if !wallet.starts_with("sqlite3") {
+            out.log(
+                Level::Warn,
+                &format!(
+                    "lightningd's wallet is '{wallet}', not SQLite: lightningd never sends db_write there, so \
+                     cln-backup cannot back it up. Stopping lightningd. Use your database's own replication \
+                     instead, and remove cln-backup from the configuration."
+                ),
+            );
+            if let Err(e) = rpc::call(socket, "stop", json!({})) {
+                out.log(Level::Warn, &format!("Could not stop lightningd: {e:#}"));
+            }
+            return;
+        }
+    }
+    let me = env::current_exe().ok().and_then(|p| fs::canonicalize(p).ok());
+    let important = c["important-plugin"]["values_str"]
+        .as_array()
+        .map(|a| {
+            a.iter().filter_map(Value::as_str).any(|p| {
+                let p = fs::canonicalize(p).ok();
+                p.is_some() && p == me
+            })
+        })
+        .unwrap_or(false);
+    if !important {
+        out.log(
+            Level::Warn,
+            &format!(
+                "cln-backup is not loaded as an important plugin: if it stops, lightningd goes on without a \
+                 backup. Use important-plugin={} in the configuration instead of plugin=",
+                me.map(|p| p.display().to_string()).unwrap_or_else(|| "/path/to/cln-backup".into())
+            ),
+        );
+    }
+}
+
+/// RFC 3339 UTC time, without a date library.
+pub fn fmt_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_format() {
+        assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)), "2026-11-18T10:26:40Z");
+    }
+}

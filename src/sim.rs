@@ -1,0 +1,418 @@
+//! A stand-in for lightningd, for the demo, the tests and the benchmark: it runs the real
+//! plugin binary as a child process and speaks lightningd's protocol in lightningd's order
+//! (getmanifest, db_write before init, init, more db_write, passthrough commands, stdin
+//! closed), and keeps its own SQLite database, committing each transaction only after the
+//! plugin answered `continue`, as lightningd does.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::journal::Kind;
+use crate::versions;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TraceRecord {
+    pub data_version: u32,
+    pub writes: Vec<String>,
+    #[serde(default)]
+    pub before_init: bool,
+}
+
+impl TraceRecord {
+    pub fn kind(&self) -> Kind {
+        versions::classify(self.data_version, &self.writes).unwrap_or(Kind::Outside)
+    }
+}
+
+/// Reads a trace: one JSON record per line, gzip-compressed or not.
+pub fn read_trace(bytes: &[u8]) -> Result<Vec<TraceRecord>> {
+    let reader: Box<dyn Read + '_> = if bytes.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::GzDecoder::new(bytes))
+    } else {
+        Box::new(bytes)
+    };
+    let mut out = vec![];
+    for (i, line) in BufReader::new(reader).lines().enumerate() {
+        let line = line.context("reading trace")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        out.push(serde_json::from_str(&line).with_context(|| format!("trace line {}", i + 1))?);
+    }
+    Ok(out)
+}
+
+pub fn gunzip_to(bytes: &[u8], dest: &Path) -> Result<()> {
+    let mut d = flate2::read::GzDecoder::new(bytes);
+    let mut f = File::create(dest)?;
+    std::io::copy(&mut d, &mut f)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Continue,
+    Halt(Value),
+}
+
+/// The plugin as a child process.
+pub struct PluginProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    responses: Receiver<Value>,
+    logs: Arc<Mutex<Vec<(String, String)>>>,
+    next_id: u64,
+    buf: Vec<u8>,
+    pub timeout: Duration,
+}
+
+#[derive(Serialize)]
+struct DbWriteReq<'a> {
+    jsonrpc: &'static str,
+    id: String,
+    method: &'static str,
+    params: DbWriteParams<'a>,
+}
+
+#[derive(Serialize)]
+struct DbWriteParams<'a> {
+    data_version: u32,
+    writes: &'a [String],
+}
+
+impl PluginProc {
+    /// Starts `bin` as lightningd would: cwd = the lightning dir, LIGHTNINGD_PLUGIN=1.
+    pub fn spawn(bin: &Path, lightning_dir: &Path, args: &[&str]) -> Result<PluginProc> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .current_dir(lightning_dir)
+            .env("LIGHTNINGD_PLUGIN", "1")
+            .env("LIGHTNINGD_VERSION", "v26.06-sim")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        let logs = Arc::new(Mutex::new(vec![]));
+        let logs2 = logs.clone();
+        let echo = std::env::var_os("CLN_BACKUP_SIM_LOG").is_some();
+        std::thread::spawn(move || {
+            for msg in crate::protocol::messages(BufReader::new(stdout)) {
+                let Ok(msg) = msg else { break };
+                if msg["method"] == "log" {
+                    let level = msg["params"]["level"].as_str().unwrap_or("").to_string();
+                    let text = msg["params"]["message"].as_str().unwrap_or("").to_string();
+                    if echo {
+                        eprintln!("plugin {level}: {text}");
+                    }
+                    logs2.lock().unwrap_or_else(|p| p.into_inner()).push((level, text));
+                } else if tx.send(msg).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(PluginProc { child, stdin, responses: rx, logs, next_id: 20, buf: vec![], timeout: Duration::from_secs(60) })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn send_raw(&mut self) -> Result<()> {
+        self.buf.extend_from_slice(b"\n\n");
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin already closed"))?;
+        stdin.write_all(&self.buf).context("write to plugin")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    /// Sends raw bytes (for malformed-input tests).
+    pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.buf.clear();
+        self.buf.extend_from_slice(bytes);
+        self.send_raw()
+    }
+
+    fn wait_for(&mut self, id: &str) -> Result<Value> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(v) if v["id"] == id => return Ok(v),
+                Ok(_) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    bail!("plugin did not answer {id} within {:?}", self.timeout)
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!("plugin exited before answering {id}"),
+            }
+        }
+    }
+
+    /// Sends a request; returns the whole response object.
+    pub fn request(&mut self, prefix: &str, method: &str, params: Value) -> Result<Value> {
+        self.next_id += 1;
+        let id = format!("{prefix}:{method}#{}", self.next_id);
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))?;
+        self.send_raw()?;
+        self.wait_for(&id)
+    }
+
+    pub fn db_write(&mut self, data_version: u32, writes: &[String]) -> Result<Answer> {
+        let id = self.send_db_write(data_version, writes)?;
+        self.db_write_answer(&id)
+    }
+
+    /// Sends a db_write without waiting (to kill the plugin while it works on it).
+    pub fn send_db_write(&mut self, data_version: u32, writes: &[String]) -> Result<String> {
+        self.next_id += 1;
+        let id = format!("cln:db_write#{}", self.next_id);
+        self.buf.clear();
+        let req = DbWriteReq {
+            jsonrpc: "2.0",
+            id: id.clone(),
+            method: "db_write",
+            params: DbWriteParams { data_version, writes },
+        };
+        serde_json::to_writer(&mut self.buf, &req)?;
+        self.send_raw()?;
+        Ok(id)
+    }
+
+    pub fn db_write_answer(&mut self, id: &str) -> Result<Answer> {
+        let v = self.wait_for(id)?;
+        if v["result"] == json!({"result": "continue"}) {
+            Ok(Answer::Continue)
+        } else {
+            Ok(Answer::Halt(v))
+        }
+    }
+
+    pub fn getmanifest(&mut self) -> Result<Value> {
+        let v = self.request("cln", "getmanifest", json!({"allow-deprecated-apis": false}))?;
+        v.get("result").cloned().ok_or_else(|| anyhow!("getmanifest: {v}"))
+    }
+
+    pub fn init(&mut self, lightning_dir: &Path) -> Result<Value> {
+        let params = json!({
+            "options": {},
+            "configuration": {
+                "lightning-dir": lightning_dir,
+                "rpc-file": "lightning-rpc",
+                "startup": true,
+                "network": "regtest",
+                "feature_set": {"init": "", "node": "", "channel": "", "invoice": ""},
+            }
+        });
+        self.request("cln", "init", params)
+    }
+
+    /// A command passed through from lightning-cli, with lightningd's composite id.
+    pub fn cli(&mut self, method: &str, params: Value) -> Result<Value> {
+        let v = self.request(&format!("cli:{method}#{}/cln", self.next_id + 28000), method, params)?;
+        v.get("result").cloned().ok_or_else(|| anyhow!("{method}: {v}"))
+    }
+
+    pub fn logs(&self) -> Vec<(String, String)> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn has_log(&self, needle: &str) -> bool {
+        self.logs().iter().any(|(_, m)| m.contains(needle))
+    }
+
+    /// Closes stdin, as lightningd does at shutdown, and waits for the exit.
+    pub fn close(mut self) -> Result<ExitStatus> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("plugin did not exit after stdin was closed");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGKILL.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for PluginProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// lightningd's side: its own database and its plugin.
+pub struct Node {
+    pub dir: PathBuf,
+    pub bin: PathBuf,
+    pub db: Connection,
+    pub plugin: Option<PluginProc>,
+    pub initialized: bool,
+    /// Round trip of each db_write, as lightningd waits for it.
+    pub hook_times: Vec<Duration>,
+}
+
+impl Node {
+    pub fn new(bin: &Path, dir: &Path) -> Result<Node> {
+        let db = Connection::open(dir.join("lightningd.sqlite3"))?;
+        // lightningd's connection has foreign keys on from the start.
+        db.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = OFF;")?;
+        Ok(Node { dir: dir.into(), bin: bin.into(), db, plugin: None, initialized: false, hook_times: vec![] })
+    }
+
+    pub fn plugin(&mut self) -> Result<&mut PluginProc> {
+        self.plugin.as_mut().ok_or_else(|| anyhow!("plugin not running"))
+    }
+
+    /// Starts the plugin and sends getmanifest, as lightningd does at startup.
+    pub fn start(&mut self) -> Result<()> {
+        self.stop()?;
+        let mut p = PluginProc::spawn(&self.bin, &self.dir, &["--developer"])?;
+        let m = p.getmanifest()?;
+        if m["hooks"][0]["name"] != "db_write" || m["dynamic"] != false {
+            bail!("unexpected manifest: {m}");
+        }
+        self.plugin = Some(p);
+        self.initialized = false;
+        Ok(())
+    }
+
+    pub fn init(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let v = self.plugin()?.init(&dir)?;
+        if v["result"] != json!({}) {
+            bail!("init answered {v}");
+        }
+        self.initialized = true;
+        Ok(())
+    }
+
+    /// Closes the plugin's stdin (lightningd's shutdown) and checks it exits cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(p) = self.plugin.take() {
+            let s = p.close()?;
+            if !s.success() {
+                bail!("plugin exited with {s}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one record as lightningd would: statements, hook, then commit only on continue.
+    pub fn step(&mut self, rec: &TraceRecord) -> Result<Answer> {
+        if !rec.before_init && !self.initialized {
+            self.init()?;
+        }
+        let tx = rec.kind() == Kind::Transaction;
+        if tx {
+            self.db.execute_batch("BEGIN")?;
+        }
+        for w in &rec.writes {
+            self.db.execute_batch(w).with_context(|| format!("node db: {w}"))?;
+        }
+        let t0 = Instant::now();
+        let answer = self.plugin()?.db_write(rec.data_version, &rec.writes);
+        self.hook_times.push(t0.elapsed());
+        if tx {
+            match &answer {
+                Ok(Answer::Continue) => self.db.execute_batch("COMMIT")?,
+                _ => self.db.execute_batch("ROLLBACK")?,
+            }
+        }
+        answer
+    }
+
+    /// Replays records, restarting the plugin where the trace shows lightningd restarting.
+    /// Stops at the first halt and returns its index and answer.
+    pub fn replay(&mut self, trace: &[TraceRecord], range: std::ops::Range<usize>) -> Result<Option<(usize, Value)>> {
+        for i in range {
+            let rec = &trace[i];
+            if self.plugin.is_none() || (rec.before_init && i > 0 && !trace[i - 1].before_init) {
+                self.start()?;
+            }
+            if let Answer::Halt(v) = self.step(rec)? {
+                return Ok(Some((i, v)));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("lightningd.sqlite3")
+    }
+
+    pub fn data_version(&self) -> Result<u32> {
+        Ok(self.db.query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get::<_, i64>(0))? as u32)
+    }
+}
+
+/// Compares two SQLite databases: same schema, and every table holds the same rows.
+/// Returns (tables, rows) compared.
+pub fn compare_databases(a: &Path, b: &Path) -> Result<(usize, usize)> {
+    let ca = Connection::open_with_flags(a, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let cb = Connection::open_with_flags(b, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let schema = |c: &Connection| -> Result<Vec<(String, String, Option<String>)>> {
+        let mut s = c.prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")?;
+        let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    let (sa, sb) = (schema(&ca)?, schema(&cb)?);
+    if sa != sb {
+        let only_a: Vec<_> = sa.iter().filter(|x| !sb.contains(x)).map(|x| &x.1).collect();
+        let only_b: Vec<_> = sb.iter().filter(|x| !sa.contains(x)).map(|x| &x.1).collect();
+        bail!("schemas differ: only in {}: {only_a:?}; only in {}: {only_b:?}", a.display(), b.display());
+    }
+    let rows = |c: &Connection, t: &str| -> Result<Vec<String>> {
+        let mut s = c.prepare(&format!("SELECT * FROM \"{}\"", t.replace('"', "\"\"")))?;
+        let n = s.column_count();
+        let mut out: Vec<String> = s
+            .query_map([], |r| {
+                let mut row = String::new();
+                for i in 0..n {
+                    row.push_str(&format!("{:?}|", r.get::<_, rusqlite::types::Value>(i)?));
+                }
+                Ok(row)
+            })?
+            .collect::<Result<_, _>>()?;
+        out.sort();
+        Ok(out)
+    };
+    let mut total = 0;
+    let tables: Vec<_> = sa.iter().filter(|x| x.0 == "table").map(|x| x.1.clone()).collect();
+    for t in &tables {
+        let (ra, rb) = (rows(&ca, t)?, rows(&cb, t)?);
+        if ra != rb {
+            let diff = ra.iter().find(|r| !rb.contains(r)).or_else(|| rb.iter().find(|r| !ra.contains(r)));
+            bail!("table {t} differs: {} rows vs {}; first difference: {:?}", ra.len(), rb.len(), diff);
+        }
+        total += ra.len();
+    }
+    Ok((tables.len(), total))
+}
