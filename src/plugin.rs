@@ -391,6 +391,7 @@ mod tests {
     #[test]
     fn time_format() {
         assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)), "2026-11-18T10:26:40Z");
+        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)), "2026-11-18T11:06:40Z");
+        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400 + 86_399)), "2000-02-29T23:59:59Z");
     }
 }
