@@ -1,1 +1,8 @@
+//! Integration tests: the real binaries as child processes, real files, real fsync, real
+//! SQLite, driven in lightningd's order by the stand-in in `cln_backup::sim`.
 
+mod common;
+mod crash;
+mod damage;
+mod replay;
+mod usage;

@@ -248,7 +248,7 @@ impl JournalReader {
     /// The next valid record, or None at the end (clean, or a torn tail: see `torn_tail`).
     pub fn next_record(&mut self) -> Result<Option<Record>> {
         let off = self.pos;
-        if off >= self.len {
+        if off >= self.len || self.torn_tail.is_some() {
             return Ok(None);
         }
         let io = |e| StoreError::io("read journal", &self.path)(e);
@@ -289,8 +289,8 @@ impl JournalReader {
                 what: format!("{what}, but a valid record follows at offset {later}"),
             });
         }
+        // Position stays at `off`: the valid data ends there, and the writer cuts there.
         self.torn_tail = Some((off, self.len - off));
-        self.pos = self.len;
         Ok(None)
     }
 
@@ -382,6 +382,9 @@ mod tests {
             let (recs, torn) = read_all(&p).unwrap();
             assert_eq!(recs.len(), 2, "cut at {cut}");
             assert_eq!(torn.map(|t| t.0), if cut == offs[2] { None } else { Some(offs[2]) });
+            let mut r = JournalReader::open(&p).unwrap();
+            while r.next_record().unwrap().is_some() {}
+            assert_eq!(r.position(), offs[2], "valid data ends before the torn record");
         }
     }
 

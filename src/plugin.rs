@@ -224,6 +224,9 @@ impl Plugin {
             Backend::Ready(w) => w,
             Backend::Halted(reason) => return Err(reason.clone()),
         };
+        if !params.is_object() {
+            return Err(format!("Malformed db_write call from lightningd: params are {params}, not an object"));
+        }
         let call: DbWrite = serde_json::from_value(params).map_err(|e| {
             format!("Malformed db_write call from lightningd ({e}); expected {{\"data_version\": u32, \"writes\": [SQL, ...]}}")
         })?;
