@@ -16,7 +16,11 @@ use crate::restore::{self, Summary};
 use crate::{fsutil, rpc, sim, snapshot, writer};
 
 #[derive(Parser)]
-#[command(name = "backup-cli", version, about = "Create, check and restore cln-backup backups of lightningd's database")]
+#[command(
+    name = "backup-cli",
+    version,
+    about = "Create, check and restore cln-backup backups of lightningd's database"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -34,7 +38,10 @@ enum Cmd {
         backend_url: String,
     },
     /// Rebuild lightningd.sqlite3 from a backup. DEST is a new file, or a directory.
-    Restore { backend_url: String, restore_destination: PathBuf },
+    Restore {
+        backend_url: String,
+        restore_destination: PathBuf,
+    },
     /// Read the whole backup and check every checksum and the version chain. Writes nothing.
     Verify { backend_url: String },
     /// Show the main job on a bundled real trace, with no lightningd needed.
@@ -72,9 +79,19 @@ fn run(cmd: Cmd) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let url_path = |u: &str| layout::parse_url(u, &cwd).map_err(|e| anyhow!(e));
     match cmd {
-        Cmd::Init { lightning_dir, backend_url } => init(lightning_dir.as_deref(), &url_path(&backend_url)?),
-        Cmd::Restore { backend_url, restore_destination } => {
-            let (dest, s) = restore::restore(&url_path(&backend_url)?, &restore_destination, &mut progress_bar("Restoring"))?;
+        Cmd::Init {
+            lightning_dir,
+            backend_url,
+        } => init(lightning_dir.as_deref(), &url_path(&backend_url)?),
+        Cmd::Restore {
+            backend_url,
+            restore_destination,
+        } => {
+            let (dest, s) = restore::restore(
+                &url_path(&backend_url)?,
+                &restore_destination,
+                &mut progress_bar("Restoring"),
+            )?;
             finish_progress();
             print_summary("Restored", &s);
             println!("Wrote {}", dest.display());
@@ -102,7 +119,10 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         bail!("lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin", ldir.display());
     }
     if rpc::lightningd_running(ldir) {
-        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
+        bail!(
+            "lightningd is running on {}: stop it first (lightning-cli stop), then run init again",
+            ldir.display()
+        );
     }
     let lock = ldir.join(LOCK_NAME);
     if lock.exists() {
@@ -118,7 +138,10 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         let result = (|| -> Result<()> {
             let dv = snapshot::copy_live_database(&db, &tmp)?;
-            println!("Found an existing database with data_version {dv} at {}", db.display());
+            println!(
+                "Found an existing database with data_version {dv} at {}",
+                db.display()
+            );
             writer::create(root, Some((&tmp, dv)))?;
             println!("Successfully written initial snapshot to {url}");
             Ok(())
@@ -127,16 +150,26 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         result?;
     } else {
         writer::create(root, None)?;
-        println!("No database in {} yet: created an empty backup at {url}", ldir.display());
+        println!(
+            "No database in {} yet: created an empty backup at {url}",
+            ldir.display()
+        );
     }
     let body = serde_json::to_vec(&serde_json::json!({ "backend_url": url }))?;
-    fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
-    println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    fsutil::write_atomic(&lock, false, |f, tmp| {
+        f.write_all(&body).map_err(StoreError::io("write", tmp))
+    })?;
+    println!(
+        "Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup",
+        lock.display()
+    );
     Ok(())
 }
 
 fn print_summary(what: &str, s: &Summary) {
-    let snap = s.snapshot_version.map_or("none (empty base)".to_string(), |v| v.to_string());
+    let snap = s
+        .snapshot_version
+        .map_or("none (empty base)".to_string(), |v| v.to_string());
     println!(
         "{what} data_version {}: generation {}, snapshot at {snap}, {} records ({} transactions, {} statements), {:.1} MB, in {:.2} s",
         s.version,
@@ -216,13 +249,23 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let ldir = tmp.join("regtest");
     fs::create_dir_all(&ldir)?;
     let root = tmp.join("node.bkp");
-    println!("== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)", trace.len());
-    println!("   lightning dir {}, backup {}", ldir.display(), layout::url_for(&root));
+    println!(
+        "== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)",
+        trace.len()
+    );
+    println!(
+        "   lightning dir {}, backup {}",
+        ldir.display(),
+        layout::url_for(&root)
+    );
     init(Some(&ldir), &root)?;
     let bin = std::env::current_exe().context("find own binary")?;
     let mut node = sim::Node::new(&bin, &ldir)?;
     let t0 = Instant::now();
-    let restarts = trace.windows(2).filter(|w| w[1].before_init && !w[0].before_init).count();
+    let restarts = trace
+        .windows(2)
+        .filter(|w| w[1].before_init && !w[0].before_init)
+        .count();
     if let Some((i, v)) = node.replay(trace, 0..trace.len())? {
         bail!("the plugin halted lightningd at call {i}: {v}");
     }
@@ -230,7 +273,11 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let logs = node.plugin()?.logs();
     node.stop()?;
     let replay_s = t0.elapsed().as_secs_f64();
-    let mut times: Vec<_> = node.hook_times.iter().map(|d| d.as_micros() as u64).collect();
+    let mut times: Vec<_> = node
+        .hook_times
+        .iter()
+        .map(|d| d.as_micros() as u64)
+        .collect();
     times.sort_unstable();
     let pct = |q: f64| times[((q * times.len() as f64) as usize).min(times.len() - 1)];
     println!(
@@ -238,8 +285,16 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
         trace.len(),
         restarts
     );
-    println!("   hook round trip: p50 {} µs, p99 {} µs, max {} µs", pct(0.5), pct(0.99), times[times.len() - 1]);
-    for (level, msg) in logs.iter().filter(|(_, m)| m.starts_with("Versions match up") || m.starts_with("Opened")) {
+    println!(
+        "   hook round trip: p50 {} µs, p99 {} µs, max {} µs",
+        pct(0.5),
+        pct(0.99),
+        times[times.len() - 1]
+    );
+    for (level, msg) in logs
+        .iter()
+        .filter(|(_, m)| m.starts_with("Versions match up") || m.starts_with("Opened"))
+    {
         println!("   plugin {level}: {msg}");
     }
     println!(

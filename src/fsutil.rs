@@ -26,8 +26,14 @@ pub fn create_private(path: &Path) -> Result<File> {
 
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io("fsync directory", dir))
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("fsync directory", dir))
 }
 
 pub fn parent_of(path: &Path) -> &Path {
@@ -91,10 +97,16 @@ mod tests {
     fn write_atomic_creates_private_file_and_leaves_no_tmp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        write_atomic(&p, false, |f, _| f.write_all(b"abc").map_err(StoreError::io("write", "f"))).unwrap();
+        write_atomic(&p, false, |f, _| {
+            f.write_all(b"abc").map_err(StoreError::io("write", "f"))
+        })
+        .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"abc");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert!(!tmp_path(&p).exists());
         // no replace: refuses
         let e = write_atomic(&p, false, |_, _| Ok(())).unwrap_err();
@@ -102,7 +114,10 @@ mod tests {
         assert!(!tmp_path(&p).exists());
         // replace works, leftover tmp is overwritten
         fs::write(tmp_path(&p), b"junk").unwrap();
-        write_atomic(&p, true, |f, _| f.write_all(b"new").map_err(StoreError::io("write", "f"))).unwrap();
+        write_atomic(&p, true, |f, _| {
+            f.write_all(b"new").map_err(StoreError::io("write", "f"))
+        })
+        .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
         assert!(!tmp_path(&p).exists());
     }
@@ -114,7 +129,10 @@ mod tests {
         fs::write(&p, b"old").unwrap();
         let e = write_atomic(&p, true, |f, _| {
             f.write_all(b"partial").unwrap();
-            Err(StoreError::Invalid { path: "x".into(), what: "injected".into() })
+            Err(StoreError::Invalid {
+                path: "x".into(),
+                what: "injected".into(),
+            })
         });
         assert!(e.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
@@ -123,7 +141,8 @@ mod tests {
 
     #[test]
     fn write_atomic_in_missing_dir_is_io_error() {
-        let e = write_atomic(Path::new("/nonexistent-dir-xyz/f"), false, |_, _| Ok(())).unwrap_err();
+        let e =
+            write_atomic(Path::new("/nonexistent-dir-xyz/f"), false, |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
         assert!(e.explain().contains("What to do"));
     }

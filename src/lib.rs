@@ -5,19 +5,19 @@
 //! Storage: `layout` (files of a backup), `journal` (record format), `snapshot`,
 //! `writer`, `reader`, `restore`; rules: `versions`; durability: `fsutil`.
 
+pub mod cli;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
 pub mod layout;
 pub mod legacy;
-pub mod reader;
-pub mod restore;
-pub mod snapshot;
-pub mod versions;
-pub mod writer;
 pub mod plugin;
 pub mod protocol;
+pub mod reader;
+pub mod restore;
 pub mod rpc;
-pub mod stats;
-pub mod cli;
 pub mod sim;
+pub mod snapshot;
+pub mod stats;
+pub mod versions;
+pub mod writer;

@@ -5,6 +5,7 @@
 //! or a version that the backup cannot vouch for, halts: the answer is not `continue`, so
 //! lightningd stops without committing. A halt is final for the process.
 
+use std::borrow::Cow;
 use std::env;
 use std::fs;
 use std::io;
@@ -12,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::layout::{self, Layout};
 use crate::legacy;
-use crate::protocol::{self, Level, Output};
+use crate::protocol::{Framer, Incoming, Level, Output};
 use crate::rpc;
 use crate::stats::Latency;
 use crate::writer::{Applied, Writer};
@@ -24,9 +26,10 @@ use crate::writer::{Applied, Writer};
 pub const LOCK_NAME: &str = "backup.lock";
 
 #[derive(Deserialize)]
-struct DbWrite {
+struct DbWrite<'a> {
     data_version: u32,
-    writes: Vec<String>,
+    #[serde(borrow)]
+    writes: Vec<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -54,11 +57,15 @@ pub fn run() -> anyhow::Result<()> {
     let out = Output::stdout();
     let dir = env::current_dir()?;
     let mut plugin = Plugin::new(out.clone(), dir);
-    for msg in protocol::messages(io::stdin().lock()) {
+    let mut input = Framer::new(io::stdin().lock());
+    while let Some(msg) = input.next_value() {
         match msg {
-            Ok(msg) => plugin.handle(msg),
+            Ok(bytes) => plugin.handle(bytes),
             Err(e) => {
-                out.log(Level::Warn, &format!("cannot parse what lightningd sent ({e}); exiting"));
+                out.log(
+                    Level::Warn,
+                    &format!("cannot parse what lightningd sent ({e}); exiting"),
+                );
                 return Err(e.into());
             }
         }
@@ -79,29 +86,39 @@ impl Plugin {
         }
     }
 
-    pub fn handle(&mut self, msg: Value) {
-        let Some(method) = msg.get("method").and_then(Value::as_str).map(str::to_owned) else {
-            return; // a response to a request we never make on stdio
+    /// Handles one message (the bytes of one JSON value).
+    pub fn handle(&mut self, bytes: &[u8]) {
+        let msg: Incoming = match serde_json::from_slice(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.out.log(
+                    Level::Warn,
+                    &format!(
+                        "Ignoring a message from lightningd that is not a JSON-RPC object: {e}"
+                    ),
+                );
+                return;
+            }
         };
-        let id = msg.get("id").cloned();
-        let params = msg.get("params").cloned().unwrap_or(Value::Null);
-        let Some(id) = id else {
-            return; // notifications: we subscribe to none
+        // Notifications (no id) and responses (no method): we subscribe to none, ask none.
+        let (Some(method), Some(id)) = (msg.method.as_deref(), msg.id) else {
+            return;
         };
-        let r = match method.as_str() {
+        let params = msg.params.map_or("null", RawValue::get);
+        // A failed write to stdout means lightningd is gone; stdin EOF follows.
+        let _ = match method {
             "getmanifest" => {
                 self.open_backend();
-                self.out.respond(&id, manifest())
+                self.out.respond(id, &manifest())
             }
-            "init" => self.init(&id, &params),
-            "db_write" => self.db_write(&id, params),
-            "backup-status" => self.out.respond(&id, self.status()),
-            _ => self.out.respond_error(&id, -32601, &format!("cln-backup has no method '{method}'")),
+            "init" => self.init(id, params),
+            "db_write" => self.db_write(id, params),
+            "backup-status" => self.out.respond(id, &self.status()),
+            _ => {
+                self.out
+                    .respond_error(id, -32601, &format!("cln-backup has no method '{method}'"))
+            }
         };
-        if let Err(e) = r {
-            // Stdout is gone: lightningd is shutting down; stdin EOF follows.
-            let _ = e;
-        }
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -152,12 +169,27 @@ impl Plugin {
                 self.lightning_dir.display()
             ));
         }
-        let (w, report) = Writer::open(&root).map_err(|e| format!("Cannot open the backup at {}: {}", bl.backend_url, e.explain()))?;
+        let (w, report) = Writer::open(&root).map_err(|e| {
+            format!(
+                "Cannot open the backup at {}: {}",
+                bl.backend_url,
+                e.explain()
+            )
+        })?;
         if !report.removed.is_empty() {
-            let names: Vec<_> = report.removed.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect();
+            let names: Vec<_> = report
+                .removed
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy())
+                .collect();
             self.out.log(
                 Level::Info,
-                &format!("Removed {} leftover file(s) of an interrupted compaction: {}", names.len(), names.join(", ")),
+                &format!(
+                    "Removed {} leftover file(s) of an interrupted compaction: {}",
+                    names.len(),
+                    names.join(", ")
+                ),
             );
         }
         if let Some((off, len)) = report.torn_tail {
@@ -183,11 +215,13 @@ impl Plugin {
         Ok(w)
     }
 
-    fn init(&mut self, id: &Value, params: &Value) -> io::Result<()> {
+    fn init(&mut self, id: &RawValue, params: &str) -> io::Result<()> {
         self.open_backend();
-        self.out.respond(id, json!({}))?;
+        self.out.respond(id, &json!({}))?;
+        let params: Value = serde_json::from_str(params).unwrap_or(Value::Null);
         let conf = &params["configuration"];
-        if let (Some(dir), Some(file)) = (conf["lightning-dir"].as_str(), conf["rpc-file"].as_str()) {
+        if let (Some(dir), Some(file)) = (conf["lightning-dir"].as_str(), conf["rpc-file"].as_str())
+        {
             let socket = Path::new(dir).join(file);
             let out = self.out.clone();
             // Off the hook path: lightningd answers RPC only between db_write calls.
@@ -196,7 +230,7 @@ impl Plugin {
         Ok(())
     }
 
-    fn db_write(&mut self, id: &Value, params: Value) -> io::Result<()> {
+    fn db_write(&mut self, id: &RawValue, params: &str) -> io::Result<()> {
         let t0 = Instant::now();
         if !matches!(self.backend, Backend::Ready(_)) && !self.first_write_done {
             self.open_backend();
@@ -204,30 +238,38 @@ impl Plugin {
         let result = self.apply(params);
         self.first_write_done = true;
         let r = match result {
-            Ok(()) => self.out.respond(id, json!({"result": "continue"})),
+            Ok(()) => self.out.respond(id, &json!({"result": "continue"})),
             Err(reason) => {
                 let first = !matches!(self.backend, Backend::Halted(_));
                 if first {
                     self.out.log(Level::Warn, &reason);
                 }
                 self.backend = Backend::Halted(reason.clone());
-                self.out.log(Level::Warn, "Refusing the db_write so that lightningd stops without committing it");
-                self.out.respond(id, json!({"result": "halt", "reason": format!("cln-backup: {reason}")}))
+                self.out.log(
+                    Level::Warn,
+                    "Refusing the db_write so that lightningd stops without committing it",
+                );
+                self.out.respond(
+                    id,
+                    &json!({"result": "halt", "reason": format!("cln-backup: {reason}")}),
+                )
             }
         };
         self.latency.record(t0.elapsed().as_micros() as u64);
         r
     }
 
-    fn apply(&mut self, params: Value) -> Result<(), String> {
+    fn apply(&mut self, params: &str) -> Result<(), String> {
         let w = match &mut self.backend {
             Backend::Ready(w) => w,
             Backend::Halted(reason) => return Err(reason.clone()),
         };
-        if !params.is_object() {
-            return Err(format!("Malformed db_write call from lightningd: params are {params}, not an object"));
+        if !params.trim_start().starts_with('{') {
+            return Err(format!(
+                "Malformed db_write call from lightningd: params are {params}, not an object"
+            ));
         }
-        let call: DbWrite = serde_json::from_value(params).map_err(|e| {
+        let call: DbWrite = serde_json::from_str(params).map_err(|e| {
             format!("Malformed db_write call from lightningd ({e}); expected {{\"data_version\": u32, \"writes\": [SQL, ...]}}")
         })?;
         let before = w.position().version;
@@ -236,7 +278,10 @@ impl Plugin {
                 if !self.first_write_done {
                     self.out.log(
                         Level::Info,
-                        &format!("Versions match up: backup at {before}, lightningd sent {}", call.data_version),
+                        &format!(
+                            "Versions match up: backup at {before}, lightningd sent {}",
+                            call.data_version
+                        ),
                     );
                 }
                 Ok(())
@@ -281,7 +326,10 @@ impl Plugin {
                 let journal_bytes = w.journal_len();
                 let snapshot = match h.base {
                     crate::journal::Base::Snapshot(ver) => {
-                        let p = layout.snapshot_path(layout::GenName { generation: h.generation, base_version: ver });
+                        let p = layout.snapshot_path(layout::GenName {
+                            generation: h.generation,
+                            base_version: ver,
+                        });
                         let bytes = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
                         Some((p, bytes, ver))
                     }
@@ -327,7 +375,10 @@ fn check_config(out: &Output, socket: &Path) {
     let configs = match rpc::call(socket, "listconfigs", json!({})) {
         Ok(v) => v,
         Err(e) => {
-            out.log(Level::Debug, &format!("Could not check lightningd's configuration: {e:#}"));
+            out.log(
+                Level::Debug,
+                &format!("Could not check lightningd's configuration: {e:#}"),
+            );
             return;
         }
     };
@@ -348,7 +399,9 @@ fn check_config(out: &Output, socket: &Path) {
             return;
         }
     }
-    let me = env::current_exe().ok().and_then(|p| fs::canonicalize(p).ok());
+    let me = env::current_exe()
+        .ok()
+        .and_then(|p| fs::canonicalize(p).ok());
     let important = c["important-plugin"]["values_str"]
         .as_array()
         .map(|a| {
@@ -372,7 +425,10 @@ fn check_config(out: &Output, socket: &Path) {
 
 /// RFC 3339 UTC time, without a date library.
 pub fn fmt_time(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -384,7 +440,12 @@ pub fn fmt_time(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -394,7 +455,13 @@ mod tests {
     #[test]
     fn time_format() {
         assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)), "2026-11-18T11:06:40Z");
-        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400 + 86_399)), "2000-02-29T23:59:59Z");
+        assert_eq!(
+            fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)),
+            "2026-11-18T11:06:40Z"
+        );
+        assert_eq!(
+            fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400 + 86_399)),
+            "2000-02-29T23:59:59Z"
+        );
     }
 }

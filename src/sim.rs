@@ -69,7 +69,9 @@ pub enum Answer {
 pub struct PluginProc {
     child: Child,
     stdin: Option<ChildStdin>,
-    responses: Receiver<Value>,
+    responses: Receiver<(Value, Instant)>,
+    /// When the last awaited response was read off the plugin's stdout.
+    pub answered_at: Instant,
     logs: Arc<Mutex<Vec<(String, String)>>>,
     next_id: u64,
     buf: Vec<u8>,
@@ -118,13 +120,25 @@ impl PluginProc {
                     if echo {
                         eprintln!("plugin {level}: {text}");
                     }
-                    logs2.lock().unwrap_or_else(|p| p.into_inner()).push((level, text));
-                } else if tx.send(msg).is_err() {
+                    logs2
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((level, text));
+                } else if tx.send((msg, Instant::now())).is_err() {
                     break;
                 }
             }
         });
-        Ok(PluginProc { child, stdin, responses: rx, logs, next_id: 20, buf: vec![], timeout: Duration::from_secs(60) })
+        Ok(PluginProc {
+            child,
+            stdin,
+            responses: rx,
+            answered_at: Instant::now(),
+            logs,
+            next_id: 20,
+            buf: vec![],
+            timeout: Duration::from_secs(60),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -133,7 +147,10 @@ impl PluginProc {
 
     fn send_raw(&mut self) -> Result<()> {
         self.buf.extend_from_slice(b"\n\n");
-        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin already closed"))?;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("stdin already closed"))?;
         stdin.write_all(&self.buf).context("write to plugin")?;
         stdin.flush()?;
         Ok(())
@@ -151,7 +168,10 @@ impl PluginProc {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.responses.recv_timeout(left) {
-                Ok(v) if v["id"] == id => return Ok(v),
+                Ok((v, at)) if v["id"] == id => {
+                    self.answered_at = at;
+                    return Ok(v);
+                }
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
@@ -167,7 +187,10 @@ impl PluginProc {
         self.next_id += 1;
         let id = format!("{prefix}:{method}#{}", self.next_id);
         self.buf.clear();
-        serde_json::to_writer(&mut self.buf, &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))?;
+        serde_json::to_writer(
+            &mut self.buf,
+            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+        )?;
         self.send_raw()?;
         self.wait_for(&id)
     }
@@ -186,7 +209,10 @@ impl PluginProc {
             jsonrpc: "2.0",
             id: id.clone(),
             method: "db_write",
-            params: DbWriteParams { data_version, writes },
+            params: DbWriteParams {
+                data_version,
+                writes,
+            },
         };
         serde_json::to_writer(&mut self.buf, &req)?;
         self.send_raw()?;
@@ -203,8 +229,14 @@ impl PluginProc {
     }
 
     pub fn getmanifest(&mut self) -> Result<Value> {
-        let v = self.request("cln", "getmanifest", json!({"allow-deprecated-apis": false}))?;
-        v.get("result").cloned().ok_or_else(|| anyhow!("getmanifest: {v}"))
+        let v = self.request(
+            "cln",
+            "getmanifest",
+            json!({"allow-deprecated-apis": false}),
+        )?;
+        v.get("result")
+            .cloned()
+            .ok_or_else(|| anyhow!("getmanifest: {v}"))
     }
 
     pub fn init(&mut self, lightning_dir: &Path) -> Result<Value> {
@@ -223,8 +255,14 @@ impl PluginProc {
 
     /// A command passed through from lightning-cli, with lightningd's composite id.
     pub fn cli(&mut self, method: &str, params: Value) -> Result<Value> {
-        let v = self.request(&format!("cli:{method}#{}/cln", self.next_id + 28000), method, params)?;
-        v.get("result").cloned().ok_or_else(|| anyhow!("{method}: {v}"))
+        let v = self.request(
+            &format!("cli:{method}#{}/cln", self.next_id + 28000),
+            method,
+            params,
+        )?;
+        v.get("result")
+            .cloned()
+            .ok_or_else(|| anyhow!("{method}: {v}"))
     }
 
     pub fn logs(&self) -> Vec<(String, String)> {
@@ -284,11 +322,20 @@ impl Node {
         let db = Connection::open(dir.join("lightningd.sqlite3"))?;
         // lightningd's connection has foreign keys on from the start.
         db.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = OFF;")?;
-        Ok(Node { dir: dir.into(), bin: bin.into(), db, plugin: None, initialized: false, hook_times: vec![] })
+        Ok(Node {
+            dir: dir.into(),
+            bin: bin.into(),
+            db,
+            plugin: None,
+            initialized: false,
+            hook_times: vec![],
+        })
     }
 
     pub fn plugin(&mut self) -> Result<&mut PluginProc> {
-        self.plugin.as_mut().ok_or_else(|| anyhow!("plugin not running"))
+        self.plugin
+            .as_mut()
+            .ok_or_else(|| anyhow!("plugin not running"))
     }
 
     /// Starts the plugin and sends getmanifest, as lightningd does at startup.
@@ -335,11 +382,16 @@ impl Node {
             self.db.execute_batch("BEGIN")?;
         }
         for w in &rec.writes {
-            self.db.execute_batch(w).with_context(|| format!("node db: {w}"))?;
+            self.db
+                .execute_batch(w)
+                .with_context(|| format!("node db: {w}"))?;
         }
         let t0 = Instant::now();
         let answer = self.plugin()?.db_write(rec.data_version, &rec.writes);
-        self.hook_times.push(t0.elapsed());
+        // Up to when the answer was read off the pipe, as lightningd's poll loop would see
+        // it; the stand-in's own thread hand-off is not the plugin's latency.
+        let answered = self.plugin()?.answered_at;
+        self.hook_times.push(answered.saturating_duration_since(t0));
         if tx {
             match &answer {
                 Ok(Answer::Continue) => self.db.execute_batch("COMMIT")?,
@@ -351,7 +403,11 @@ impl Node {
 
     /// Replays records, restarting the plugin where the trace shows lightningd restarting.
     /// Stops at the first halt and returns its index and answer.
-    pub fn replay(&mut self, trace: &[TraceRecord], range: std::ops::Range<usize>) -> Result<Option<(usize, Value)>> {
+    pub fn replay(
+        &mut self,
+        trace: &[TraceRecord],
+        range: std::ops::Range<usize>,
+    ) -> Result<Option<(usize, Value)>> {
         for i in range {
             let rec = &trace[i];
             if self.plugin.is_none() || (rec.before_init && i > 0 && !trace[i - 1].before_init) {
@@ -369,7 +425,11 @@ impl Node {
     }
 
     pub fn data_version(&self) -> Result<u32> {
-        Ok(self.db.query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get::<_, i64>(0))? as u32)
+        Ok(self.db.query_row(
+            "SELECT intval FROM vars WHERE name = 'data_version'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u32)
     }
 }
 
@@ -385,9 +445,21 @@ pub fn compare_databases(a: &Path, b: &Path) -> Result<(usize, usize)> {
     };
     let (sa, sb) = (schema(&ca)?, schema(&cb)?);
     if sa != sb {
-        let only_a: Vec<_> = sa.iter().filter(|x| !sb.contains(x)).map(|x| &x.1).collect();
-        let only_b: Vec<_> = sb.iter().filter(|x| !sa.contains(x)).map(|x| &x.1).collect();
-        bail!("schemas differ: only in {}: {only_a:?}; only in {}: {only_b:?}", a.display(), b.display());
+        let only_a: Vec<_> = sa
+            .iter()
+            .filter(|x| !sb.contains(x))
+            .map(|x| &x.1)
+            .collect();
+        let only_b: Vec<_> = sb
+            .iter()
+            .filter(|x| !sa.contains(x))
+            .map(|x| &x.1)
+            .collect();
+        bail!(
+            "schemas differ: only in {}: {only_a:?}; only in {}: {only_b:?}",
+            a.display(),
+            b.display()
+        );
     }
     let rows = |c: &Connection, t: &str| -> Result<Vec<String>> {
         let mut s = c.prepare(&format!("SELECT * FROM \"{}\"", t.replace('"', "\"\"")))?;
@@ -405,12 +477,24 @@ pub fn compare_databases(a: &Path, b: &Path) -> Result<(usize, usize)> {
         Ok(out)
     };
     let mut total = 0;
-    let tables: Vec<_> = sa.iter().filter(|x| x.0 == "table").map(|x| x.1.clone()).collect();
+    let tables: Vec<_> = sa
+        .iter()
+        .filter(|x| x.0 == "table")
+        .map(|x| x.1.clone())
+        .collect();
     for t in &tables {
         let (ra, rb) = (rows(&ca, t)?, rows(&cb, t)?);
         if ra != rb {
-            let diff = ra.iter().find(|r| !rb.contains(r)).or_else(|| rb.iter().find(|r| !ra.contains(r)));
-            bail!("table {t} differs: {} rows vs {}; first difference: {:?}", ra.len(), rb.len(), diff);
+            let diff = ra
+                .iter()
+                .find(|r| !rb.contains(r))
+                .or_else(|| rb.iter().find(|r| !ra.contains(r)));
+            bail!(
+                "table {t} differs: {} rows vs {}; first difference: {:?}",
+                ra.len(),
+                rb.len(),
+                diff
+            );
         }
         total += ra.len();
     }

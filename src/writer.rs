@@ -80,7 +80,9 @@ pub fn lock(layout: &Layout) -> Result<File> {
         .map_err(StoreError::io("open lock file", &path))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: layout.root.clone() }),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: layout.root.clone(),
+        }),
         Err(fs::TryLockError::Error(e)) => Err(StoreError::io("lock", &path)(e)),
     }
 }
@@ -92,7 +94,8 @@ pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
     if !parent.is_dir() {
         return Err(StoreError::Invalid {
             path: parent.into(),
-            what: "the backup's parent directory does not exist (is the backup disk mounted?)".into(),
+            what: "the backup's parent directory does not exist (is the backup disk mounted?)"
+                .into(),
         });
     }
     if fs::symlink_metadata(root).is_ok() {
@@ -100,16 +103,28 @@ pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
     }
     let tmp = fsutil::tmp_path(root);
     let _ = fs::remove_dir_all(&tmp);
-    fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(StoreError::io("create directory", &tmp))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&tmp)
+        .map_err(StoreError::io("create directory", &tmp))?;
     let result = (|| {
         let staging = Layout::new(&tmp);
-        let g = GenName { generation: 1, base_version: base.map_or(0, |b| b.1) };
+        let g = GenName {
+            generation: 1,
+            base_version: base.map_or(0, |b| b.1),
+        };
         let header = match base {
             Some((db, v)) => {
                 snapshot::write(&staging.snapshot_path(g), 1, v, db)?;
-                Header { generation: 1, base: Base::Snapshot(v) }
+                Header {
+                    generation: 1,
+                    base: Base::Snapshot(v),
+                }
             }
-            None => Header { generation: 1, base: Base::Empty },
+            None => Header {
+                generation: 1,
+                base: Base::Empty,
+            },
         };
         write_journal(&staging.journal_path(g), &header, &[])?;
         fsutil::fsync_dir(&tmp)?;
@@ -127,7 +142,8 @@ pub fn write_journal(path: &Path, header: &Header, records: &[u8]) -> Result<()>
     fsutil::write_atomic(path, false, |f, tmp| {
         let mut bytes = header.encode().to_vec();
         bytes.extend_from_slice(records);
-        f.write_all_at(&bytes, 0).map_err(StoreError::io("write journal", tmp))
+        f.write_all_at(&bytes, 0)
+            .map_err(StoreError::io("write journal", tmp))
     })
 }
 
@@ -141,7 +157,11 @@ impl Writer {
         let listing = layout.list()?;
         let mut report = OpenReport::default();
         for p in &listing.leftovers {
-            let r = if p.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) };
+            let r = if p.is_dir() {
+                fs::remove_dir_all(p)
+            } else {
+                fs::remove_file(p)
+            };
             r.map_err(StoreError::io("remove leftover", p))?;
             report.removed.push(p.clone());
         }
@@ -149,11 +169,19 @@ impl Writer {
             fsutil::fsync_dir(&layout.root)?;
         }
         let path = listing.journal.clone();
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(StoreError::io("open journal", &path))?;
-        let reader_file = file.try_clone().map_err(StoreError::io("open journal", &path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(StoreError::io("open journal", &path))?;
+        let reader_file = file
+            .try_clone()
+            .map_err(StoreError::io("open journal", &path))?;
         let mut reader = JournalReader::from_file(&path, reader_file)?;
         let header = reader.header;
-        if header.generation != listing.current.generation || header.base.version() != listing.current.base_version {
+        if header.generation != listing.current.generation
+            || header.base.version() != listing.current.base_version
+        {
             return Err(StoreError::Damaged {
                 path: path.clone(),
                 offset: 0,
@@ -168,20 +196,28 @@ impl Writer {
                 });
             }
         }
-        let mut position = Position { version: header.base.version(), droppable: false };
+        let mut position = Position {
+            version: header.base.version(),
+            droppable: false,
+        };
         let mut last_tx_offset = None;
         let mut records = 0;
         while let Some(rec) = reader.next_record()? {
             check_chain(&path, position, &rec)?;
             if rec.kind == Kind::Transaction {
-                position = Position { version: rec.data_version, droppable: true };
+                position = Position {
+                    version: rec.data_version,
+                    droppable: true,
+                };
                 last_tx_offset = Some(rec.offset);
             }
             records += 1;
         }
         let end = reader.position();
         if let Some(t) = reader.torn_tail {
-            file.set_len(end).and_then(|_| file.sync_all()).map_err(StoreError::io("truncate torn tail", &path))?;
+            file.set_len(end)
+                .and_then(|_| file.sync_all())
+                .map_err(StoreError::io("truncate torn tail", &path))?;
             report.torn_tail = Some(t);
         }
         let last_write = fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -223,7 +259,11 @@ impl Writer {
     }
 
     /// Applies one db_write call: decides by the version rules, then writes durably.
-    pub fn apply(&mut self, data_version: u32, writes: &[String]) -> std::result::Result<Applied, Refusal> {
+    pub fn apply<S: AsRef<str>>(
+        &mut self,
+        data_version: u32,
+        writes: &[S],
+    ) -> std::result::Result<Applied, Refusal> {
         let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
         let decision = versions::decide(self.position, data_version, kind);
         if let Some(m) = decision.halt_message() {
@@ -235,27 +275,43 @@ impl Writer {
         } else {
             Applied::Appended
         };
-        self.append(data_version, kind, writes).map_err(Refusal::Store)?;
+        self.append(data_version, kind, writes)
+            .map_err(Refusal::Store)?;
         Ok(applied)
     }
 
     /// Appends one record and makes it durable.
-    pub fn append<S: AsRef<str>>(&mut self, data_version: u32, kind: Kind, writes: &[S]) -> Result<()> {
+    pub fn append<S: AsRef<str>>(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        writes: &[S],
+    ) -> Result<()> {
         self.check_poisoned()?;
         self.buf.clear();
         journal::encode_record(&mut self.buf, data_version, kind, writes);
         let offset = self.end;
-        let r = self.file.write_all_at(&self.buf, offset).and_then(|_| self.file.sync_data());
+        let r = self
+            .file
+            .write_all_at(&self.buf, offset)
+            .and_then(|_| self.file.sync_data());
         if let Err(e) = r {
             // Best effort: take the partial record back; the next open cuts it anyway.
-            self.poisoned = self.file.set_len(offset).and_then(|_| self.file.sync_all()).is_err();
+            self.poisoned = self
+                .file
+                .set_len(offset)
+                .and_then(|_| self.file.sync_all())
+                .is_err();
             return Err(StoreError::io("append to journal", &self.path)(e));
         }
         self.end += self.buf.len() as u64;
         self.records += 1;
         self.last_write = Some(SystemTime::now());
         if kind == Kind::Transaction {
-            self.position = Position { version: data_version, droppable: true };
+            self.position = Position {
+                version: data_version,
+                droppable: true,
+            };
             self.last_tx_offset = Some(offset);
         }
         Ok(())
@@ -265,7 +321,10 @@ impl Writer {
     fn drop_last_transaction(&mut self) -> Result<()> {
         self.check_poisoned()?;
         let Some(offset) = self.last_tx_offset else {
-            return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() });
+            return Err(StoreError::Invalid {
+                path: self.path.clone(),
+                what: "no transaction to drop".into(),
+            });
         };
         self.file
             .set_len(offset)
@@ -279,7 +338,10 @@ impl Writer {
         }
         self.records = n;
         self.end = offset;
-        self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
+        self.position = Position {
+            version: self.position.version.wrapping_sub(1),
+            droppable: false,
+        };
         self.last_tx_offset = None;
         Ok(())
     }
@@ -288,7 +350,8 @@ impl Writer {
         if self.poisoned {
             return Err(StoreError::Invalid {
                 path: self.path.clone(),
-                what: "an earlier write failed and could not be taken back; restart to recover".into(),
+                what: "an earlier write failed and could not be taken back; restart to recover"
+                    .into(),
             });
         }
         Ok(())
@@ -323,7 +386,10 @@ mod tests {
     fn tx(v: u32, stmt: &str) -> Vec<String> {
         vec![
             stmt.to_string(),
-            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1),
+            format!(
+                "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}",
+                v - 1
+            ),
         ]
     }
 
@@ -332,27 +398,48 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
         create(&root, None).unwrap();
-        assert!(matches!(create(&root, None), Err(StoreError::Exists { .. })));
+        assert!(matches!(
+            create(&root, None),
+            Err(StoreError::Exists { .. })
+        ));
         let (mut w, rep) = Writer::open(&root).unwrap();
         assert!(rep.torn_tail.is_none() && rep.removed.is_empty());
         assert_eq!(w.apply(1, &tx(1, "A")).unwrap(), Applied::Appended);
-        assert_eq!(w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()]).unwrap(), Applied::Appended);
+        assert_eq!(
+            w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()])
+                .unwrap(),
+            Applied::Appended
+        );
         assert_eq!(w.apply(2, &tx(2, "B")).unwrap(), Applied::Appended);
         assert_eq!(w.apply(2, &tx(2, "B2")).unwrap(), Applied::Replaced);
         assert_eq!(w.records(), 3);
-        assert!(matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date")));
+        assert!(
+            matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date"))
+        );
         // a second writer is refused while this one lives
-        assert!(matches!(Writer::open(&root), Err(StoreError::Locked { .. })));
+        assert!(matches!(
+            Writer::open(&root),
+            Err(StoreError::Locked { .. })
+        ));
         drop(w);
         let (w, _) = Writer::open(&root).unwrap();
-        assert_eq!(w.position(), Position { version: 2, droppable: true });
+        assert_eq!(
+            w.position(),
+            Position {
+                version: 2,
+                droppable: true
+            }
+        );
         assert_eq!(w.records(), 3);
     }
 
     #[test]
     fn create_refuses_missing_parent() {
         let e = create(Path::new("/nonexistent-xyz/b.bkp"), None).unwrap_err();
-        assert!(e.to_string().contains("parent directory does not exist"), "{e}");
+        assert!(
+            e.to_string().contains("parent directory does not exist"),
+            "{e}"
+        );
     }
 
     #[test]
