@@ -34,8 +34,10 @@ enum Cmd {
         /// backup's first snapshot. Without it, an empty backup for a new node is made.
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
-        /// Where the backup goes: file:///path/to/backup
-        backend_url: String,
+        /// [LIGHTNING_DIR] BACKEND_URL: the backup's place, file:///path/to/backup (the
+        /// lightning dir may also come first, as the Python backup-cli accepted).
+        #[arg(num_args = 1..=2, required = true, value_name = "BACKEND_URL")]
+        args: Vec<String>,
     },
     /// Rebuild lightningd.sqlite3 from a backup. DEST is a new file, or a directory.
     Restore {
@@ -81,8 +83,17 @@ fn run(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::Init {
             lightning_dir,
-            backend_url,
-        } => init(lightning_dir.as_deref(), &url_path(&backend_url)?),
+            mut args,
+        } => {
+            let backend_url = args.pop().unwrap_or_default();
+            let ldir = match (lightning_dir, args.pop()) {
+                (Some(_), Some(_)) => {
+                    bail!("give the lightning dir once: either --lightning-dir DIR or as the first argument")
+                }
+                (l, p) => l.or(p.map(PathBuf::from)),
+            };
+            init(ldir.as_deref(), &url_path(&backend_url)?)
+        }
         Cmd::Restore {
             backend_url,
             restore_destination,
