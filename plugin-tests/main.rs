@@ -4,5 +4,6 @@
 mod common;
 mod crash;
 mod damage;
+mod legacy;
 mod replay;
 mod usage;

@@ -46,6 +46,15 @@ enum Cmd {
     },
     /// Read the whole backup and check every checksum and the version chain. Writes nothing.
     Verify { backend_url: String },
+    /// Convert a backup of the Python backup plugin (a v1 file) into a cln-backup backup at
+    /// the same data_version. Run with lightningd stopped.
+    Migrate {
+        old_url: String,
+        new_url: String,
+        /// Also point this lightning dir's backup.lock at the new backup.
+        #[arg(long)]
+        lightning_dir: Option<PathBuf>,
+    },
     /// Show the main job on a bundled real trace, with no lightningd needed.
     Demo {
         /// Which bundled trace: small or channels.
@@ -114,6 +123,15 @@ fn run(cmd: Cmd) -> Result<()> {
             print_summary("Verified", &s);
             Ok(())
         }
+        Cmd::Migrate {
+            old_url,
+            new_url,
+            lightning_dir,
+        } => migrate(
+            &url_path(&old_url)?,
+            &url_path(&new_url)?,
+            lightning_dir.as_deref(),
+        ),
         Cmd::Demo { trace } => demo(&trace),
     }
 }
@@ -173,6 +191,78 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
     println!(
         "Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup",
         lock.display()
+    );
+    Ok(())
+}
+
+fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
+    if !crate::legacy::is_v1_file(old) {
+        if old.is_dir() {
+            bail!(
+                "{} is already a cln-backup backup: nothing to migrate",
+                old.display()
+            );
+        }
+        bail!(
+            "{} is not a backup file of the Python backup plugin (v1)",
+            old.display()
+        );
+    }
+    let lock = lightning_dir.map(|d| d.join(LOCK_NAME));
+    if let (Some(ldir), Some(lock)) = (lightning_dir, &lock) {
+        if rpc::lightningd_running(ldir) {
+            bail!(
+                "lightningd is running on {}: stop it first (lightning-cli stop), then migrate",
+                ldir.display()
+            );
+        }
+        let text = fs::read_to_string(lock).with_context(|| format!("read {}", lock.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parse {}", lock.display()))?;
+        let points_at = v["backend_url"]
+            .as_str()
+            .and_then(|u| layout::parse_url(u, ldir).ok());
+        let same =
+            points_at.as_ref().and_then(|p| fs::canonicalize(p).ok()) == fs::canonicalize(old).ok();
+        if !same {
+            bail!(
+                "{} points at {:?}, not at {}: check which backup this node uses",
+                lock.display(),
+                v["backend_url"],
+                old.display()
+            );
+        }
+    }
+    let s = crate::legacy::migrate(old, new, &mut progress_bar("Migrating"))?;
+    finish_progress();
+    let check = restore::verify(new, &mut |_, _| {})?;
+    if check.version != s.version {
+        bail!(
+            "the new backup ends at {}, the old one at {}: not switching",
+            check.version,
+            s.version
+        );
+    }
+    let url = layout::url_for(new);
+    println!(
+        "Migrated {} ({} records, data_version {}) to {url}: a snapshot at {} and {} pending record(s)",
+        old.display(),
+        s.records,
+        s.version,
+        check.snapshot_version.map_or("none".into(), |v| v.to_string()),
+        check.records
+    );
+    if let Some(lock) = lock {
+        let body = serde_json::to_vec(&serde_json::json!({ "backend_url": url }))?;
+        fsutil::write_atomic(&lock, true, |f, tmp| {
+            f.write_all(&body).map_err(StoreError::io("write", tmp))
+        })?;
+        println!("{} now points at {url}", lock.display());
+    }
+    println!(
+        "Next: in lightningd's config replace plugin=/path/to/backup.py with important-plugin=/path/to/cln-backup, \
+         then start lightningd; it logs \"Versions match up\". {} is left untouched: remove it once cln-backup runs.",
+        old.display()
     );
     Ok(())
 }

@@ -60,6 +60,19 @@ impl<'c> Applier<'c> {
         }
     }
 
+    /// Continues on a connection whose transaction an earlier applier left open.
+    pub fn resume(conn: &'c Connection, in_tx: bool) -> Applier<'c> {
+        Applier {
+            conn,
+            in_tx,
+            statements: 0,
+        }
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_tx
+    }
+
     pub fn apply<S: AsRef<str>>(&mut self, kind: Kind, statements: &[S]) -> rusqlite::Result<()> {
         match (kind, self.in_tx) {
             (Kind::Transaction, false) => {

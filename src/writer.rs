@@ -90,6 +90,15 @@ pub fn lock(layout: &Layout) -> Result<File> {
 /// Creates a new backup at `root`, from a database image at `base` (path, data_version) or
 /// empty. All or nothing: built in a temp directory, then renamed into place.
 pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
+    create_with_records(root, base, &[])
+}
+
+/// As `create`, with a journal that already holds `records` (framed, after the base).
+pub fn create_with_records(
+    root: &Path,
+    base: Option<(&Path, u32)>,
+    records: &[u8],
+) -> Result<Layout> {
     let parent = fsutil::parent_of(root);
     if !parent.is_dir() {
         return Err(StoreError::Invalid {
@@ -126,7 +135,7 @@ pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
                 base: Base::Empty,
             },
         };
-        write_journal(&staging.journal_path(g), &header, &[])?;
+        write_journal(&staging.journal_path(g), &header, records)?;
         fsutil::fsync_dir(&tmp)?;
         fs::rename(&tmp, root).map_err(StoreError::io("rename into place", root))?;
         fsutil::fsync_dir(parent)
