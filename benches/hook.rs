@@ -45,8 +45,7 @@ fn main() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&base).unwrap();
-    let trace_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+    let trace_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
     let trace = sim::read_trace(&fs::read(&trace_path).unwrap()).unwrap();
     let stmts: usize = trace.iter().map(|r| r.writes.len()).sum();
     println!(
@@ -60,22 +59,12 @@ fn main() {
     fs::create_dir_all(&ldir).unwrap();
     let root = base.join("node.bkp");
     let o = std::process::Command::new(CLI)
-        .args([
-            "init",
-            "--lightning-dir",
-            ldir.to_str().unwrap(),
-            &format!("file://{}", root.display()),
-        ])
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &format!("file://{}", root.display())])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let baseline_file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .read(true)
-        .write(true)
-        .open(base.join("baseline.bin"))
-        .unwrap();
+    let baseline_file =
+        OpenOptions::new().create(true).truncate(true).read(true).write(true).open(base.join("baseline.bin")).unwrap();
     let mut baseline_off = 0u64;
     let mut baseline = Vec::with_capacity(trace.len());
     let mut buf = Vec::new();
@@ -99,43 +88,17 @@ fn main() {
     let (rss, hwm) = rss_kb(pid);
     node.stop().unwrap();
     let mut hooks = node.hook_times.clone();
-    let (h50, h99, hmax) = (
-        pct(&mut hooks, 0.5),
-        pct(&mut hooks, 0.99),
-        pct(&mut hooks, 1.0),
-    );
-    let (b50, b99, bmax) = (
-        pct(&mut baseline, 0.5),
-        pct(&mut baseline, 0.99),
-        pct(&mut baseline, 1.0),
-    );
+    let (h50, h99, hmax) = (pct(&mut hooks, 0.5), pct(&mut hooks, 0.99), pct(&mut hooks, 1.0));
+    let (b50, b99, bmax) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99), pct(&mut baseline, 1.0));
     println!();
-    println!("db_write round trip (plugin over stdio) vs bare write+fdatasync of the same bytes, {} calls, {replay_s:.1} s", trace.len());
     println!(
-        "  {:<6} {:>12} {:>12} {:>8}  target",
-        "", "plugin µs", "baseline µs", "ratio"
+        "db_write round trip (plugin over stdio) vs bare write+fdatasync of the same bytes, {} calls, {replay_s:.1} s",
+        trace.len()
     );
-    println!(
-        "  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.3",
-        "p50",
-        h50,
-        b50,
-        h50 / b50
-    );
-    println!(
-        "  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.5",
-        "p99",
-        h99,
-        b99,
-        h99 / b99
-    );
-    println!(
-        "  {:<6} {:>12.0} {:>12.0} {:>8.2}",
-        "max",
-        hmax,
-        bmax,
-        hmax / bmax
-    );
+    println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "plugin µs", "baseline µs", "ratio");
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.3", "p50", h50, b50, h50 / b50);
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.5", "p99", h99, b99, h99 / b99);
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}", "max", hmax, bmax, hmax / bmax);
     println!(
         "plugin memory after the whole trace: RSS {:.1} MB (peak {:.1} MB), target <= 16 MB",
         rss as f64 / 1024.0,
@@ -158,11 +121,7 @@ fn main() {
         let mut a = Applier::new(&conn);
         // one transaction for everything but the statements SQLite cannot run inside one
         for r in &trace {
-            let kind = if r.kind() == Kind::Outside {
-                Kind::Outside
-            } else {
-                Kind::Transaction
-            };
+            let kind = if r.kind() == Kind::Outside { Kind::Outside } else { Kind::Transaction };
             a.apply(kind, &r.writes).unwrap();
         }
         a.commit().unwrap();
@@ -174,11 +133,11 @@ fn main() {
     let ss = restored_stmts as f64 / best_sqlite;
     println!();
     println!("restore (best of 3): {restored_stmts} statements");
-    println!("  cln-backup restore   {:>10.0} stmt/s ({best_restore:.3} s, includes reading, checksums, integrity check)", rs);
     println!(
-        "  SQLite alone         {:>10.0} stmt/s ({best_sqlite:.3} s)",
-        ss
+        "  cln-backup restore   {:>10.0} stmt/s ({best_restore:.3} s, includes reading, checksums, integrity check)",
+        rs
     );
+    println!("  SQLite alone         {:>10.0} stmt/s ({best_sqlite:.3} s)", ss);
     println!("  ratio                {:>10.2}  target >= 0.9", rs / ss);
     let _ = fs::remove_dir_all(&base);
 }

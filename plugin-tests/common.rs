@@ -8,10 +8,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_cln-backup");
 pub const CLI: &str = env!("CARGO_BIN_EXE_backup-cli");
 
 pub fn fixture(name: &str, file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("plugin-tests/fixtures")
-        .join(name)
-        .join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures").join(name).join(file)
 }
 
 pub fn trace(name: &str) -> &'static [TraceRecord] {
@@ -22,19 +19,13 @@ pub fn trace(name: &str) -> &'static [TraceRecord] {
         "channels" => &CHANNELS,
         _ => panic!("no trace {name}"),
     };
-    cell.get_or_init(|| {
-        sim::read_trace(&std::fs::read(fixture(name, "trace.jsonl.gz")).unwrap()).unwrap()
-    })
+    cell.get_or_init(|| sim::read_trace(&std::fs::read(fixture(name, "trace.jsonl.gz")).unwrap()).unwrap())
 }
 
 pub fn final_db(name: &str, dir: &Path) -> PathBuf {
     let p = dir.join(format!("{name}-final.sqlite3"));
     if !p.exists() {
-        sim::gunzip_to(
-            &std::fs::read(fixture(name, "final.sqlite3.gz")).unwrap(),
-            &p,
-        )
-        .unwrap();
+        sim::gunzip_to(&std::fs::read(fixture(name, "final.sqlite3.gz")).unwrap(), &p).unwrap();
     }
     p
 }
@@ -71,12 +62,7 @@ impl Setup {
         let ldir = tmp.path().join("regtest");
         std::fs::create_dir_all(&ldir).unwrap();
         let root = root.unwrap_or_else(|| tmp.path().join("node.bkp"));
-        let o = cli(&[
-            "init",
-            "--lightning-dir",
-            ldir.to_str().unwrap(),
-            &url(&root),
-        ]);
+        let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&root)]);
         assert!(o.status.success(), "init failed: {}", stderr(&o));
         Setup { tmp, ldir, root }
     }
@@ -89,11 +75,7 @@ impl Setup {
         let dest = self.tmp.path().join(name);
         let o = cli(&["restore", &url(&self.root), dest.to_str().unwrap()]);
         assert!(o.status.success(), "restore failed: {}", stderr(&o));
-        assert!(
-            stdout(&o).contains("Restored data_version"),
-            "{}",
-            stdout(&o)
-        );
+        assert!(stdout(&o).contains("Restored data_version"), "{}", stdout(&o));
         dest
     }
 }
@@ -128,16 +110,8 @@ pub fn assert_no_tmp_left(dir: &Path) {
 /// Logs arrive on the plugin's stdout asynchronously: wait for one (10 s at most).
 pub fn wait_for_log(p: &cln_backup::sim::PluginProc, level: &str, needle: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !p
-        .logs()
-        .iter()
-        .any(|(l, m)| l == level && m.contains(needle))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {level} log with '{needle}': {:?}",
-            p.logs()
-        );
+    while !p.logs().iter().any(|(l, m)| l == level && m.contains(needle)) {
+        assert!(std::time::Instant::now() < deadline, "no {level} log with '{needle}': {:?}", p.logs());
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -46,10 +46,7 @@ fn sigkill_at_random_points_then_restart() {
             for w in &r.writes {
                 node.db.execute_batch(w).unwrap();
             }
-            node.plugin()
-                .unwrap()
-                .send_db_write(r.data_version, &r.writes)
-                .unwrap();
+            node.plugin().unwrap().send_db_write(r.data_version, &r.writes).unwrap();
             std::thread::sleep(Duration::from_micros(rng.below(400)));
             restart_after_crash(&mut node);
             kills += 1;
@@ -73,11 +70,7 @@ fn lightningd_dies_between_hook_and_commit() {
     let mut node = s.node();
     let mut replaced = 0;
     for k in [5usize, 300, 301, 800] {
-        let start = if k == 5 {
-            0
-        } else {
-            node.data_version().unwrap() as usize + 2
-        };
+        let start = if k == 5 { 0 } else { node.data_version().unwrap() as usize + 2 };
         node.replay(trace, start..k).unwrap();
         // hook answered continue, then lightningd dies before COMMIT
         let r = &trace[k];
@@ -86,13 +79,7 @@ fn lightningd_dies_between_hook_and_commit() {
         for w in &r.writes {
             node.db.execute_batch(w).unwrap();
         }
-        assert_eq!(
-            node.plugin()
-                .unwrap()
-                .db_write(r.data_version, &r.writes)
-                .unwrap(),
-            Answer::Continue
-        );
+        assert_eq!(node.plugin().unwrap().db_write(r.data_version, &r.writes).unwrap(), Answer::Continue);
         node.db.execute_batch("ROLLBACK").unwrap();
         node.plugin.take().unwrap().close().unwrap();
         // on restart it sends the same data_version again
@@ -121,20 +108,11 @@ fn after_a_crash_lightningd_may_send_a_different_batch_at_the_same_version() {
     for w in &r.writes {
         node.db.execute_batch(w).unwrap();
     }
-    assert_eq!(
-        node.plugin()
-            .unwrap()
-            .db_write(r.data_version, &r.writes)
-            .unwrap(),
-        Answer::Continue
-    );
+    assert_eq!(node.plugin().unwrap().db_write(r.data_version, &r.writes).unwrap(), Answer::Continue);
     node.db.execute_batch("ROLLBACK").unwrap();
     restart_after_crash(&mut node);
     let mut other = r.clone();
-    other.writes.insert(
-        0,
-        "INSERT INTO vars (name, val) VALUES ('after-crash', 'x')".into(),
-    );
+    other.writes.insert(0, "INSERT INTO vars (name, val) VALUES ('after-crash', 'x')".into());
     assert_eq!(node.step(&other).unwrap(), Answer::Continue);
     node.stop().unwrap();
     let restored = s.restore("r.sqlite3");
@@ -147,16 +125,9 @@ fn assert_halted(node: &mut Node, i: usize, rec: &cln_backup::sim::TraceRecord, 
         Answer::Halt(v) => assert!(v.to_string().contains(phrase), "call {i}: {v}"),
         Answer::Continue => panic!("call {i} was not refused"),
     }
-    assert_eq!(
-        node.data_version().unwrap(),
-        before,
-        "a refused call must not be committed"
-    );
+    assert_eq!(node.data_version().unwrap(), before, "a refused call must not be committed");
     let logs = node.plugin().unwrap().logs();
-    assert!(
-        logs.iter().any(|(l, m)| l == "warn" && m.contains(phrase)),
-        "{logs:?}"
-    );
+    assert!(logs.iter().any(|(l, m)| l == "warn" && m.contains(phrase)), "{logs:?}");
     // halting is final for the process
     assert!(matches!(node.step(rec).unwrap(), Answer::Halt(_)));
 }
@@ -226,14 +197,7 @@ fn full_disk_halts_and_everything_acknowledged_restores() {
     let mnt = tmp.path().join("small-disk");
     std::fs::create_dir(&mnt).unwrap();
     let ok = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ])
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt.to_str().unwrap()])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -244,27 +208,17 @@ fn full_disk_halts_and_everything_acknowledged_restores() {
     struct Umount<'a>(&'a Path);
     impl Drop for Umount<'_> {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0)
-                .status();
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
         }
     }
     let _u = Umount(&mnt);
     let s = Setup::at(tmp, Some(mnt.join("node.bkp")));
     let trace = trace("channels");
     let mut node = s.node();
-    let (i, v) = node
-        .replay(trace, 0..trace.len())
-        .unwrap()
-        .expect("a 1 MB disk must fill up");
+    let (i, v) = node.replay(trace, 0..trace.len()).unwrap().expect("a 1 MB disk must fill up");
     assert!(v.to_string().contains("disk is full"), "{v}");
     let logs = node.plugin().unwrap().logs();
-    assert!(
-        logs.iter()
-            .any(|(l, m)| l == "warn" && m.contains("No space left") && m.contains("node.bkp")),
-        "{logs:?}"
-    );
+    assert!(logs.iter().any(|(l, m)| l == "warn" && m.contains("No space left") && m.contains("node.bkp")), "{logs:?}");
     node.plugin.take().unwrap().close().unwrap();
     if !node.db.is_autocommit() {
         node.db.execute_batch("ROLLBACK").unwrap();
@@ -277,18 +231,9 @@ fn full_disk_halts_and_everything_acknowledged_restores() {
     assert_same(&dest, &node.db_path());
     // with space again, the node goes on where it stopped
     let big = s.tmp.path().join("big.bkp");
-    let o = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&s.root)
-        .arg(&big)
-        .status()
-        .unwrap();
+    let o = std::process::Command::new("cp").arg("-a").arg(&s.root).arg(&big).status().unwrap();
     assert!(o.success());
-    std::fs::write(
-        s.ldir.join("backup.lock"),
-        format!("{{\"backend_url\": \"{}\"}}", url(&big)),
-    )
-    .unwrap();
+    std::fs::write(s.ldir.join("backup.lock"), format!("{{\"backend_url\": \"{}\"}}", url(&big))).unwrap();
     node.start().unwrap();
     assert_eq!(node.replay(trace, i..trace.len()).unwrap(), None);
     node.stop().unwrap();

@@ -27,13 +27,7 @@ fn small_backup() -> (Setup, PathBuf, PathBuf, u64) {
 }
 
 fn copy_dir(from: &Path, to: &Path) {
-    assert!(std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap()
-        .success());
+    assert!(std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap().success());
 }
 
 #[test]
@@ -62,27 +56,15 @@ fn journal_truncated_at_every_offset_of_its_last_record() {
         std::fs::write(&wj, &full[..cut as usize]).unwrap();
         let ldir = s.tmp.path().join(format!("ldir-{cut}"));
         std::fs::create_dir(&ldir).unwrap();
-        std::fs::write(
-            ldir.join("backup.lock"),
-            format!("{{\"backend_url\": \"{}\"}}", url(&work)),
-        )
-        .unwrap();
+        std::fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"{}\"}}", url(&work))).unwrap();
         let mut p = cln_backup::sim::PluginProc::spawn(Path::new(BIN), &ldir, &[]).unwrap();
         p.getmanifest().unwrap();
         let rec = &trace[trace.len() - 1];
-        assert_eq!(
-            p.db_write(rec.data_version, &rec.writes).unwrap(),
-            Answer::Continue
-        );
+        assert_eq!(p.db_write(rec.data_version, &rec.writes).unwrap(), Answer::Continue);
         assert!(p.has_log("Cut a torn record"), "{:?}", p.logs());
         p.close().unwrap();
         let now = std::fs::read(&wj).unwrap();
-        assert!(
-            now == full,
-            "cut at {cut}: the journal is not whole again ({} bytes, want {})",
-            now.len(),
-            full.len()
-        );
+        assert!(now == full, "cut at {cut}: the journal is not whole again ({} bytes, want {})", now.len(), full.len());
     }
 }
 
@@ -99,16 +81,9 @@ fn flipped_byte_mid_journal_is_refused_and_leaves_no_file() {
     assert!(!o.status.success());
     let err = stderr(&o);
     assert!(err.contains("damaged data at offset"), "{err}");
-    assert!(
-        err.contains(journal.file_name().unwrap().to_str().unwrap()),
-        "{err}"
-    );
+    assert!(err.contains(journal.file_name().unwrap().to_str().unwrap()), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    assert_eq!(
-        std::fs::read_dir(&dest).unwrap().count(),
-        0,
-        "restore left a file behind"
-    );
+    assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0, "restore left a file behind");
     let o = cli(&["verify", &url(&s.root)]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("damaged data at offset"));
@@ -116,12 +91,7 @@ fn flipped_byte_mid_journal_is_refused_and_leaves_no_file() {
     let mut node = s.node();
     node.start().unwrap();
     let rec = &trace("small")[0];
-    match node
-        .plugin()
-        .unwrap()
-        .db_write(rec.data_version, &rec.writes)
-        .unwrap()
-    {
+    match node.plugin().unwrap().db_write(rec.data_version, &rec.writes).unwrap() {
         Answer::Halt(v) => assert!(v.to_string().contains("damaged data at offset"), "{v}"),
         a => panic!("{a:?}"),
     }
@@ -141,25 +111,18 @@ fn damaged_snapshot_is_refused() {
     )
     .ok();
     // generate_series may be missing; fill rows another way
-    conn.execute_batch("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 5000) INSERT INTO t SELECT x FROM c")
-        .unwrap();
+    conn.execute_batch(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c WHERE x < 5000) INSERT INTO t SELECT x FROM c",
+    )
+    .unwrap();
     drop(conn);
     let root = tmp.path().join("b.bkp");
-    let o = cli(&[
-        "init",
-        "--lightning-dir",
-        ldir.to_str().unwrap(),
-        &url(&root),
-    ]);
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&root)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let listing = Layout::new(&root).list().unwrap();
     let snap = listing.snapshot.unwrap();
     let good = std::fs::read(&snap).unwrap();
-    let o = cli(&[
-        "restore",
-        &url(&root),
-        tmp.path().join("ok.sqlite3").to_str().unwrap(),
-    ]);
+    let o = cli(&["restore", &url(&root), tmp.path().join("ok.sqlite3").to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Restored data_version 42"));
     for at in [20, 100, good.len() / 2, good.len() - 3] {

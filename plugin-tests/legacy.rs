@@ -42,32 +42,17 @@ fn restore_and_verify_pre_4090_backup() {
     let src = fixture("legacy", "pre-4090-backup.dbak");
     let o = cli(&["verify", &url(&src)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("Verified data_version 46"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("Verified data_version 46"), "{}", stdout(&o));
     assert!(stdout(&o).contains("Not verifiable"), "{}", stdout(&o));
     let dest = tmp.path().join("r.sqlite3");
     let o = cli(&["restore", &url(&src), dest.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let c = rusqlite::Connection::open(&dest).unwrap();
-    let dv: i64 = c
-        .query_row(
-            "SELECT intval FROM vars WHERE name='data_version'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let dv: i64 = c.query_row("SELECT intval FROM vars WHERE name='data_version'", [], |r| r.get(0)).unwrap();
     assert_eq!(dv, 46);
     // the fixed-up statement reached the database
-    let reserved: i64 = c
-        .query_row(
-            "SELECT count(*) FROM outputs WHERE reserved_til IS NOT NULL",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let reserved: i64 =
+        c.query_row("SELECT count(*) FROM outputs WHERE reserved_til IS NOT NULL", [], |r| r.get(0)).unwrap();
     assert!(reserved > 0);
 }
 
@@ -80,16 +65,9 @@ fn restore_v1_backup_of_a_real_node() {
     std::fs::create_dir(&dest).unwrap();
     let o = cli(&["restore", &url(&v1), dest.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("Restored data_version 1190"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("Restored data_version 1190"), "{}", stdout(&o));
     assert_same(&dest.join("lightningd.sqlite3"), &committed);
-    assert_same(
-        &dest.join("lightningd.sqlite3"),
-        &final_db("channels", tmp.path()),
-    );
+    assert_same(&dest.join("lightningd.sqlite3"), &final_db("channels", tmp.path()));
 }
 
 #[test]
@@ -98,16 +76,8 @@ fn migrate_real_v1_backup_then_continue() {
     let ldir = tmp.path().join("regtest");
     std::fs::create_dir(&ldir).unwrap();
     let v1 = gunzip("v1-channels.bkp.gz", tmp.path());
-    std::fs::copy(
-        final_db("channels", tmp.path()),
-        ldir.join("lightningd.sqlite3"),
-    )
-    .unwrap();
-    std::fs::write(
-        ldir.join("backup.lock"),
-        format!("{{\"backend_url\": \"{}\"}}", url(&v1)),
-    )
-    .unwrap();
+    std::fs::copy(final_db("channels", tmp.path()), ldir.join("lightningd.sqlite3")).unwrap();
+    std::fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"{}\"}}", url(&v1))).unwrap();
     let before = std::fs::read(&v1).unwrap();
     // the plugin refuses to write into a v1 file, and says how to migrate
     let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
@@ -116,8 +86,7 @@ fn migrate_real_v1_backup_then_continue() {
         data_version: 1191,
         writes: vec![
             "INSERT INTO vars (name, val) VALUES ('after-migration', 'yes')".into(),
-            "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1190"
-                .into(),
+            "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 1190".into(),
         ],
         before_init: true,
     };
@@ -126,23 +95,12 @@ fn migrate_real_v1_backup_then_continue() {
         a => panic!("{a:?}"),
     }
     node.stop().unwrap();
-    assert_eq!(
-        std::fs::read(&v1).unwrap(),
-        before,
-        "the v1 file was written to"
-    );
+    assert_eq!(std::fs::read(&v1).unwrap(), before, "the v1 file was written to");
     let new = tmp.path().join("node.bkp");
-    let o = cli(&[
-        "migrate",
-        &url(&v1),
-        &url(&new),
-        "--lightning-dir",
-        ldir.to_str().unwrap(),
-    ]);
+    let o = cli(&["migrate", &url(&v1), &url(&new), "--lightning-dir", ldir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("data_version 1190"), "{}", stdout(&o));
-    let lock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
     assert_eq!(lock["backend_url"], url(&new));
     node.start().unwrap();
     assert_eq!(node.step(&next).unwrap(), Answer::Continue);
@@ -173,37 +131,17 @@ fn migrate_prefix_then_continue_the_same_trace() {
     drop(node);
     let v1 = tmp.path().join("backup.dbak");
     write_v1(&v1, &trace[..half].iter().collect::<Vec<_>>());
-    std::fs::write(
-        ldir.join("backup.lock"),
-        format!("{{\"backend_url\": \"{}\"}}", url(&v1)),
-    )
-    .unwrap();
+    std::fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"{}\"}}", url(&v1))).unwrap();
     let new = tmp.path().join("node.bkp");
     // refuses while lightningd runs
     {
         let _sock = std::os::unix::net::UnixListener::bind(ldir.join("lightning-rpc")).unwrap();
-        let o = cli(&[
-            "migrate",
-            &url(&v1),
-            &url(&new),
-            "--lightning-dir",
-            ldir.to_str().unwrap(),
-        ]);
-        assert!(
-            stderr(&o).contains("lightningd is running"),
-            "{}",
-            stderr(&o)
-        );
+        let o = cli(&["migrate", &url(&v1), &url(&new), "--lightning-dir", ldir.to_str().unwrap()]);
+        assert!(stderr(&o).contains("lightningd is running"), "{}", stderr(&o));
         assert!(!new.exists());
     }
     std::fs::remove_file(ldir.join("lightning-rpc")).unwrap();
-    let o = cli(&[
-        "migrate",
-        &url(&v1),
-        &url(&new),
-        "--lightning-dir",
-        ldir.to_str().unwrap(),
-    ]);
+    let o = cli(&["migrate", &url(&v1), &url(&new), "--lightning-dir", ldir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
     node.start().unwrap();
@@ -245,10 +183,7 @@ fn damaged_v1_files_get_clear_errors_and_no_output() {
         let p = tmp.path().join(format!("{name}.dbak"));
         std::fs::write(&p, &bytes).unwrap();
         let dest = tmp.path().join(format!("{name}.sqlite3"));
-        for args in [
-            vec!["restore", &url(&p), dest.to_str().unwrap()],
-            vec!["verify", &url(&p)],
-        ] {
+        for args in [vec!["restore", &url(&p), dest.to_str().unwrap()], vec!["verify", &url(&p)]] {
             let o = cli(&args.iter().map(|s| s.as_ref()).collect::<Vec<&str>>());
             assert!(!o.status.success(), "{name}: accepted");
             let e = stderr(&o);
@@ -256,11 +191,7 @@ fn damaged_v1_files_get_clear_errors_and_no_output() {
             assert!(!e.contains("panicked"), "{name}: {e}");
         }
         assert!(!dest.exists(), "{name}: restore left output");
-        let o = cli(&[
-            "migrate",
-            &url(&p),
-            &url(&tmp.path().join(format!("{name}.bkp"))),
-        ]);
+        let o = cli(&["migrate", &url(&p), &url(&tmp.path().join(format!("{name}.bkp")))]);
         assert!(!o.status.success(), "{name}: migrated");
         assert!(!tmp.path().join(format!("{name}.bkp")).exists());
         assert_no_tmp_left(tmp.path());

@@ -2,6 +2,7 @@
 //! SQLite, driven in lightningd's order by the stand-in in `cln_backup::sim`.
 
 mod common;
+mod compaction;
 mod crash;
 mod damage;
 mod legacy;

@@ -14,11 +14,7 @@ fn replay_and_compare(name: &str) {
     assert!(p.has_log("Versions match up"));
     // passthrough from lightning-cli, composite string id echoed
     let st = p.cli("backup-status", json!({})).unwrap();
-    let last_tx = trace
-        .iter()
-        .rev()
-        .find(|r| r.kind() == cln_backup::journal::Kind::Transaction)
-        .unwrap();
+    let last_tx = trace.iter().rev().find(|r| r.kind() == cln_backup::journal::Kind::Transaction).unwrap();
     assert_eq!(st["latest_version"], last_tx.data_version);
     assert_eq!(st["state"], "ok");
     assert_eq!(st["backend"], "file");
@@ -63,11 +59,7 @@ fn restore_to_a_directory_and_verify() {
     assert_same(&dir.join("lightningd.sqlite3"), &node.db_path());
     let o = cli(&["verify", &url(&s.root)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains("Verified data_version 79"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("Verified data_version 79"), "{}", stdout(&o));
 }
 
 #[test]
@@ -81,9 +73,7 @@ fn init_from_an_existing_node_then_continue() {
     // lightningd left its latest pages in the -wal file (it crashed, or runs in WAL mode):
     // the connection stays open and never checkpoints, so they are only there.
     let node = cln_backup::sim::Node::new(std::path::Path::new(BIN), &ldir).unwrap();
-    node.db
-        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;")
-        .unwrap();
+    node.db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;").unwrap();
     for r in &trace[..half] {
         let tx = r.kind() == cln_backup::journal::Kind::Transaction;
         if tx {
@@ -96,28 +86,14 @@ fn init_from_an_existing_node_then_continue() {
             node.db.execute_batch("COMMIT").unwrap();
         }
     }
-    assert!(
-        std::fs::metadata(ldir.join("lightningd.sqlite3-wal"))
-            .unwrap()
-            .len()
-            > 100_000
-    );
+    assert!(std::fs::metadata(ldir.join("lightningd.sqlite3-wal")).unwrap().len() > 100_000);
     let root = tmp.path().join("node.bkp");
-    let o = cli(&[
-        "init",
-        "--lightning-dir",
-        ldir.to_str().unwrap(),
-        &url(&root),
-    ]);
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&root)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("Found an existing database"), "{out}");
-    assert!(
-        out.contains("Successfully written initial snapshot"),
-        "{out}"
-    );
-    let lock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert!(out.contains("Successfully written initial snapshot"), "{out}");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
     assert_eq!(lock["backend_url"], url(&root));
     drop(node);
     let s = Setup { tmp, ldir, root };
@@ -125,11 +101,7 @@ fn init_from_an_existing_node_then_continue() {
     node.start().unwrap();
     assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
     assert!(node.plugin().unwrap().has_log("Versions match up"));
-    let st = node
-        .plugin()
-        .unwrap()
-        .cli("backup-status", json!({}))
-        .unwrap();
+    let st = node.plugin().unwrap().cli("backup-status", json!({})).unwrap();
     assert_eq!(st["snapshot_version"], trace[half - 1].data_version);
     node.stop().unwrap();
     let restored = s.restore("r.sqlite3");
@@ -189,34 +161,15 @@ fn status_is_served_before_init_and_halted_state_is_reported() {
     let p = node.plugin().unwrap();
     let st = p.cli("backup-status", json!([])).unwrap();
     assert_eq!(st["state"], "halted");
-    assert!(st["halt_reason"]
-        .as_str()
-        .unwrap()
-        .contains("Could not find backup.lock in the lightning-dir"));
+    assert!(st["halt_reason"].as_str().unwrap().contains("Could not find backup.lock in the lightning-dir"));
     let t = &trace("small")[0];
     match node.step(t).unwrap() {
-        Answer::Halt(v) => assert!(
-            v.to_string().contains("backup-cli init --lightning-dir"),
-            "{v}"
-        ),
+        Answer::Halt(v) => assert!(v.to_string().contains("backup-cli init --lightning-dir"), "{v}"),
         a => panic!("expected a halt, got {a:?}"),
     }
     // lightningd did not commit it
-    assert!(
-        node.db
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r
-                .get::<_, i64>(0))
-            .unwrap()
-            == 0
-    );
+    assert!(node.db.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap() == 0);
     let logs = node.plugin().unwrap().logs();
-    assert!(
-        logs.iter()
-            .any(|(l, m)| l == "warn" && m.contains("Could not find backup.lock")),
-        "{logs:?}"
-    );
-    assert!(
-        !logs.iter().any(|(l, _)| l == "error"),
-        "halts are not BROKEN: {logs:?}"
-    );
+    assert!(logs.iter().any(|(l, m)| l == "warn" && m.contains("Could not find backup.lock")), "{logs:?}");
+    assert!(!logs.iter().any(|(l, _)| l == "error"), "halts are not BROKEN: {logs:?}");
 }

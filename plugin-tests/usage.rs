@@ -17,20 +17,13 @@ fn manifest_declares_a_static_db_write_plugin() {
     assert_eq!(m["dynamic"], false);
     assert_eq!(m["nonnumericids"], true);
     assert_eq!(m["hooks"], json!([{"name": "db_write"}]));
-    assert!(m["rpcmethods"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|r| r["name"] == "backup-status"));
+    assert!(m["rpcmethods"].as_array().unwrap().iter().any(|r| r["name"] == "backup-status"));
     // unknown methods get a JSON-RPC error, and the plugin goes on
     let v = p.request("cln", "no-such-method", json!({})).unwrap();
     assert_eq!(v["error"]["code"], -32601);
     let start = std::time::Instant::now();
     assert!(p.close().unwrap().success());
-    assert!(
-        start.elapsed() < std::time::Duration::from_secs(2),
-        "did not exit at once on EOF"
-    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(2), "did not exit at once on EOF");
 }
 
 #[test]
@@ -54,16 +47,11 @@ fn malformed_hook_params_halt_without_panic() {
         assert_ne!(v["result"], json!({"result": "continue"}), "{params}");
         let msg = v.to_string();
         assert!(
-            msg.contains("Malformed db_write")
-                || msg.contains("disagree")
-                || msg.contains("no statements"),
+            msg.contains("Malformed db_write") || msg.contains("disagree") || msg.contains("no statements"),
             "{params}: {msg}"
         );
         // still alive, still answering
-        assert_eq!(
-            p.cli("backup-status", json!({})).unwrap()["state"],
-            "halted"
-        );
+        assert_eq!(p.cli("backup-status", json!({})).unwrap()["state"], "halted");
         assert!(p.close().unwrap().success());
     }
 }
@@ -79,10 +67,7 @@ fn garbage_on_stdin_exits_cleanly() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .and_then(|mut c| {
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(b"{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": }\n\n")?;
+            c.stdin.take().unwrap().write_all(b"{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": }\n\n")?;
             c.wait_with_output()
         })
         .unwrap();
@@ -99,26 +84,14 @@ fn bad_urls_and_foreign_files() {
     let d = dest.to_str().unwrap();
     let o = cli(&["restore", "s3://bucket/node", d]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("unknown backup URL scheme 's3'"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("unknown backup URL scheme 's3'"), "{}", stderr(&o));
     let o = cli(&["restore", "socket:localhost:1234", d]);
-    assert!(
-        stderr(&o).contains("socket: backends are not supported"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("socket: backends are not supported"), "{}", stderr(&o));
     let junk = tmp.path().join("junk");
     std::fs::write(&junk, b"hello, not a backup").unwrap();
     let o = cli(&["restore", &url(&junk), d]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("not a cln-backup backup"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("not a cln-backup backup"), "{}", stderr(&o));
     let o = cli(&["verify", &url(&tmp.path().join("missing"))]);
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
     let o = cli(&["restore", &url(tmp.path()), d]);
@@ -130,18 +103,12 @@ fn bad_urls_and_foreign_files() {
     for (lock, phrase) in [
         (r#"{"backend_url": "s3://x"}"#, "unknown backup URL scheme"),
         (r#"{"backend": 1}"#, "is not valid"),
-        (
-            r#"{"backend_url": "file:///nonexistent/b.bkp"}"#,
-            "does not exist",
-        ),
+        (r#"{"backend_url": "file:///nonexistent/b.bkp"}"#, "does not exist"),
     ] {
         std::fs::write(ldir.join("backup.lock"), lock).unwrap();
         let mut p = PluginProc::spawn(Path::new(BIN), &ldir, &[]).unwrap();
         p.getmanifest().unwrap();
-        match p
-            .db_write(1, &["PRAGMA foreign_keys = OFF;".into()])
-            .unwrap()
-        {
+        match p.db_write(1, &["PRAGMA foreign_keys = OFF;".into()]).unwrap() {
             Answer::Halt(v) => assert!(v.to_string().contains(phrase), "{v}"),
             a => panic!("{a:?}"),
         }
@@ -157,17 +124,8 @@ fn init_refusals_say_what_to_do() {
     let root = tmp.path().join("b.bkp");
     let l = ldir.to_str().unwrap();
     // missing parent directory
-    let o = cli(&[
-        "init",
-        "--lightning-dir",
-        l,
-        "file:///nonexistent-dir/b.bkp",
-    ]);
-    assert!(
-        stderr(&o).contains("parent directory does not exist"),
-        "{}",
-        stderr(&o)
-    );
+    let o = cli(&["init", "--lightning-dir", l, "file:///nonexistent-dir/b.bkp"]);
+    assert!(stderr(&o).contains("parent directory does not exist"), "{}", stderr(&o));
     // missing lightning dir
     let o = cli(&["init", "--lightning-dir", "/nonexistent-ln", &url(&root)]);
     assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
@@ -175,11 +133,7 @@ fn init_refusals_say_what_to_do() {
     {
         let _sock = UnixListener::bind(ldir.join("lightning-rpc")).unwrap();
         let o = cli(&["init", "--lightning-dir", l, &url(&root)]);
-        assert!(
-            stderr(&o).contains("lightningd is running"),
-            "{}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("lightningd is running"), "{}", stderr(&o));
         assert!(!root.exists());
     }
     std::fs::remove_file(ldir.join("lightning-rpc")).unwrap();
@@ -189,23 +143,10 @@ fn init_refusals_say_what_to_do() {
     let o = cli(&["init", &url(&root)]);
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
     // backup.lock exists
-    let o = cli(&[
-        "init",
-        "--lightning-dir",
-        l,
-        &url(&tmp.path().join("c.bkp")),
-    ]);
-    assert!(
-        stderr(&o).contains("backup.lock already exists"),
-        "{}",
-        stderr(&o)
-    );
+    let o = cli(&["init", "--lightning-dir", l, &url(&tmp.path().join("c.bkp"))]);
+    assert!(stderr(&o).contains("backup.lock already exists"), "{}", stderr(&o));
     // an empty backup has nothing to restore
-    let o = cli(&[
-        "restore",
-        &url(&root),
-        tmp.path().join("x").to_str().unwrap(),
-    ]);
+    let o = cli(&["restore", &url(&root), tmp.path().join("x").to_str().unwrap()]);
     assert!(stderr(&o).contains("the backup is empty"), "{}", stderr(&o));
     // init without a lightning dir makes an empty backup
     let o = cli(&["init", &url(&tmp.path().join("d.bkp"))]);
@@ -248,16 +189,8 @@ fn fake_rpc(dir: &Path, configs: Value) -> std::sync::mpsc::Receiver<String> {
                 continue;
             };
             let method = req["method"].as_str().unwrap_or("").to_string();
-            let result = if method == "listconfigs" {
-                json!({"configs": configs})
-            } else {
-                json!({})
-            };
-            let _ = c.write_all(
-                json!({"jsonrpc": "2.0", "id": req["id"], "result": result})
-                    .to_string()
-                    .as_bytes(),
-            );
+            let result = if method == "listconfigs" { json!({"configs": configs}) } else { json!({}) };
+            let _ = c.write_all(json!({"jsonrpc": "2.0", "id": req["id"], "result": result}).to_string().as_bytes());
             let _ = tx.send(method);
         }
     });
@@ -267,10 +200,7 @@ fn fake_rpc(dir: &Path, configs: Value) -> std::sync::mpsc::Receiver<String> {
 #[test]
 fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     let s = Setup::new();
-    let calls = fake_rpc(
-        &s.ldir,
-        json!({"wallet": {"value_str": "postgres://user@localhost/ln"}}),
-    );
+    let calls = fake_rpc(&s.ldir, json!({"wallet": {"value_str": "postgres://user@localhost/ln"}}));
     let mut p = PluginProc::spawn(Path::new(BIN), &s.ldir, &[]).unwrap();
     p.getmanifest().unwrap();
     p.init(&s.ldir).unwrap();
@@ -281,10 +211,7 @@ fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     p.close().unwrap();
 
     let s = Setup::new();
-    let calls = fake_rpc(
-        &s.ldir,
-        json!({"important-plugin": {"values_str": ["/some/other/plugin"]}}),
-    );
+    let calls = fake_rpc(&s.ldir, json!({"important-plugin": {"values_str": ["/some/other/plugin"]}}));
     let mut p = PluginProc::spawn(Path::new(BIN), &s.ldir, &[]).unwrap();
     p.getmanifest().unwrap();
     p.init(&s.ldir).unwrap();
@@ -300,10 +227,6 @@ fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     p.init(&s.ldir).unwrap();
     assert_eq!(calls.recv_timeout(t).unwrap(), "listconfigs");
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(
-        !p.has_log("not loaded as an important plugin"),
-        "{:?}",
-        p.logs()
-    );
+    assert!(!p.has_log("not loaded as an important plugin"), "{:?}", p.logs());
     p.close().unwrap();
 }

@@ -40,12 +40,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Rebuild lightningd.sqlite3 from a backup. DEST is a new file, or a directory.
-    Restore {
-        backend_url: String,
-        restore_destination: PathBuf,
-    },
+    Restore { backend_url: String, restore_destination: PathBuf },
     /// Read the whole backup and check every checksum and the version chain. Writes nothing.
     Verify { backend_url: String },
+    /// Fold the journal into a new compressed snapshot, offline (lightningd stopped, or on a
+    /// backup server). With the plugin running, use `lightning-cli backup-compact`.
+    Compact { backend_url: String },
     /// Convert a backup of the Python backup plugin (a v1 file) into a cln-backup backup at
     /// the same data_version. Run with lightningd stopped.
     Migrate {
@@ -90,10 +90,7 @@ fn run(cmd: Cmd) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let url_path = |u: &str| layout::parse_url(u, &cwd).map_err(|e| anyhow!(e));
     match cmd {
-        Cmd::Init {
-            lightning_dir,
-            mut args,
-        } => {
+        Cmd::Init { lightning_dir, mut args } => {
             let backend_url = args.pop().unwrap_or_default();
             let ldir = match (lightning_dir, args.pop()) {
                 (Some(_), Some(_)) => {
@@ -103,15 +100,9 @@ fn run(cmd: Cmd) -> Result<()> {
             };
             init(ldir.as_deref(), &url_path(&backend_url)?)
         }
-        Cmd::Restore {
-            backend_url,
-            restore_destination,
-        } => {
-            let (dest, s) = restore::restore(
-                &url_path(&backend_url)?,
-                &restore_destination,
-                &mut progress_bar("Restoring"),
-            )?;
+        Cmd::Restore { backend_url, restore_destination } => {
+            let (dest, s) =
+                restore::restore(&url_path(&backend_url)?, &restore_destination, &mut progress_bar("Restoring"))?;
             finish_progress();
             print_summary("Restored", &s);
             println!("Wrote {}", dest.display());
@@ -123,15 +114,10 @@ fn run(cmd: Cmd) -> Result<()> {
             print_summary("Verified", &s);
             Ok(())
         }
-        Cmd::Migrate {
-            old_url,
-            new_url,
-            lightning_dir,
-        } => migrate(
-            &url_path(&old_url)?,
-            &url_path(&new_url)?,
-            lightning_dir.as_deref(),
-        ),
+        Cmd::Migrate { old_url, new_url, lightning_dir } => {
+            migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref())
+        }
+        Cmd::Compact { backend_url } => compact_offline(&url_path(&backend_url)?),
         Cmd::Demo { trace } => demo(&trace),
     }
 }
@@ -145,13 +131,13 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         return Ok(());
     };
     if !ldir.is_dir() {
-        bail!("lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin", ldir.display());
-    }
-    if rpc::lightningd_running(ldir) {
         bail!(
-            "lightningd is running on {}: stop it first (lightning-cli stop), then run init again",
+            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
             ldir.display()
         );
+    }
+    if rpc::lightningd_running(ldir) {
+        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
     }
     let lock = ldir.join(LOCK_NAME);
     if lock.exists() {
@@ -167,10 +153,7 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         let result = (|| -> Result<()> {
             let dv = snapshot::copy_live_database(&db, &tmp)?;
-            println!(
-                "Found an existing database with data_version {dv} at {}",
-                db.display()
-            );
+            println!("Found an existing database with data_version {dv} at {}", db.display());
             writer::create(root, Some((&tmp, dv)))?;
             println!("Successfully written initial snapshot to {url}");
             Ok(())
@@ -179,51 +162,59 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
         result?;
     } else {
         writer::create(root, None)?;
-        println!(
-            "No database in {} yet: created an empty backup at {url}",
-            ldir.display()
-        );
+        println!("No database in {} yet: created an empty backup at {url}", ldir.display());
     }
     let body = serde_json::to_vec(&serde_json::json!({ "backend_url": url }))?;
-    fsutil::write_atomic(&lock, false, |f, tmp| {
-        f.write_all(&body).map_err(StoreError::io("write", tmp))
-    })?;
-    println!(
-        "Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup",
-        lock.display()
-    );
+    fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    Ok(())
+}
+
+fn compact_offline(root: &Path) -> Result<()> {
+    let (w, report) = match writer::Writer::open(root) {
+        Err(StoreError::Locked { path }) => bail!(
+            "{} is in use by a running cln-backup plugin: compact it there, with `lightning-cli backup-compact`",
+            path.display()
+        ),
+        r => r?,
+    };
+    if !report.removed.is_empty() {
+        println!("Removed {} leftover file(s) of an interrupted compaction", report.removed.len());
+    }
+    let writer = std::sync::Mutex::new(w);
+    let status = std::sync::Mutex::new(crate::compact::Status::idle());
+    println!("Starting compaction of {}", root.display());
+    match crate::compact::compact(&writer, &status, &|m| println!("{m}"))? {
+        crate::compact::Outcome::Nothing(why) => println!("{why}"),
+        crate::compact::Outcome::Done(s) => println!(
+            "Compacted: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB in {:.2} s",
+            s.records_folded,
+            s.generation,
+            s.snapshot_version,
+            s.before_bytes as f64 / 1e6,
+            s.after_bytes as f64 / 1e6,
+            s.seconds
+        ),
+    }
     Ok(())
 }
 
 fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
     if !crate::legacy::is_v1_file(old) {
         if old.is_dir() {
-            bail!(
-                "{} is already a cln-backup backup: nothing to migrate",
-                old.display()
-            );
+            bail!("{} is already a cln-backup backup: nothing to migrate", old.display());
         }
-        bail!(
-            "{} is not a backup file of the Python backup plugin (v1)",
-            old.display()
-        );
+        bail!("{} is not a backup file of the Python backup plugin (v1)", old.display());
     }
     let lock = lightning_dir.map(|d| d.join(LOCK_NAME));
     if let (Some(ldir), Some(lock)) = (lightning_dir, &lock) {
         if rpc::lightningd_running(ldir) {
-            bail!(
-                "lightningd is running on {}: stop it first (lightning-cli stop), then migrate",
-                ldir.display()
-            );
+            bail!("lightningd is running on {}: stop it first (lightning-cli stop), then migrate", ldir.display());
         }
         let text = fs::read_to_string(lock).with_context(|| format!("read {}", lock.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parse {}", lock.display()))?;
-        let points_at = v["backend_url"]
-            .as_str()
-            .and_then(|u| layout::parse_url(u, ldir).ok());
-        let same =
-            points_at.as_ref().and_then(|p| fs::canonicalize(p).ok()) == fs::canonicalize(old).ok();
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parse {}", lock.display()))?;
+        let points_at = v["backend_url"].as_str().and_then(|u| layout::parse_url(u, ldir).ok());
+        let same = points_at.as_ref().and_then(|p| fs::canonicalize(p).ok()) == fs::canonicalize(old).ok();
         if !same {
             bail!(
                 "{} points at {:?}, not at {}: check which backup this node uses",
@@ -237,11 +228,7 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
     finish_progress();
     let check = restore::verify(new, &mut |_, _| {})?;
     if check.version != s.version {
-        bail!(
-            "the new backup ends at {}, the old one at {}: not switching",
-            check.version,
-            s.version
-        );
+        bail!("the new backup ends at {}, the old one at {}: not switching", check.version, s.version);
     }
     let url = layout::url_for(new);
     println!(
@@ -254,9 +241,7 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
     );
     if let Some(lock) = lock {
         let body = serde_json::to_vec(&serde_json::json!({ "backend_url": url }))?;
-        fsutil::write_atomic(&lock, true, |f, tmp| {
-            f.write_all(&body).map_err(StoreError::io("write", tmp))
-        })?;
+        fsutil::write_atomic(&lock, true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
         println!("{} now points at {url}", lock.display());
     }
     println!(
@@ -268,9 +253,7 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
 }
 
 fn print_summary(what: &str, s: &Summary) {
-    let snap = s
-        .snapshot_version
-        .map_or("none (empty base)".to_string(), |v| v.to_string());
+    let snap = s.snapshot_version.map_or("none (empty base)".to_string(), |v| v.to_string());
     println!(
         "{what} data_version {}: generation {}, snapshot at {snap}, {} records ({} transactions, {} statements), {:.1} MB, in {:.2} s",
         s.version,
@@ -350,23 +333,13 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let ldir = tmp.join("regtest");
     fs::create_dir_all(&ldir)?;
     let root = tmp.join("node.bkp");
-    println!(
-        "== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)",
-        trace.len()
-    );
-    println!(
-        "   lightning dir {}, backup {}",
-        ldir.display(),
-        layout::url_for(&root)
-    );
+    println!("== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)", trace.len());
+    println!("   lightning dir {}, backup {}", ldir.display(), layout::url_for(&root));
     init(Some(&ldir), &root)?;
     let bin = std::env::current_exe().context("find own binary")?;
     let mut node = sim::Node::new(&bin, &ldir)?;
     let t0 = Instant::now();
-    let restarts = trace
-        .windows(2)
-        .filter(|w| w[1].before_init && !w[0].before_init)
-        .count();
+    let restarts = trace.windows(2).filter(|w| w[1].before_init && !w[0].before_init).count();
     if let Some((i, v)) = node.replay(trace, 0..trace.len())? {
         bail!("the plugin halted lightningd at call {i}: {v}");
     }
@@ -374,11 +347,7 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let logs = node.plugin()?.logs();
     node.stop()?;
     let replay_s = t0.elapsed().as_secs_f64();
-    let mut times: Vec<_> = node
-        .hook_times
-        .iter()
-        .map(|d| d.as_micros() as u64)
-        .collect();
+    let mut times: Vec<_> = node.hook_times.iter().map(|d| d.as_micros() as u64).collect();
     times.sort_unstable();
     let pct = |q: f64| times[((q * times.len() as f64) as usize).min(times.len() - 1)];
     println!(
@@ -386,16 +355,8 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
         trace.len(),
         restarts
     );
-    println!(
-        "   hook round trip: p50 {} µs, p99 {} µs, max {} µs",
-        pct(0.5),
-        pct(0.99),
-        times[times.len() - 1]
-    );
-    for (level, msg) in logs
-        .iter()
-        .filter(|(_, m)| m.starts_with("Versions match up") || m.starts_with("Opened"))
-    {
+    println!("   hook round trip: p50 {} µs, p99 {} µs, max {} µs", pct(0.5), pct(0.99), times[times.len() - 1]);
+    for (level, msg) in logs.iter().filter(|(_, m)| m.starts_with("Versions match up") || m.starts_with("Opened")) {
         println!("   plugin {level}: {msg}");
     }
     println!(

@@ -14,11 +14,7 @@ pub enum StoreError {
         source: io::Error,
     },
     #[error("{path}: damaged data at offset {offset}: {what}")]
-    Damaged {
-        path: PathBuf,
-        offset: u64,
-        what: String,
-    },
+    Damaged { path: PathBuf, offset: u64, what: String },
     #[error("{path} is not a cln-backup backup: {what}")]
     NotBackup { path: PathBuf, what: String },
     #[error("{path} is in use by another writer (a running plugin or backup-cli)")]
@@ -28,12 +24,7 @@ pub enum StoreError {
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
     #[error("{path}: could not apply data_version {version} (offset {offset}): {what}")]
-    Apply {
-        path: PathBuf,
-        offset: u64,
-        version: u32,
-        what: String,
-    },
+    Apply { path: PathBuf, offset: u64, version: u32, what: String },
 }
 
 impl StoreError {

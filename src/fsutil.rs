@@ -9,31 +9,19 @@ use crate::error::{Result, StoreError};
 
 /// Creates a new file readable only by its owner; fails if it exists.
 pub fn create_private(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                StoreError::Exists { path: path.into() }
-            } else {
-                StoreError::io("create", path)(e)
-            }
-        })
+    OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            StoreError::Exists { path: path.into() }
+        } else {
+            StoreError::io("create", path)(e)
+        }
+    })
 }
 
 /// Makes a directory's entries (creations, renames, removals) durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io("fsync directory", dir))
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    File::open(dir).and_then(|d| d.sync_all()).map_err(StoreError::io("fsync directory", dir))
 }
 
 pub fn parent_of(path: &Path) -> &Path {
@@ -52,11 +40,7 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 
 /// Writes a whole file durably or not at all: tmp, write, fsync, rename, fsync dir.
 /// The temp file is removed on every error path. Fails if `path` exists and `replace` is false.
-pub fn write_atomic(
-    path: &Path,
-    replace: bool,
-    fill: impl FnOnce(&mut File, &Path) -> Result<()>,
-) -> Result<()> {
+pub fn write_atomic(path: &Path, replace: bool, fill: impl FnOnce(&mut File, &Path) -> Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
     // A leftover from a crash is ours to replace: it was never renamed into place.
     let _ = fs::remove_file(&tmp);
@@ -97,16 +81,10 @@ mod tests {
     fn write_atomic_creates_private_file_and_leaves_no_tmp() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        write_atomic(&p, false, |f, _| {
-            f.write_all(b"abc").map_err(StoreError::io("write", "f"))
-        })
-        .unwrap();
+        write_atomic(&p, false, |f, _| f.write_all(b"abc").map_err(StoreError::io("write", "f"))).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"abc");
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!tmp_path(&p).exists());
         // no replace: refuses
         let e = write_atomic(&p, false, |_, _| Ok(())).unwrap_err();
@@ -114,10 +92,7 @@ mod tests {
         assert!(!tmp_path(&p).exists());
         // replace works, leftover tmp is overwritten
         fs::write(tmp_path(&p), b"junk").unwrap();
-        write_atomic(&p, true, |f, _| {
-            f.write_all(b"new").map_err(StoreError::io("write", "f"))
-        })
-        .unwrap();
+        write_atomic(&p, true, |f, _| f.write_all(b"new").map_err(StoreError::io("write", "f"))).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"new");
         assert!(!tmp_path(&p).exists());
     }
@@ -129,10 +104,7 @@ mod tests {
         fs::write(&p, b"old").unwrap();
         let e = write_atomic(&p, true, |f, _| {
             f.write_all(b"partial").unwrap();
-            Err(StoreError::Invalid {
-                path: "x".into(),
-                what: "injected".into(),
-            })
+            Err(StoreError::Invalid { path: "x".into(), what: "injected".into() })
         });
         assert!(e.is_err());
         assert_eq!(fs::read(&p).unwrap(), b"old");
@@ -141,8 +113,7 @@ mod tests {
 
     #[test]
     fn write_atomic_in_missing_dir_is_io_error() {
-        let e =
-            write_atomic(Path::new("/nonexistent-dir-xyz/f"), false, |_, _| Ok(())).unwrap_err();
+        let e = write_atomic(Path::new("/nonexistent-dir-xyz/f"), false, |_, _| Ok(())).unwrap_err();
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
         assert!(e.explain().contains("What to do"));
     }

@@ -99,10 +99,7 @@ impl Header {
     }
 
     pub fn decode(path: &Path, h: &[u8]) -> Result<Header> {
-        let bad = |what: &str| StoreError::NotBackup {
-            path: path.into(),
-            what: what.into(),
-        };
+        let bad = |what: &str| StoreError::NotBackup { path: path.into(), what: what.into() };
         if h.len() < HEADER_LEN as usize || &h[0..8] != MAGIC {
             return Err(bad("no journal header (wrong magic bytes)"));
         }
@@ -115,9 +112,7 @@ impl Header {
         }
         let format = u32le(&h[8..12]);
         if format != FORMAT {
-            return Err(bad(&format!(
-                "journal format {format}, this build reads {FORMAT}: upgrade cln-backup"
-            )));
+            return Err(bad(&format!("journal format {format}, this build reads {FORMAT}: upgrade cln-backup")));
         }
         let generation = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
         let base = match h[20] {
@@ -134,12 +129,7 @@ fn u32le(b: &[u8]) -> u32 {
 }
 
 /// Appends one framed record to `out`.
-pub fn encode_record<S: AsRef<str>>(
-    out: &mut Vec<u8>,
-    data_version: u32,
-    kind: Kind,
-    writes: &[S],
-) {
+pub fn encode_record<S: AsRef<str>>(out: &mut Vec<u8>, data_version: u32, kind: Kind, writes: &[S]) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
     for w in writes {
@@ -191,8 +181,7 @@ pub fn decode_statements(payload: &[u8]) -> std::result::Result<Vec<&str>, Strin
         if n > rest.len() {
             return Err("statement longer than its record".into());
         }
-        let s =
-            std::str::from_utf8(&rest[..n]).map_err(|_| "statement is not UTF-8".to_string())?;
+        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "statement is not UTF-8".to_string())?;
         out.push(s);
         rest = &rest[n..];
     }
@@ -233,10 +222,8 @@ impl JournalReader {
     pub fn from_file(path: &Path, mut file: File) -> Result<JournalReader> {
         let len = file.metadata().map_err(StoreError::io("stat", path))?.len();
         let mut h = [0u8; HEADER_LEN as usize];
-        file.seek(SeekFrom::Start(0))
-            .map_err(StoreError::io("seek", path))?;
-        let n =
-            read_full(&mut file, &mut h).map_err(StoreError::io("read journal header", path))?;
+        file.seek(SeekFrom::Start(0)).map_err(StoreError::io("seek", path))?;
+        let n = read_full(&mut file, &mut h).map_err(StoreError::io("read journal header", path))?;
         let header = Header::decode(path, &h[..n])?;
         Ok(JournalReader {
             path: path.into(),
@@ -250,6 +237,10 @@ impl JournalReader {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+    /// Reads no further than `len` (a record boundary known to the caller).
+    pub fn limit(&mut self, len: u64) {
+        self.len = self.len.min(len);
     }
     /// Bytes of the file this reader covers.
     pub fn len(&self) -> u64 {
@@ -283,9 +274,7 @@ impl JournalReader {
             return self.end_at(off, "record runs past the end of the file");
         }
         let mut payload = vec![0u8; rh.len as usize];
-        self.file
-            .read_exact(&mut payload)
-            .map_err(|e| StoreError::io("read journal", &self.path)(e))?;
+        self.file.read_exact(&mut payload).map_err(|e| StoreError::io("read journal", &self.path)(e))?;
         if crc32c::crc32c(&payload) != rh.payload_crc {
             return self.end_at(off, "record payload checksum mismatch");
         }
@@ -293,19 +282,11 @@ impl JournalReader {
             return Err(StoreError::Damaged {
                 path: self.path.clone(),
                 offset: off,
-                what: format!(
-                    "unknown record kind {} (written by a newer cln-backup?)",
-                    rh.kind
-                ),
+                what: format!("unknown record kind {} (written by a newer cln-backup?)", rh.kind),
             });
         };
         self.pos = end;
-        Ok(Some(Record {
-            offset: off,
-            data_version: rh.data_version,
-            kind,
-            payload,
-        }))
+        Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload }))
     }
 
     /// Reading stops at `off`: a torn tail if no valid record follows, else damage.
@@ -337,8 +318,7 @@ impl JournalReader {
             };
             let start = p + RECORD_HEADER_LEN;
             let end = start as u64 + rh.len as u64;
-            if end <= tail_len as u64 && crc32c::crc32c(&buf[start..end as usize]) == rh.payload_crc
-            {
+            if end <= tail_len as u64 && crc32c::crc32c(&buf[start..end as usize]) == rh.payload_crc {
                 return Ok(Some(off + p as u64));
             }
         }
@@ -365,12 +345,7 @@ mod tests {
     fn journal(records: &[(u32, Kind, Vec<&str>)]) -> (tempfile::TempDir, PathBuf, Vec<u64>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let mut bytes = Header {
-            generation: 1,
-            base: Base::Empty,
-        }
-        .encode()
-        .to_vec();
+        let mut bytes = Header { generation: 1, base: Base::Empty }.encode().to_vec();
         let mut offs = vec![];
         for (v, k, w) in records {
             offs.push(bytes.len() as u64);
@@ -391,11 +366,7 @@ mod tests {
 
     fn sample() -> Vec<(u32, Kind, Vec<&'static str>)> {
         vec![
-            (
-                1,
-                Kind::Transaction,
-                vec!["CREATE TABLE t(a)", "INSERT INTO t VALUES (1)"],
-            ),
+            (1, Kind::Transaction, vec!["CREATE TABLE t(a)", "INSERT INTO t VALUES (1)"]),
             (1, Kind::Outside, vec!["PRAGMA foreign_keys = OFF;"]),
             (2, Kind::Transaction, vec!["INSERT INTO t VALUES ('é')"]),
         ]
@@ -409,10 +380,7 @@ mod tests {
         assert_eq!(recs.len(), 3);
         assert_eq!(recs[1].kind, Kind::Outside);
         assert_eq!(recs[2].offset, offs[2]);
-        assert_eq!(
-            decode_statements(&recs[2].payload).unwrap(),
-            vec!["INSERT INTO t VALUES ('é')"]
-        );
+        assert_eq!(decode_statements(&recs[2].payload).unwrap(), vec!["INSERT INTO t VALUES ('é')"]);
         assert_eq!(decode_statements(&recs[0].payload).unwrap().len(), 2);
     }
 
@@ -424,17 +392,10 @@ mod tests {
             std::fs::write(&p, &full[..cut as usize]).unwrap();
             let (recs, torn) = read_all(&p).unwrap();
             assert_eq!(recs.len(), 2, "cut at {cut}");
-            assert_eq!(
-                torn.map(|t| t.0),
-                if cut == offs[2] { None } else { Some(offs[2]) }
-            );
+            assert_eq!(torn.map(|t| t.0), if cut == offs[2] { None } else { Some(offs[2]) });
             let mut r = JournalReader::open(&p).unwrap();
             while r.next_record().unwrap().is_some() {}
-            assert_eq!(
-                r.position(),
-                offs[2],
-                "valid data ends before the torn record"
-            );
+            assert_eq!(r.position(), offs[2], "valid data ends before the torn record");
         }
     }
 
@@ -461,13 +422,8 @@ mod tests {
             bad[i as usize] ^= 0x40;
             std::fs::write(&p, &bad).unwrap();
             let err = read_all(&p).unwrap_err();
-            let StoreError::Damaged { offset, .. } = err else {
-                panic!("byte {i}: {err}")
-            };
-            assert!(
-                offset == offs[0] || offset == offs[1],
-                "byte {i}: offset {offset}"
-            );
+            let StoreError::Damaged { offset, .. } = err else { panic!("byte {i}: {err}") };
+            assert!(offset == offs[0] || offset == offs[1], "byte {i}: offset {offset}");
         }
     }
 
@@ -477,32 +433,18 @@ mod tests {
         let mut full = std::fs::read(&p).unwrap();
         full[13] ^= 1;
         std::fs::write(&p, &full).unwrap();
-        assert!(matches!(
-            read_all(&p).unwrap_err(),
-            StoreError::Damaged { offset: 0, .. }
-        ));
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::Damaged { offset: 0, .. }));
         std::fs::write(&p, b"SQLite format 3\0 and more bytes than a header needs").unwrap();
-        assert!(matches!(
-            read_all(&p).unwrap_err(),
-            StoreError::NotBackup { .. }
-        ));
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::NotBackup { .. }));
         std::fs::write(&p, b"").unwrap();
-        assert!(matches!(
-            read_all(&p).unwrap_err(),
-            StoreError::NotBackup { .. }
-        ));
+        assert!(matches!(read_all(&p).unwrap_err(), StoreError::NotBackup { .. }));
     }
 
     #[test]
     fn unknown_kind_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let mut bytes = Header {
-            generation: 1,
-            base: Base::Snapshot(7),
-        }
-        .encode()
-        .to_vec();
+        let mut bytes = Header { generation: 1, base: Base::Snapshot(7) }.encode().to_vec();
         let off = bytes.len();
         encode_record(&mut bytes, 8, Kind::Transaction, &["x"]);
         bytes[off + 8] = 9;

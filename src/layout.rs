@@ -34,14 +34,10 @@ pub fn parse_url(url: &str, base: &Path) -> std::result::Result<PathBuf, String>
         ));
     } else {
         let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or(url);
-        return Err(format!(
-            "'{url}': unknown backup URL scheme '{scheme}'; use file:///absolute/path/to/backup"
-        ));
+        return Err(format!("'{url}': unknown backup URL scheme '{scheme}'; use file:///absolute/path/to/backup"));
     };
     if path.is_empty() {
-        return Err(format!(
-            "'{url}' names no path; use file:///absolute/path/to/backup"
-        ));
+        return Err(format!("'{url}' names no path; use file:///absolute/path/to/backup"));
     }
     Ok(base.join(path))
 }
@@ -77,10 +73,7 @@ fn parse_name(name: &str) -> Option<(GenName, FileKind)> {
         return None;
     }
     Some((
-        GenName {
-            generation: u64::from_str_radix(g, 16).ok()?,
-            base_version: u32::from_str_radix(v, 16).ok()?,
-        },
+        GenName { generation: u64::from_str_radix(g, 16).ok()?, base_version: u32::from_str_radix(v, 16).ok()? },
         kind,
     ))
 }
@@ -106,17 +99,11 @@ impl Layout {
     }
 
     pub fn journal_path(&self, g: GenName) -> PathBuf {
-        self.root.join(format!(
-            "{:016x}-{:08x}.journal",
-            g.generation, g.base_version
-        ))
+        self.root.join(format!("{:016x}-{:08x}.journal", g.generation, g.base_version))
     }
 
     pub fn snapshot_path(&self, g: GenName) -> PathBuf {
-        self.root.join(format!(
-            "{:016x}-{:08x}.snapshot",
-            g.generation, g.base_version
-        ))
+        self.root.join(format!("{:016x}-{:08x}.snapshot", g.generation, g.base_version))
     }
 
     pub fn lock_path(&self) -> PathBuf {
@@ -127,10 +114,7 @@ impl Layout {
     pub fn list(&self) -> Result<Listing> {
         let meta = fs::metadata(&self.root).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                StoreError::NotBackup {
-                    path: self.root.clone(),
-                    what: "it does not exist".into(),
-                }
+                StoreError::NotBackup { path: self.root.clone(), what: "it does not exist".into() }
             } else {
                 StoreError::io("stat", &self.root)(e)
             }
@@ -141,10 +125,7 @@ impl Layout {
             } else {
                 "it is a file, not a backup directory"
             };
-            return Err(StoreError::NotBackup {
-                path: self.root.clone(),
-                what: what.into(),
-            });
+            return Err(StoreError::NotBackup { path: self.root.clone(), what: what.into() });
         }
         let mut files = vec![];
         for entry in fs::read_dir(&self.root).map_err(StoreError::io("list", &self.root))? {
@@ -169,19 +150,12 @@ impl Layout {
         for n in files {
             match parse_name(&n) {
                 Some((g, FileKind::Journal)) if g == current => {}
-                Some((g, FileKind::Snapshot)) if g == current => {
-                    snapshot = Some(self.root.join(&n))
-                }
+                Some((g, FileKind::Snapshot)) if g == current => snapshot = Some(self.root.join(&n)),
                 _ => leftovers.push(self.root.join(&n)),
             }
         }
         leftovers.sort();
-        Ok(Listing {
-            current,
-            journal: self.journal_path(current),
-            snapshot,
-            leftovers,
-        })
+        Ok(Listing { current, journal: self.journal_path(current), snapshot, leftovers })
     }
 }
 
@@ -192,57 +166,28 @@ mod tests {
     #[test]
     fn urls() {
         let b = Path::new("/ln");
-        assert_eq!(
-            parse_url("file:///mnt/b.bkp", b).unwrap(),
-            PathBuf::from("/mnt/b.bkp")
-        );
-        assert_eq!(
-            parse_url("file:rel/b", b).unwrap(),
-            PathBuf::from("/ln/rel/b")
-        );
-        assert!(parse_url("socket:localhost:1234", b)
-            .unwrap_err()
-            .contains("not supported"));
-        assert!(parse_url("s3://bucket/x", b)
-            .unwrap_err()
-            .contains("unknown backup URL scheme 's3'"));
+        assert_eq!(parse_url("file:///mnt/b.bkp", b).unwrap(), PathBuf::from("/mnt/b.bkp"));
+        assert_eq!(parse_url("file:rel/b", b).unwrap(), PathBuf::from("/ln/rel/b"));
+        assert!(parse_url("socket:localhost:1234", b).unwrap_err().contains("not supported"));
+        assert!(parse_url("s3://bucket/x", b).unwrap_err().contains("unknown backup URL scheme 's3'"));
         assert!(parse_url("file://", b).is_err());
-        assert!(parse_url("/plain/path", b)
-            .unwrap_err()
-            .contains("unknown backup URL scheme"));
+        assert!(parse_url("/plain/path", b).unwrap_err().contains("unknown backup URL scheme"));
     }
 
     #[test]
     fn names_and_listing() {
         let d = tempfile::tempdir().unwrap();
         let l = Layout::new(d.path());
-        let g1 = GenName {
-            generation: 1,
-            base_version: 0,
-        };
-        let g2 = GenName {
-            generation: 2,
-            base_version: 0x4d2,
-        };
-        assert!(l
-            .journal_path(g2)
-            .ends_with("0000000000000002-000004d2.journal"));
+        let g1 = GenName { generation: 1, base_version: 0 };
+        let g2 = GenName { generation: 2, base_version: 0x4d2 };
+        assert!(l.journal_path(g2).ends_with("0000000000000002-000004d2.journal"));
         assert!(matches!(l.list(), Err(StoreError::NotBackup { .. })));
-        for p in [
-            l.journal_path(g1),
-            l.journal_path(g2),
-            l.snapshot_path(g2),
-            l.lock_path(),
-            d.path().join("x.tmp"),
-        ] {
+        for p in [l.journal_path(g1), l.journal_path(g2), l.snapshot_path(g2), l.lock_path(), d.path().join("x.tmp")] {
             fs::write(p, b"").unwrap();
         }
         let ls = l.list().unwrap();
         assert_eq!(ls.current, g2);
         assert_eq!(ls.snapshot, Some(l.snapshot_path(g2)));
-        assert_eq!(
-            ls.leftovers,
-            vec![l.journal_path(g1), d.path().join("x.tmp")]
-        );
+        assert_eq!(ls.leftovers, vec![l.journal_path(g1), d.path().join("x.tmp")]);
     }
 }

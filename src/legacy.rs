@@ -73,11 +73,7 @@ pub struct V1Reader {
 }
 
 fn damaged(path: &Path, offset: u64, what: String) -> StoreError {
-    StoreError::Damaged {
-        path: path.into(),
-        offset,
-        what,
-    }
+    StoreError::Damaged { path: path.into(), offset, what }
 }
 
 impl V1Reader {
@@ -85,33 +81,22 @@ impl V1Reader {
         let mut f = File::open(path).map_err(StoreError::io("open", path))?;
         let len = f.metadata().map_err(StoreError::io("stat", path))?.len();
         let mut h = [0u8; HEADER_LEN as usize];
-        f.read_exact(&mut h).map_err(|_| {
-            damaged(
-                path,
-                0,
-                format!("v1 header cut short: the file has {len} bytes"),
-            )
-        })?;
+        f.read_exact(&mut h).map_err(|_| damaged(path, 0, format!("v1 header cut short: the file has {len} bytes")))?;
         let u32at = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let u64at = |i: usize| u64::from_be_bytes(h[i..i + 8].try_into().unwrap_or_default());
         if u32at(0) != 1 {
-            return Err(StoreError::NotBackup {
-                path: path.into(),
-                what: format!("unknown v1 format {}", u32at(0)),
-            });
+            return Err(StoreError::NotBackup { path: path.into(), what: format!("unknown v1 format {}", u32at(0)) });
         }
-        let header = V1Header {
-            version: u32at(4),
-            end: u64at(8),
-            prev_version: u32at(16),
-            last: u64at(20),
-            count: u64at(28),
-        };
+        let header =
+            V1Header { version: u32at(4), end: u64at(8), prev_version: u32at(16), last: u64at(20), count: u64at(28) };
         if header.end > len || header.end < HEADER_LEN {
             return Err(damaged(
                 path,
                 0,
-                format!("v1 header says the data ends at offset {}, but the file has {len} bytes (truncated?)", header.end),
+                format!(
+                    "v1 header says the data ends at offset {}, but the file has {len} bytes (truncated?)",
+                    header.end
+                ),
             ));
         }
         if header.end > HEADER_LEN && (header.last < HEADER_LEN || header.last >= header.end) {
@@ -124,12 +109,7 @@ impl V1Reader {
                 ),
             ));
         }
-        Ok(V1Reader {
-            path: path.into(),
-            file: BufReader::with_capacity(1 << 16, f),
-            header,
-            pos: HEADER_LEN,
-        })
+        Ok(V1Reader { path: path.into(), file: BufReader::with_capacity(1 << 16, f), header, pos: HEADER_LEN })
     }
 
     pub fn path(&self) -> &Path {
@@ -150,19 +130,12 @@ impl V1Reader {
             return Err(damaged(
                 &self.path,
                 off,
-                format!(
-                    "truncated mid-record: {} bytes left for a 9-byte record header",
-                    end - off
-                ),
+                format!("truncated mid-record: {} bytes left for a 9-byte record header", end - off),
             ));
         }
         let mut h = [0u8; 9];
-        self.file
-            .seek(SeekFrom::Start(off))
-            .map_err(StoreError::io("seek", &self.path))?;
-        self.file
-            .read_exact(&mut h)
-            .map_err(StoreError::io("read", &self.path))?;
+        self.file.seek(SeekFrom::Start(off)).map_err(StoreError::io("seek", &self.path))?;
+        self.file.read_exact(&mut h).map_err(StoreError::io("read", &self.path))?;
         let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as u64;
         let version = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         let rec_end = off + 9 + len;
@@ -176,9 +149,7 @@ impl V1Reader {
         let payload = match h[8] {
             1 => {
                 let mut buf = vec![0u8; len as usize];
-                self.file
-                    .read_exact(&mut buf)
-                    .map_err(StoreError::io("read", &self.path))?;
+                self.file.read_exact(&mut buf).map_err(StoreError::io("read", &self.path))?;
                 let mut stmts = vec![];
                 for part in buf.split(|b| *b == 0) {
                     let s = std::str::from_utf8(part)
@@ -187,10 +158,7 @@ impl V1Reader {
                 }
                 V1Payload::Statements(stmts)
             }
-            2 => V1Payload::Snapshot {
-                offset: off + 9,
-                len,
-            },
+            2 => V1Payload::Snapshot { offset: off + 9, len },
             k => {
                 return Err(damaged(
                     &self.path,
@@ -211,36 +179,21 @@ impl V1Reader {
                 ),
             ));
         }
-        Ok(Some(V1Record {
-            offset: off,
-            version,
-            payload,
-        }))
+        Ok(Some(V1Record { offset: off, version, payload }))
     }
 
     /// Copies a snapshot record's database image into `out`.
     pub fn copy_snapshot(&mut self, offset: u64, len: u64, out: &mut dyn Write) -> Result<()> {
         let f = self.file.get_mut();
-        f.seek(SeekFrom::Start(offset))
-            .map_err(StoreError::io("seek", &self.path))?;
+        f.seek(SeekFrom::Start(offset)).map_err(StoreError::io("seek", &self.path))?;
         let mut head = [0u8; 16];
-        let n = f
-            .read(&mut head)
-            .map_err(StoreError::io("read", &self.path))?;
+        let n = f.read(&mut head).map_err(StoreError::io("read", &self.path))?;
         if len < 100 || n < 16 || &head != b"SQLite format 3\0" {
-            return Err(damaged(
-                &self.path,
-                offset,
-                "snapshot record is not a SQLite database".into(),
-            ));
+            return Err(damaged(&self.path, offset, "snapshot record is not a SQLite database".into()));
         }
-        out.write_all(&head)
-            .map_err(StoreError::io("write", &self.path))?;
-        io::copy(&mut (&mut *f).take(len - 16), out)
-            .map_err(StoreError::io("copy snapshot", &self.path))?;
-        self.file
-            .seek(SeekFrom::Start(self.pos))
-            .map_err(StoreError::io("seek", &self.path))?;
+        out.write_all(&head).map_err(StoreError::io("write", &self.path))?;
+        io::copy(&mut (&mut *f).take(len - 16), out).map_err(StoreError::io("copy snapshot", &self.path))?;
+        self.file.seek(SeekFrom::Start(self.pos)).map_err(StoreError::io("seek", &self.path))?;
         Ok(())
     }
 }
@@ -284,12 +237,7 @@ const UNVERIFIED: &str = "the Python plugin's format (v1) has no checksums, so a
 
 /// Reads a v1 file and builds its database into `tmp`, leaving out the last transaction
 /// and what follows it when `keep_tail` is set (they go to `Built::tail`).
-fn build(
-    path: &Path,
-    tmp: Option<&Path>,
-    keep_tail: bool,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Built> {
+fn build(path: &Path, tmp: Option<&Path>, keep_tail: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<Built> {
     let mut reader = V1Reader::open(path)?;
     let total = reader.header.end;
     // A first pass finds where the last transaction starts (records are in version order).
@@ -304,11 +252,7 @@ fn build(
             }
         }
     }
-    let mut summary = Summary {
-        bytes: total,
-        unverified: vec![UNVERIFIED.into()],
-        ..Default::default()
-    };
+    let mut summary = Summary { bytes: total, unverified: vec![UNVERIFIED.into()], ..Default::default() };
     let mut conn: Option<rusqlite::Connection> = None;
     let mut applier_tx = false;
     let mut pos: Option<Position> = None;
@@ -319,11 +263,7 @@ fn build(
         match rec.payload {
             V1Payload::Snapshot { offset, len } => {
                 if rec.offset >= tail_from {
-                    return Err(damaged(
-                        path,
-                        rec.offset,
-                        "a snapshot after the last transaction".into(),
-                    ));
+                    return Err(damaged(path, rec.offset, "a snapshot after the last transaction".into()));
                 }
                 if let Some(tmp) = tmp {
                     if let Some(c) = conn.take() {
@@ -337,36 +277,23 @@ fn build(
                     reader.copy_snapshot(offset, len, &mut io::sink())?;
                 }
                 summary.snapshot_version = Some(rec.version);
-                pos = Some(Position {
-                    version: rec.version,
-                    droppable: false,
-                });
+                pos = Some(Position { version: rec.version, droppable: false });
                 db_version = rec.version;
             }
             V1Payload::Statements(stmts) => {
-                let kind = versions::classify(rec.version, &stmts)
-                    .map_err(|e| damaged(path, rec.offset, e))?;
-                let p = pos.unwrap_or(Position {
-                    version: 0,
-                    droppable: false,
-                });
+                let kind = versions::classify(rec.version, &stmts).map_err(|e| damaged(path, rec.offset, e))?;
+                let p = pos.unwrap_or(Position { version: 0, droppable: false });
                 if versions::decide(p, rec.version, kind) != Decision::Append {
                     return Err(damaged(
                         path,
                         rec.offset,
-                        format!(
-                            "version chain broken: version {} follows {}",
-                            rec.version, p.version
-                        ),
+                        format!("version chain broken: version {} follows {}", rec.version, p.version),
                     ));
                 }
                 summary.statements += stmts.len() as u64;
                 if kind == Kind::Transaction {
                     summary.transactions += 1;
-                    pos = Some(Position {
-                        version: rec.version,
-                        droppable: true,
-                    });
+                    pos = Some(Position { version: rec.version, droppable: true });
                 }
                 if rec.offset >= tail_from {
                     journal::encode_record(&mut tail, rec.version, kind, &stmts);
@@ -374,9 +301,7 @@ fn build(
                     if conn.is_none() {
                         conn = Some(open_build_db(tmp)?);
                     }
-                    let c = conn
-                        .as_ref()
-                        .ok_or_else(|| sql_err(tmp)(rusqlite::Error::InvalidQuery))?;
+                    let c = conn.as_ref().ok_or_else(|| sql_err(tmp)(rusqlite::Error::InvalidQuery))?;
                     let mut a = Applier::resume(c, applier_tx);
                     a.apply(kind, &stmts).map_err(|e| StoreError::Apply {
                         path: path.into(),
@@ -410,19 +335,10 @@ fn build(
         finish_db(&c, tmp, db_version)?;
         c.close().map_err(|(_, e)| sql_err(tmp)(e))?;
     }
-    Ok(Built {
-        summary,
-        tail,
-        db_version,
-        has_db,
-    })
+    Ok(Built { summary, tail, db_version, has_db })
 }
 
-pub fn restore(
-    path: &Path,
-    dest: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(PathBuf, Summary)> {
+pub fn restore(path: &Path, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(PathBuf, Summary)> {
     let started = Instant::now();
     let dest = resolve_dest(dest);
     if fs::symlink_metadata(&dest).is_ok() {
@@ -452,9 +368,7 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary
 pub fn migrate(old: &Path, new_root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
     let started = Instant::now();
     if fs::symlink_metadata(new_root).is_ok() {
-        return Err(StoreError::Exists {
-            path: new_root.into(),
-        });
+        return Err(StoreError::Exists { path: new_root.into() });
     }
     let tmp = fsutil::tmp_path(&new_root.with_extension("migrate-db"));
     let _ = fs::remove_file(&tmp);
@@ -477,9 +391,7 @@ mod tests {
     #[test]
     fn pre_4090_fixup() {
         assert_eq!(
-            fix_pre_4090(
-                "UPDATE outputs SET status=1, reserved_til=1891733WHERE prev_out_tx=x'ab'"
-            ),
+            fix_pre_4090("UPDATE outputs SET status=1, reserved_til=1891733WHERE prev_out_tx=x'ab'"),
             "UPDATE outputs SET status=1, reserved_til=1891733 WHERE prev_out_tx=x'ab'"
         );
         assert_eq!(

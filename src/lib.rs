@@ -6,11 +6,13 @@
 //! `writer`, `reader`, `restore`; rules: `versions`; durability: `fsutil`.
 
 pub mod cli;
+pub mod compact;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
 pub mod layout;
 pub mod legacy;
+pub mod options;
 pub mod plugin;
 pub mod protocol;
 pub mod reader;

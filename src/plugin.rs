@@ -10,14 +10,18 @@ use std::env;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::compact::{self, lock, Outcome};
 use crate::layout::{self, Layout};
 use crate::legacy;
+use crate::options::{self, Settings};
 use crate::protocol::{Framer, Incoming, Level, Output};
 use crate::rpc;
 use crate::stats::Latency;
@@ -38,7 +42,7 @@ struct BackupLock {
 }
 
 enum Backend {
-    Ready(Box<Writer>),
+    Ready(Arc<Mutex<Writer>>),
     Halted(String),
 }
 
@@ -50,6 +54,12 @@ pub struct Plugin {
     first_write_done: bool,
     latency: Latency,
     started: SystemTime,
+    settings: Settings,
+    initialized: bool,
+    compaction: Arc<Mutex<compact::Status>>,
+    compacting: Arc<AtomicBool>,
+    /// Automatic compaction found nothing to fold: wait until the journal reaches this.
+    auto_backoff: u64,
 }
 
 /// Runs the plugin on stdin/stdout until lightningd closes stdin.
@@ -62,10 +72,7 @@ pub fn run() -> anyhow::Result<()> {
         match msg {
             Ok(bytes) => plugin.handle(bytes),
             Err(e) => {
-                out.log(
-                    Level::Warn,
-                    &format!("cannot parse what lightningd sent ({e}); exiting"),
-                );
+                out.log(Level::Warn, &format!("cannot parse what lightningd sent ({e}); exiting"));
                 return Err(e.into());
             }
         }
@@ -83,6 +90,11 @@ impl Plugin {
             first_write_done: false,
             latency: Latency::default(),
             started: SystemTime::now(),
+            settings: Settings::default(),
+            initialized: false,
+            compaction: Arc::new(Mutex::new(compact::Status::idle())),
+            compacting: Arc::new(AtomicBool::new(false)),
+            auto_backoff: 0,
         }
     }
 
@@ -93,9 +105,7 @@ impl Plugin {
             Err(e) => {
                 self.out.log(
                     Level::Warn,
-                    &format!(
-                        "Ignoring a message from lightningd that is not a JSON-RPC object: {e}"
-                    ),
+                    &format!("Ignoring a message from lightningd that is not a JSON-RPC object: {e}"),
                 );
                 return;
             }
@@ -114,10 +124,11 @@ impl Plugin {
             "init" => self.init(id, params),
             "db_write" => self.db_write(id, params),
             "backup-status" => self.out.respond(id, &self.status()),
-            _ => {
-                self.out
-                    .respond_error(id, -32601, &format!("cln-backup has no method '{method}'"))
+            "backup-compact" => {
+                let answer = self.compact_command();
+                self.out.respond(id, &answer)
             }
+            _ => self.out.respond_error(id, -32601, &format!("cln-backup has no method '{method}'")),
         };
     }
 
@@ -130,7 +141,7 @@ impl Plugin {
             return;
         }
         self.backend = match self.try_open() {
-            Ok(w) => Backend::Ready(Box::new(w)),
+            Ok(w) => Backend::Ready(Arc::new(Mutex::new(w))),
             Err(reason) => {
                 self.out.log(Level::Warn, &reason);
                 Backend::Halted(reason)
@@ -154,7 +165,10 @@ impl Plugin {
             Err(e) => return Err(format!("Cannot read {}: {e}", lock.display())),
         };
         let bl: BackupLock = serde_json::from_str(&text).map_err(|e| {
-            format!("{} is not valid ({e}); it should hold {{\"backend_url\": \"file:///path/to/backup\"}}", lock.display())
+            format!(
+                "{} is not valid ({e}); it should hold {{\"backend_url\": \"file:///path/to/backup\"}}",
+                lock.display()
+            )
         })?;
         self.url = Some(bl.backend_url.clone());
         let root = layout::parse_url(&bl.backend_url, &self.lightning_dir)
@@ -169,27 +183,14 @@ impl Plugin {
                 self.lightning_dir.display()
             ));
         }
-        let (w, report) = Writer::open(&root).map_err(|e| {
-            format!(
-                "Cannot open the backup at {}: {}",
-                bl.backend_url,
-                e.explain()
-            )
-        })?;
+        let (w, report) = Writer::open(&root)
+            .map_err(|e| format!("Cannot open the backup at {}: {}", bl.backend_url, e.explain()))?;
         if !report.removed.is_empty() {
-            let names: Vec<_> = report
-                .removed
-                .iter()
-                .filter_map(|p| p.file_name())
-                .map(|n| n.to_string_lossy())
-                .collect();
+            let names: Vec<_> =
+                report.removed.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect();
             self.out.log(
                 Level::Info,
-                &format!(
-                    "Removed {} leftover file(s) of an interrupted compaction: {}",
-                    names.len(),
-                    names.join(", ")
-                ),
+                &format!("Removed {} leftover file(s) of an interrupted compaction: {}", names.len(), names.join(", ")),
             );
         }
         if let Some((off, len)) = report.torn_tail {
@@ -217,11 +218,18 @@ impl Plugin {
 
     fn init(&mut self, id: &RawValue, params: &str) -> io::Result<()> {
         self.open_backend();
-        self.out.respond(id, &json!({}))?;
         let params: Value = serde_json::from_str(params).unwrap_or(Value::Null);
+        match Settings::from_init(&params["options"]) {
+            Ok(s) => self.settings = s,
+            Err(e) => {
+                self.out.log(Level::Warn, &e);
+                return self.out.respond(id, &json!({ "disable": e }));
+            }
+        }
+        self.initialized = true;
+        self.out.respond(id, &json!({}))?;
         let conf = &params["configuration"];
-        if let (Some(dir), Some(file)) = (conf["lightning-dir"].as_str(), conf["rpc-file"].as_str())
-        {
+        if let (Some(dir), Some(file)) = (conf["lightning-dir"].as_str(), conf["rpc-file"].as_str()) {
             let socket = Path::new(dir).join(file);
             let out = self.out.clone();
             // Off the hook path: lightningd answers RPC only between db_write calls.
@@ -245,43 +253,40 @@ impl Plugin {
                     self.out.log(Level::Warn, &reason);
                 }
                 self.backend = Backend::Halted(reason.clone());
-                self.out.log(
-                    Level::Warn,
-                    "Refusing the db_write so that lightningd stops without committing it",
-                );
-                self.out.respond(
-                    id,
-                    &json!({"result": "halt", "reason": format!("cln-backup: {reason}")}),
-                )
+                self.out.log(Level::Warn, "Refusing the db_write so that lightningd stops without committing it");
+                self.out.respond(id, &json!({"result": "halt", "reason": format!("cln-backup: {reason}")}))
             }
         };
         self.latency.record(t0.elapsed().as_micros() as u64);
+        self.maybe_autocompact();
         r
     }
 
     fn apply(&mut self, params: &str) -> Result<(), String> {
-        let w = match &mut self.backend {
-            Backend::Ready(w) => w,
+        let writer = match &self.backend {
+            Backend::Ready(w) => w.clone(),
             Backend::Halted(reason) => return Err(reason.clone()),
         };
         if !params.trim_start().starts_with('{') {
-            return Err(format!(
-                "Malformed db_write call from lightningd: params are {params}, not an object"
-            ));
+            return Err(format!("Malformed db_write call from lightningd: params are {params}, not an object"));
         }
         let call: DbWrite = serde_json::from_str(params).map_err(|e| {
             format!("Malformed db_write call from lightningd ({e}); expected {{\"data_version\": u32, \"writes\": [SQL, ...]}}")
         })?;
+        let waited = Instant::now();
+        let mut w = lock(&writer);
+        if self.compacting.load(Ordering::Relaxed) {
+            let us = waited.elapsed().as_micros() as u64;
+            let mut st = lock(&self.compaction);
+            st.max_hook_stall_us = st.max_hook_stall_us.max(us);
+        }
         let before = w.position().version;
         match w.apply(call.data_version, &call.writes) {
             Ok(Applied::Appended) => {
                 if !self.first_write_done {
                     self.out.log(
                         Level::Info,
-                        &format!(
-                            "Versions match up: backup at {before}, lightningd sent {}",
-                            call.data_version
-                        ),
+                        &format!("Versions match up: backup at {before}, lightningd sent {}", call.data_version),
                     );
                 }
                 Ok(())
@@ -298,6 +303,78 @@ impl Plugin {
             }
             Err(refusal) => Err(refusal.to_string()),
         }
+    }
+
+    fn compact_command(&mut self) -> Value {
+        let writer = match &self.backend {
+            Backend::Ready(w) => w.clone(),
+            Backend::Halted(reason) => return json!({"result": "backup halted", "reason": reason}),
+        };
+        if self.compacting.load(Ordering::Relaxed) {
+            return json!({"result": "compaction already running", "compaction": *lock(&self.compaction)});
+        }
+        let (plan, len, records) = {
+            let w = lock(&writer);
+            (w.plan(), w.journal_len(), w.records())
+        };
+        if plan.is_none() {
+            return json!({
+                "result": "nothing to compact",
+                "reason": format!("the journal holds {records} record(s); its last transaction stays until lightningd commits the next one"),
+            });
+        }
+        self.start_compaction(writer, "requested by backup-compact".into());
+        json!({"result": "compaction started", "journal_bytes": len, "records": records})
+    }
+
+    fn maybe_autocompact(&mut self) {
+        if !self.initialized || self.compacting.load(Ordering::Relaxed) {
+            return;
+        }
+        let Backend::Ready(writer) = &self.backend else { return };
+        let (journal, snapshot) = {
+            let w = lock(writer);
+            (w.journal_len(), w.snapshot_len())
+        };
+        if journal < self.auto_backoff {
+            return;
+        }
+        if let Some(reason) = self.settings.reason_to_compact(journal, snapshot) {
+            self.auto_backoff = journal + self.settings.min_journal.max(1 << 20);
+            let writer = writer.clone();
+            self.start_compaction(writer, reason);
+        }
+    }
+
+    fn start_compaction(&mut self, writer: Arc<Mutex<Writer>>, reason: String) {
+        self.compacting.store(true, Ordering::Relaxed);
+        self.out.log(Level::Info, &format!("Starting compaction: {reason}"));
+        let (out, status, flag) = (self.out.clone(), self.compaction.clone(), self.compacting.clone());
+        std::thread::spawn(move || {
+            let log = |m: &str| out.log(Level::Info, m);
+            match compact::run_tracked(&writer, &status, &log) {
+                Ok(Outcome::Done(s)) => out.log(
+                    Level::Info,
+                    &format!(
+                        "Compaction done: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB \
+                         in {:.2} s; the final switch held db_write for {} µs",
+                        s.records_folded,
+                        s.generation,
+                        s.snapshot_version,
+                        s.before_bytes as f64 / 1e6,
+                        s.after_bytes as f64 / 1e6,
+                        s.seconds,
+                        s.switch_hold_us
+                    ),
+                ),
+                Ok(Outcome::Nothing(why)) => out.log(Level::Info, &format!("Compaction: {why}")),
+                Err(e) => out.log(
+                    Level::Warn,
+                    &format!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
+                ),
+            }
+            flag.store(false, Ordering::Relaxed);
+        });
     }
 
     pub fn status(&self) -> Value {
@@ -321,20 +398,11 @@ impl Plugin {
                 v["halt_reason"] = json!(reason);
             }
             Backend::Ready(w) => {
+                let w = lock(w);
                 let h = w.header();
                 let layout: &Layout = w.layout();
                 let journal_bytes = w.journal_len();
-                let snapshot = match h.base {
-                    crate::journal::Base::Snapshot(ver) => {
-                        let p = layout.snapshot_path(layout::GenName {
-                            generation: h.generation,
-                            base_version: ver,
-                        });
-                        let bytes = fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                        Some((p, bytes, ver))
-                    }
-                    crate::journal::Base::Empty => None,
-                };
+                let snapshot = w.snapshot_path().map(|p| (p, w.snapshot_len(), h.base.version()));
                 let mut files = vec![json!({"path": w.journal_path(), "bytes": journal_bytes})];
                 if let Some((p, bytes, _)) = &snapshot {
                     files.push(json!({"path": p, "bytes": bytes}));
@@ -348,7 +416,7 @@ impl Plugin {
                 v["latest_version"] = json!(w.position().version);
                 v["records_since_snapshot"] = json!(w.records());
                 v["last_write"] = json!(w.last_write.map(fmt_time));
-                v["compaction"] = json!({"state": "idle"});
+                v["compaction"] = json!(*lock(&self.compaction));
             }
         }
         v
@@ -357,11 +425,15 @@ impl Plugin {
 
 pub fn manifest() -> Value {
     json!({
-        "options": [],
+        "options": options::manifest_options(),
         "rpcmethods": [{
             "name": "backup-status",
             "usage": "",
-            "description": "Show the backup: destination, files and sizes, versions, hook latency, last write.",
+            "description": "Show the backup: destination, files and sizes, versions, hook latency, last write, compaction.",
+        }, {
+            "name": "backup-compact",
+            "usage": "",
+            "description": "Fold the journal into a new compressed snapshot, in the background; db_write goes on.",
         }],
         "hooks": [{"name": "db_write"}],
         "subscriptions": [],
@@ -375,10 +447,7 @@ fn check_config(out: &Output, socket: &Path) {
     let configs = match rpc::call(socket, "listconfigs", json!({})) {
         Ok(v) => v,
         Err(e) => {
-            out.log(
-                Level::Debug,
-                &format!("Could not check lightningd's configuration: {e:#}"),
-            );
+            out.log(Level::Debug, &format!("Could not check lightningd's configuration: {e:#}"));
             return;
         }
     };
@@ -399,9 +468,7 @@ fn check_config(out: &Output, socket: &Path) {
             return;
         }
     }
-    let me = env::current_exe()
-        .ok()
-        .and_then(|p| fs::canonicalize(p).ok());
+    let me = env::current_exe().ok().and_then(|p| fs::canonicalize(p).ok());
     let important = c["important-plugin"]["values_str"]
         .as_array()
         .map(|a| {
@@ -425,10 +492,7 @@ fn check_config(out: &Output, socket: &Path) {
 
 /// RFC 3339 UTC time, without a date library.
 pub fn fmt_time(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -440,12 +504,7 @@ pub fn fmt_time(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]
@@ -455,13 +514,7 @@ mod tests {
     #[test]
     fn time_format() {
         assert_eq!(fmt_time(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)),
-            "2026-11-18T11:06:40Z"
-        );
-        assert_eq!(
-            fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400 + 86_399)),
-            "2000-02-29T23:59:59Z"
-        );
+        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(1_795_000_000)), "2026-11-18T11:06:40Z");
+        assert_eq!(fmt_time(UNIX_EPOCH + std::time::Duration::from_secs(951_782_400 + 86_399)), "2000-02-29T23:59:59Z");
     }
 }

@@ -46,20 +46,14 @@ pub struct Framer<R> {
 
 impl<R: Read> Framer<R> {
     pub fn new(r: R) -> Framer<R> {
-        Framer {
-            r,
-            buf: vec![0; 1 << 16],
-            start: 0,
-            end: 0,
-        }
+        Framer { r, buf: vec![0; 1 << 16], start: 0, end: 0 }
     }
 
     /// The next whole value, None at a clean EOF, or an error for bytes that are not JSON.
     pub fn next_value(&mut self) -> Option<io::Result<&[u8]>> {
         loop {
             let avail = &self.buf[self.start..self.end];
-            let mut it =
-                serde_json::Deserializer::from_slice(avail).into_iter::<serde::de::IgnoredAny>();
+            let mut it = serde_json::Deserializer::from_slice(avail).into_iter::<serde::de::IgnoredAny>();
             match it.next() {
                 Some(Ok(_)) => {
                     let len = it.byte_offset();
@@ -69,9 +63,7 @@ impl<R: Read> Framer<R> {
                     self.start = e;
                     return Some(Ok(&self.buf[s..e]));
                 }
-                Some(Err(e)) if !e.is_eof() => {
-                    return Some(Err(io::Error::new(io::ErrorKind::InvalidData, e)))
-                }
+                Some(Err(e)) if !e.is_eof() => return Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
                 _ => {}
             }
             // Need more bytes: make room, then read.
@@ -89,10 +81,7 @@ impl<R: Read> Framer<R> {
                     if rest.iter().all(|b| b.is_ascii_whitespace()) {
                         return None;
                     }
-                    return Some(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "input ends inside a message",
-                    )));
+                    return Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "input ends inside a message")));
                 }
                 Ok(n) => self.end += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -130,9 +119,7 @@ pub struct Output {
 
 impl Output {
     pub fn new(w: Box<dyn Write + Send>) -> Output {
-        Output {
-            inner: Arc::new(Mutex::new((w, Vec::with_capacity(4096)))),
-        }
+        Output { inner: Arc::new(Mutex::new((w, Vec::with_capacity(4096)))) }
     }
 
     pub fn stdout() -> Output {
@@ -151,22 +138,12 @@ impl Output {
 
     /// Answers a request; `id` is echoed byte for byte.
     pub fn respond(&self, id: &RawValue, result: &Value) -> io::Result<()> {
-        self.send(&Response {
-            jsonrpc: "2.0",
-            id,
-            result: Some(result),
-            error: None,
-        })
+        self.send(&Response { jsonrpc: "2.0", id, result: Some(result), error: None })
     }
 
     pub fn respond_error(&self, id: &RawValue, code: i64, message: &str) -> io::Result<()> {
         let error = json!({"code": code, "message": message});
-        self.send(&Response {
-            jsonrpc: "2.0",
-            id,
-            result: None,
-            error: Some(&error),
-        })
+        self.send(&Response { jsonrpc: "2.0", id, result: None, error: Some(&error) })
     }
 
     pub fn log(&self, level: Level, message: &str) {
@@ -200,9 +177,7 @@ mod tests {
         // byte-sized ones, so the big message goes with realistic read sizes.
         for (step, size) in [(1, 3000), (7, 3000), (4096, 200_000), (1 << 20, 200_000)] {
             let big = "x".repeat(size);
-            let input = format!(
-                "{{\"a\": 1}}\n\n {{\"id\": \"cli:x#1/cln:y#2\", \"s\": \"{big}\"}}\n\n[1,2]\n\n"
-            );
+            let input = format!("{{\"a\": 1}}\n\n {{\"id\": \"cli:x#1/cln:y#2\", \"s\": \"{big}\"}}\n\n[1,2]\n\n");
             let mut f = Framer::new(Trickle(input.as_bytes(), step));
             assert_eq!(f.next_value().unwrap().unwrap(), br#"{"a": 1}"#);
             let v: Value = serde_json::from_slice(f.next_value().unwrap().unwrap()).unwrap();
@@ -211,14 +186,8 @@ mod tests {
             assert!(f.next_value().is_none());
         }
         let mut f = Framer::new(Trickle(b"{\"a\": }", 3));
-        assert_eq!(
-            f.next_value().unwrap().unwrap_err().kind(),
-            io::ErrorKind::InvalidData
-        );
+        assert_eq!(f.next_value().unwrap().unwrap_err().kind(), io::ErrorKind::InvalidData);
         let mut f = Framer::new(Trickle(b"{\"a\": 1", 3));
-        assert_eq!(
-            f.next_value().unwrap().unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(f.next_value().unwrap().unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -43,8 +43,7 @@ impl View {
             };
             let journal = JournalReader::from_file(&listing.journal, jfile)?;
             let header = journal.header;
-            if header.generation != listing.current.generation
-                || header.base.version() != listing.current.base_version
+            if header.generation != listing.current.generation || header.base.version() != listing.current.base_version
             {
                 return Err(StoreError::Damaged {
                     path: listing.journal.clone(),
@@ -58,13 +57,7 @@ impl View {
                     what: "the journal's snapshot is missing".into(),
                 });
             }
-            return Ok(View {
-                layout,
-                listing,
-                header,
-                snapshot,
-                journal,
-            });
+            return Ok(View { layout, listing, header, snapshot, journal });
         }
         Err(StoreError::Invalid {
             path: root.into(),
@@ -74,11 +67,7 @@ impl View {
 
     /// Bytes a full read covers (compressed snapshot and journal).
     pub fn total_bytes(&self) -> u64 {
-        let snap = self
-            .snapshot
-            .as_ref()
-            .and_then(|(_, f)| f.metadata().ok())
-            .map_or(0, |m| m.len());
+        let snap = self.snapshot.as_ref().and_then(|(_, f)| f.metadata().ok()).map_or(0, |m| m.len());
         snap + self.journal.len()
     }
 }

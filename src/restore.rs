@@ -53,20 +53,12 @@ pub struct Applier<'c> {
 
 impl<'c> Applier<'c> {
     pub fn new(conn: &'c Connection) -> Applier<'c> {
-        Applier {
-            conn,
-            in_tx: false,
-            statements: 0,
-        }
+        Applier { conn, in_tx: false, statements: 0 }
     }
 
     /// Continues on a connection whose transaction an earlier applier left open.
     pub fn resume(conn: &'c Connection, in_tx: bool) -> Applier<'c> {
-        Applier {
-            conn,
-            in_tx,
-            statements: 0,
-        }
+        Applier { conn, in_tx, statements: 0 }
     }
 
     pub fn in_transaction(&self) -> bool {
@@ -110,10 +102,7 @@ pub fn open_build_db(path: &Path) -> Result<Connection> {
 }
 
 pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |e| StoreError::Invalid {
-        path: path.into(),
-        what: format!("SQLite: {e}"),
-    }
+    move |e| StoreError::Invalid { path: path.into(), what: format!("SQLite: {e}") }
 }
 
 /// Reads every journal record of a view in order, checking checksums and the version chain.
@@ -123,27 +112,20 @@ pub fn for_each_record(
     mut f: impl FnMut(&Record, Vec<&str>) -> Result<()>,
     progress: &mut dyn FnMut(u64),
 ) -> Result<()> {
-    let mut pos = Position {
-        version: view.header.base.version(),
-        droppable: false,
-    };
+    let mut pos = Position { version: view.header.base.version(), droppable: false };
     let path = view.journal.path().to_path_buf();
     while let Some(rec) = view.journal.next_record()? {
         check_chain(&path, pos, &rec)?;
-        let stmts =
-            journal::decode_statements(&rec.payload).map_err(|what| StoreError::Damaged {
-                path: path.clone(),
-                offset: rec.offset,
-                what,
-            })?;
+        let stmts = journal::decode_statements(&rec.payload).map_err(|what| StoreError::Damaged {
+            path: path.clone(),
+            offset: rec.offset,
+            what,
+        })?;
         summary.records += 1;
         summary.statements += stmts.len() as u64;
         if rec.kind == Kind::Transaction {
             summary.transactions += 1;
-            pos = Position {
-                version: rec.data_version,
-                droppable: true,
-            };
+            pos = Position { version: rec.data_version, droppable: true };
         }
         f(&rec, stmts)?;
         progress(rec.end());
@@ -155,11 +137,7 @@ pub fn for_each_record(
 
 /// Restores the backup at `root` into `dest` (a new file, or a directory to put
 /// lightningd.sqlite3 in). Built in a temp file, checked, then linked into place.
-pub fn restore(
-    root: &Path,
-    dest: &Path,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<(PathBuf, Summary)> {
+pub fn restore(root: &Path, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(PathBuf, Summary)> {
     if crate::legacy::is_v1_file(root) {
         return crate::legacy::restore(root, dest, progress);
     }
@@ -170,11 +148,7 @@ pub fn restore(
     }
     let mut view = View::open(root)?;
     let total = view.total_bytes();
-    let mut summary = Summary {
-        generation: view.header.generation,
-        bytes: total,
-        ..Default::default()
-    };
+    let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
     fsutil::write_atomic(&dest, false, |file, tmp| {
         let result = build(&mut view, file, tmp, &mut summary, total, progress);
         for side in ["-journal", "-wal", "-shm"] {
@@ -228,14 +202,12 @@ fn build(
         view,
         summary,
         |rec, stmts| {
-            applier
-                .apply(rec.kind, &stmts)
-                .map_err(|e| StoreError::Apply {
-                    path: jpath.clone(),
-                    offset: rec.offset,
-                    version: rec.data_version,
-                    what: e.to_string(),
-                })
+            applier.apply(rec.kind, &stmts).map_err(|e| StoreError::Apply {
+                path: jpath.clone(),
+                offset: rec.offset,
+                version: rec.data_version,
+                what: e.to_string(),
+            })
         },
         &mut |n| progress(snap_len + n, total),
     )?;
@@ -247,24 +219,13 @@ fn build(
 /// Final checks of a rebuilt database: a plain file (no WAL), intact, at the expected version.
 pub fn finish_db(conn: &Connection, path: &Path, version: u32) -> Result<()> {
     let e = sql_err(path);
-    conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
-        .map_err(&e)?;
-    let check: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .map_err(&e)?;
+    conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(&e)?;
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(&e)?;
     if check != "ok" {
-        return Err(StoreError::Invalid {
-            path: path.into(),
-            what: format!("integrity check failed: {check}"),
-        });
+        return Err(StoreError::Invalid { path: path.into(), what: format!("integrity check failed: {check}") });
     }
-    let dv: Option<i64> = conn
-        .query_row(
-            "SELECT intval FROM vars WHERE name = 'data_version'",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(&e)?;
+    let dv: Option<i64> =
+        conn.query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0)).map_err(&e)?;
     if dv != Some(version as i64) {
         return Err(StoreError::Invalid {
             path: path.into(),
@@ -282,20 +243,14 @@ pub fn verify(root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary
     let started = Instant::now();
     let mut view = View::open(root)?;
     let total = view.total_bytes();
-    let mut summary = Summary {
-        generation: view.header.generation,
-        bytes: total,
-        ..Default::default()
-    };
+    let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
     let mut snap_len = 0;
     if let Some((p, f)) = view.snapshot.as_mut() {
         snap_len = f.metadata().map_err(StoreError::io("stat", &*p))?.len();
         let h = snapshot::extract(p, f, &mut io::sink(), &mut |n| progress(n, total))?;
         summary.snapshot_version = Some(h.data_version);
     }
-    for_each_record(&mut view, &mut summary, |_, _| Ok(()), &mut |n| {
-        progress(snap_len + n, total)
-    })?;
+    for_each_record(&mut view, &mut summary, |_, _| Ok(()), &mut |n| progress(snap_len + n, total))?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }

@@ -10,20 +10,15 @@ use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
 pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value> {
-    let mut s =
-        UnixStream::connect(socket).with_context(|| format!("connect to {}", socket.display()))?;
+    let mut s = UnixStream::connect(socket).with_context(|| format!("connect to {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let req = json!({"jsonrpc": "2.0", "id": format!("cln-backup:{method}#1"), "method": method, "params": params});
     s.write_all(serde_json::to_string(&req)?.as_bytes())?;
-    let resp = crate::protocol::messages(&s)
-        .next()
-        .ok_or_else(|| anyhow!("lightningd closed the RPC socket"))??;
+    let resp = crate::protocol::messages(&s).next().ok_or_else(|| anyhow!("lightningd closed the RPC socket"))??;
     if let Some(e) = resp.get("error") {
         return Err(anyhow!("{method} failed: {e}"));
     }
-    resp.get("result")
-        .cloned()
-        .ok_or_else(|| anyhow!("{method}: answer without result"))
+    resp.get("result").cloned().ok_or_else(|| anyhow!("{method}: answer without result"))
 }
 
 /// True when something answers on the RPC socket: lightningd is running on that dir.

@@ -36,11 +36,8 @@ impl TraceRecord {
 
 /// Reads a trace: one JSON record per line, gzip-compressed or not.
 pub fn read_trace(bytes: &[u8]) -> Result<Vec<TraceRecord>> {
-    let reader: Box<dyn Read + '_> = if bytes.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(bytes))
-    } else {
-        Box::new(bytes)
-    };
+    let reader: Box<dyn Read + '_> =
+        if bytes.starts_with(&[0x1f, 0x8b]) { Box::new(flate2::read::GzDecoder::new(bytes)) } else { Box::new(bytes) };
     let mut out = vec![];
     for (i, line) in BufReader::new(reader).lines().enumerate() {
         let line = line.context("reading trace")?;
@@ -95,7 +92,17 @@ struct DbWriteParams<'a> {
 impl PluginProc {
     /// Starts `bin` as lightningd would: cwd = the lightning dir, LIGHTNINGD_PLUGIN=1.
     pub fn spawn(bin: &Path, lightning_dir: &Path, args: &[&str]) -> Result<PluginProc> {
+        PluginProc::spawn_with_env(bin, lightning_dir, args, &[])
+    }
+
+    pub fn spawn_with_env(
+        bin: &Path,
+        lightning_dir: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<PluginProc> {
         let mut child = Command::new(bin)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .args(args)
             .current_dir(lightning_dir)
             .env("LIGHTNINGD_PLUGIN", "1")
@@ -120,10 +127,7 @@ impl PluginProc {
                     if echo {
                         eprintln!("plugin {level}: {text}");
                     }
-                    logs2
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((level, text));
+                    logs2.lock().unwrap_or_else(|p| p.into_inner()).push((level, text));
                 } else if tx.send((msg, Instant::now())).is_err() {
                     break;
                 }
@@ -147,10 +151,7 @@ impl PluginProc {
 
     fn send_raw(&mut self) -> Result<()> {
         self.buf.extend_from_slice(b"\n\n");
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("stdin already closed"))?;
+        let stdin = self.stdin.as_mut().ok_or_else(|| anyhow!("stdin already closed"))?;
         stdin.write_all(&self.buf).context("write to plugin")?;
         stdin.flush()?;
         Ok(())
@@ -187,10 +188,7 @@ impl PluginProc {
         self.next_id += 1;
         let id = format!("{prefix}:{method}#{}", self.next_id);
         self.buf.clear();
-        serde_json::to_writer(
-            &mut self.buf,
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
-        )?;
+        serde_json::to_writer(&mut self.buf, &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))?;
         self.send_raw()?;
         self.wait_for(&id)
     }
@@ -209,10 +207,7 @@ impl PluginProc {
             jsonrpc: "2.0",
             id: id.clone(),
             method: "db_write",
-            params: DbWriteParams {
-                data_version,
-                writes,
-            },
+            params: DbWriteParams { data_version, writes },
         };
         serde_json::to_writer(&mut self.buf, &req)?;
         self.send_raw()?;
@@ -229,19 +224,17 @@ impl PluginProc {
     }
 
     pub fn getmanifest(&mut self) -> Result<Value> {
-        let v = self.request(
-            "cln",
-            "getmanifest",
-            json!({"allow-deprecated-apis": false}),
-        )?;
-        v.get("result")
-            .cloned()
-            .ok_or_else(|| anyhow!("getmanifest: {v}"))
+        let v = self.request("cln", "getmanifest", json!({"allow-deprecated-apis": false}))?;
+        v.get("result").cloned().ok_or_else(|| anyhow!("getmanifest: {v}"))
     }
 
     pub fn init(&mut self, lightning_dir: &Path) -> Result<Value> {
+        self.init_with(lightning_dir, json!({}))
+    }
+
+    pub fn init_with(&mut self, lightning_dir: &Path, options: Value) -> Result<Value> {
         let params = json!({
-            "options": {},
+            "options": options,
             "configuration": {
                 "lightning-dir": lightning_dir,
                 "rpc-file": "lightning-rpc",
@@ -255,14 +248,8 @@ impl PluginProc {
 
     /// A command passed through from lightning-cli, with lightningd's composite id.
     pub fn cli(&mut self, method: &str, params: Value) -> Result<Value> {
-        let v = self.request(
-            &format!("cli:{method}#{}/cln", self.next_id + 28000),
-            method,
-            params,
-        )?;
-        v.get("result")
-            .cloned()
-            .ok_or_else(|| anyhow!("{method}: {v}"))
+        let v = self.request(&format!("cli:{method}#{}/cln", self.next_id + 28000), method, params)?;
+        v.get("result").cloned().ok_or_else(|| anyhow!("{method}: {v}"))
     }
 
     pub fn logs(&self) -> Vec<(String, String)> {
@@ -315,6 +302,10 @@ pub struct Node {
     pub initialized: bool,
     /// Round trip of each db_write, as lightningd waits for it.
     pub hook_times: Vec<Duration>,
+    /// The plugin's options, as lightningd passes them in init.
+    pub options: Value,
+    /// Extra environment for the plugin process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -329,19 +320,19 @@ impl Node {
             plugin: None,
             initialized: false,
             hook_times: vec![],
+            options: json!({}),
+            env: vec![],
         })
     }
 
     pub fn plugin(&mut self) -> Result<&mut PluginProc> {
-        self.plugin
-            .as_mut()
-            .ok_or_else(|| anyhow!("plugin not running"))
+        self.plugin.as_mut().ok_or_else(|| anyhow!("plugin not running"))
     }
 
     /// Starts the plugin and sends getmanifest, as lightningd does at startup.
     pub fn start(&mut self) -> Result<()> {
         self.stop()?;
-        let mut p = PluginProc::spawn(&self.bin, &self.dir, &["--developer"])?;
+        let mut p = PluginProc::spawn_with_env(&self.bin, &self.dir, &["--developer"], &self.env)?;
         let m = p.getmanifest()?;
         if m["hooks"][0]["name"] != "db_write" || m["dynamic"] != false {
             bail!("unexpected manifest: {m}");
@@ -352,8 +343,8 @@ impl Node {
     }
 
     pub fn init(&mut self) -> Result<()> {
-        let dir = self.dir.clone();
-        let v = self.plugin()?.init(&dir)?;
+        let (dir, options) = (self.dir.clone(), self.options.clone());
+        let v = self.plugin()?.init_with(&dir, options)?;
         if v["result"] != json!({}) {
             bail!("init answered {v}");
         }
@@ -382,9 +373,7 @@ impl Node {
             self.db.execute_batch("BEGIN")?;
         }
         for w in &rec.writes {
-            self.db
-                .execute_batch(w)
-                .with_context(|| format!("node db: {w}"))?;
+            self.db.execute_batch(w).with_context(|| format!("node db: {w}"))?;
         }
         let t0 = Instant::now();
         let answer = self.plugin()?.db_write(rec.data_version, &rec.writes);
@@ -403,11 +392,7 @@ impl Node {
 
     /// Replays records, restarting the plugin where the trace shows lightningd restarting.
     /// Stops at the first halt and returns its index and answer.
-    pub fn replay(
-        &mut self,
-        trace: &[TraceRecord],
-        range: std::ops::Range<usize>,
-    ) -> Result<Option<(usize, Value)>> {
+    pub fn replay(&mut self, trace: &[TraceRecord], range: std::ops::Range<usize>) -> Result<Option<(usize, Value)>> {
         for i in range {
             let rec = &trace[i];
             if self.plugin.is_none() || (rec.before_init && i > 0 && !trace[i - 1].before_init) {
@@ -420,16 +405,27 @@ impl Node {
         Ok(None)
     }
 
+    /// Runs a record on the node's database with no plugin (lightningd without cln-backup).
+    pub fn run_without_plugin(&self, rec: &TraceRecord) -> Result<()> {
+        let tx = rec.kind() == Kind::Transaction;
+        if tx {
+            self.db.execute_batch("BEGIN")?;
+        }
+        for w in &rec.writes {
+            self.db.execute_batch(w).with_context(|| format!("node db: {w}"))?;
+        }
+        if tx {
+            self.db.execute_batch("COMMIT")?;
+        }
+        Ok(())
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.join("lightningd.sqlite3")
     }
 
     pub fn data_version(&self) -> Result<u32> {
-        Ok(self.db.query_row(
-            "SELECT intval FROM vars WHERE name = 'data_version'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )? as u32)
+        Ok(self.db.query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get::<_, i64>(0))? as u32)
     }
 }
 
@@ -445,21 +441,9 @@ pub fn compare_databases(a: &Path, b: &Path) -> Result<(usize, usize)> {
     };
     let (sa, sb) = (schema(&ca)?, schema(&cb)?);
     if sa != sb {
-        let only_a: Vec<_> = sa
-            .iter()
-            .filter(|x| !sb.contains(x))
-            .map(|x| &x.1)
-            .collect();
-        let only_b: Vec<_> = sb
-            .iter()
-            .filter(|x| !sa.contains(x))
-            .map(|x| &x.1)
-            .collect();
-        bail!(
-            "schemas differ: only in {}: {only_a:?}; only in {}: {only_b:?}",
-            a.display(),
-            b.display()
-        );
+        let only_a: Vec<_> = sa.iter().filter(|x| !sb.contains(x)).map(|x| &x.1).collect();
+        let only_b: Vec<_> = sb.iter().filter(|x| !sa.contains(x)).map(|x| &x.1).collect();
+        bail!("schemas differ: only in {}: {only_a:?}; only in {}: {only_b:?}", a.display(), b.display());
     }
     let rows = |c: &Connection, t: &str| -> Result<Vec<String>> {
         let mut s = c.prepare(&format!("SELECT * FROM \"{}\"", t.replace('"', "\"\"")))?;
@@ -477,24 +461,12 @@ pub fn compare_databases(a: &Path, b: &Path) -> Result<(usize, usize)> {
         Ok(out)
     };
     let mut total = 0;
-    let tables: Vec<_> = sa
-        .iter()
-        .filter(|x| x.0 == "table")
-        .map(|x| x.1.clone())
-        .collect();
+    let tables: Vec<_> = sa.iter().filter(|x| x.0 == "table").map(|x| x.1.clone()).collect();
     for t in &tables {
         let (ra, rb) = (rows(&ca, t)?, rows(&cb, t)?);
         if ra != rb {
-            let diff = ra
-                .iter()
-                .find(|r| !rb.contains(r))
-                .or_else(|| rb.iter().find(|r| !ra.contains(r)));
-            bail!(
-                "table {t} differs: {} rows vs {}; first difference: {:?}",
-                ra.len(),
-                rb.len(),
-                diff
-            );
+            let diff = ra.iter().find(|r| !rb.contains(r)).or_else(|| rb.iter().find(|r| !ra.contains(r)));
+            bail!("table {t} differs: {} rows vs {}; first difference: {:?}", ra.len(), rb.len(), diff);
         }
         total += ra.len();
     }

@@ -55,10 +55,7 @@ impl SnapshotHeader {
 
     fn decode(path: &Path, h: &[u8; HEADER_LEN as usize]) -> Result<SnapshotHeader> {
         if &h[0..8] != MAGIC {
-            return Err(StoreError::NotBackup {
-                path: path.into(),
-                what: "not a snapshot (wrong magic bytes)".into(),
-            });
+            return Err(StoreError::NotBackup { path: path.into(), what: "not a snapshot (wrong magic bytes)".into() });
         }
         let u32at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         let u64at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default());
@@ -68,10 +65,7 @@ impl SnapshotHeader {
         if u32at(8) != FORMAT {
             return Err(StoreError::NotBackup {
                 path: path.into(),
-                what: format!(
-                    "snapshot format {}, this build reads {FORMAT}: upgrade cln-backup",
-                    u32at(8)
-                ),
+                what: format!("snapshot format {}, this build reads {FORMAT}: upgrade cln-backup", u32at(8)),
             });
         }
         Ok(SnapshotHeader {
@@ -85,11 +79,7 @@ impl SnapshotHeader {
 }
 
 fn damaged(path: &Path, offset: u64, what: &str) -> StoreError {
-    StoreError::Damaged {
-        path: path.into(),
-        offset,
-        what: what.into(),
-    }
+    StoreError::Damaged { path: path.into(), offset, what: what.into() }
 }
 
 /// Counts and checksums what passes through.
@@ -126,23 +116,13 @@ pub fn write(dest: &Path, generation: u64, data_version: u32, db: &Path) -> Resu
     let mut header = None;
     fsutil::write_atomic(dest, false, |f, tmp| {
         let io = StoreError::io("write snapshot", tmp);
-        f.write_all(&[0u8; HEADER_LEN as usize])
-            .map_err(StoreError::io("write snapshot", tmp))?;
-        let mut input = Crc {
-            inner: BufReader::with_capacity(1 << 20, &src),
-            crc: 0,
-            len: 0,
-        };
+        f.write_all(&[0u8; HEADER_LEN as usize]).map_err(StoreError::io("write snapshot", tmp))?;
+        let mut input = Crc { inner: BufReader::with_capacity(1 << 20, &src), crc: 0, len: 0 };
         let out = BufWriter::with_capacity(1 << 20, &mut *f);
-        let mut enc = zstd::stream::Encoder::new(out, ZSTD_LEVEL)
-            .map_err(StoreError::io("start zstd", tmp))?;
+        let mut enc = zstd::stream::Encoder::new(out, ZSTD_LEVEL).map_err(StoreError::io("start zstd", tmp))?;
         io::copy(&mut input, &mut enc).map_err(StoreError::io("compress snapshot", tmp))?;
-        enc.finish()
-            .and_then(|mut w| w.flush())
-            .map_err(StoreError::io("write snapshot", tmp))?;
-        let total = f
-            .seek(SeekFrom::End(0))
-            .map_err(StoreError::io("seek", tmp))?;
+        enc.finish().and_then(|mut w| w.flush()).map_err(StoreError::io("write snapshot", tmp))?;
+        let total = f.seek(SeekFrom::End(0)).map_err(StoreError::io("seek", tmp))?;
         let h = SnapshotHeader {
             generation,
             data_version,
@@ -155,16 +135,12 @@ pub fn write(dest: &Path, generation: u64, data_version: u32, db: &Path) -> Resu
         header = Some(h);
         Ok(())
     })?;
-    header.ok_or_else(|| StoreError::Invalid {
-        path: dest.into(),
-        what: "snapshot not written".into(),
-    })
+    header.ok_or_else(|| StoreError::Invalid { path: dest.into(), what: "snapshot not written".into() })
 }
 
 pub fn read_header(path: &Path, file: &mut File) -> Result<SnapshotHeader> {
     let mut h = [0u8; HEADER_LEN as usize];
-    file.seek(SeekFrom::Start(0))
-        .map_err(StoreError::io("seek", path))?;
+    file.seek(SeekFrom::Start(0)).map_err(StoreError::io("seek", path))?;
     file.read_exact(&mut h).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             damaged(path, 0, "snapshot shorter than its header")
@@ -189,10 +165,7 @@ pub fn extract(
         return Err(damaged(
             path,
             len.min(HEADER_LEN + h.compressed_len),
-            &format!(
-                "snapshot is {len} bytes, its header says {}",
-                HEADER_LEN + h.compressed_len
-            ),
+            &format!("snapshot is {len} bytes, its header says {}", HEADER_LEN + h.compressed_len),
         ));
     }
     struct Progress<'a, R> {
@@ -208,37 +181,17 @@ pub fn extract(
             Ok(k)
         }
     }
-    let input = BufReader::with_capacity(
-        1 << 20,
-        Progress {
-            inner: &mut *file,
-            n: 0,
-            f: progress,
-        },
-    );
-    let mut dec =
-        zstd::stream::Decoder::with_buffer(input).map_err(StoreError::io("start zstd", path))?;
-    let mut sink = Crc {
-        inner: out,
-        crc: 0,
-        len: 0,
-    };
+    let input = BufReader::with_capacity(1 << 20, Progress { inner: &mut *file, n: 0, f: progress });
+    let mut dec = zstd::stream::Decoder::with_buffer(input).map_err(StoreError::io("start zstd", path))?;
+    let mut sink = Crc { inner: out, crc: 0, len: 0 };
     io::copy(&mut dec, &mut sink).map_err(|e| match e.kind() {
         io::ErrorKind::Other | io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => {
-            damaged(
-                path,
-                HEADER_LEN,
-                &format!("compressed database does not decode: {e}"),
-            )
+            damaged(path, HEADER_LEN, &format!("compressed database does not decode: {e}"))
         }
         _ => StoreError::io("extract snapshot", path)(e),
     })?;
     if sink.len != h.raw_len || sink.crc != h.raw_crc {
-        return Err(damaged(
-            path,
-            HEADER_LEN,
-            "decompressed database fails its size or checksum",
-        ));
+        return Err(damaged(path, HEADER_LEN, "decompressed database fails its size or checksum"));
     }
     Ok(h)
 }
@@ -251,53 +204,28 @@ mod tests {
     fn roundtrip_and_damage() {
         let d = tempfile::tempdir().unwrap();
         let db = d.path().join("db");
-        let data: Vec<u8> = (0..200_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect();
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
         std::fs::write(&db, &data).unwrap();
         let snap = d.path().join("s");
         let h = write(&snap, 4, 77, &db).unwrap();
-        assert_eq!(
-            (h.generation, h.data_version, h.raw_len),
-            (4, 77, data.len() as u64)
-        );
+        assert_eq!((h.generation, h.data_version, h.raw_len), (4, 77, data.len() as u64));
         assert!(h.compressed_len < data.len() as u64 / 4);
         let mut out = vec![];
-        let h2 = extract(
-            &snap,
-            &mut File::open(&snap).unwrap(),
-            &mut out,
-            &mut |_| {},
-        )
-        .unwrap();
+        let h2 = extract(&snap, &mut File::open(&snap).unwrap(), &mut out, &mut |_| {}).unwrap();
         assert_eq!(h, h2);
         assert_eq!(out, data);
         // refuses to overwrite
-        assert!(matches!(
-            write(&snap, 4, 77, &db),
-            Err(StoreError::Exists { .. })
-        ));
+        assert!(matches!(write(&snap, 4, 77, &db), Err(StoreError::Exists { .. })));
         let good = std::fs::read(&snap).unwrap();
         for i in [5usize, 30, 70, good.len() / 2, good.len() - 1] {
             let mut bad = good.clone();
             bad[i] ^= 0x10;
             std::fs::write(&snap, &bad).unwrap();
-            let r = extract(
-                &snap,
-                &mut File::open(&snap).unwrap(),
-                &mut io::sink(),
-                &mut |_| {},
-            );
+            let r = extract(&snap, &mut File::open(&snap).unwrap(), &mut io::sink(), &mut |_| {});
             assert!(r.is_err(), "flip at {i} went unnoticed");
         }
         std::fs::write(&snap, &good[..good.len() - 10]).unwrap();
-        let e = extract(
-            &snap,
-            &mut File::open(&snap).unwrap(),
-            &mut io::sink(),
-            &mut |_| {},
-        )
-        .unwrap_err();
+        let e = extract(&snap, &mut File::open(&snap).unwrap(), &mut io::sink(), &mut |_| {}).unwrap_err();
         assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
     }
 }
@@ -306,31 +234,20 @@ mod tests {
 /// in its `-wal` count) and returns the copy's data_version.
 pub fn copy_live_database(db: &Path, tmp: &Path) -> Result<u32> {
     use rusqlite::{Connection, OpenFlags};
-    let err = |e: rusqlite::Error| StoreError::Invalid {
-        path: db.into(),
-        what: format!("SQLite: {e}"),
-    };
+    let err = |e: rusqlite::Error| StoreError::Invalid { path: db.into(), what: format!("SQLite: {e}") };
     let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
     let mut dst = Connection::open(tmp).map_err(err)?;
     rusqlite::backup::Backup::new(&src, &mut dst)
         .and_then(|b| b.run_to_completion(4096, std::time::Duration::ZERO, None))
         .map_err(err)?;
-    dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))
-        .map_err(err)?;
+    dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(err)?;
     let dv: Option<i64> = dst
-        .query_row(
-            "SELECT intval FROM vars WHERE name = 'data_version'",
-            [],
-            |r| r.get(0),
-        )
+        .query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0))
         .map_err(|e| StoreError::Invalid {
             path: db.into(),
             what: format!("not a lightningd database (no data_version in its vars table): {e}"),
         })?;
-    let dv = dv.ok_or_else(|| StoreError::Invalid {
-        path: db.into(),
-        what: "data_version is NULL".into(),
-    })?;
+    let dv = dv.ok_or_else(|| StoreError::Invalid { path: db.into(), what: "data_version is NULL".into() })?;
     dst.close().map_err(|(_, e)| err(e))?;
     Ok(dv as u32)
 }

@@ -13,12 +13,7 @@ pub struct Latency {
 
 impl Default for Latency {
     fn default() -> Self {
-        Latency {
-            counts: vec![0; SUB * GROUPS],
-            count: 0,
-            max_us: 0,
-            sum_us: 0,
-        }
+        Latency { counts: vec![0; SUB * GROUPS], count: 0, max_us: 0, sum_us: 0 }
     }
 }
 
@@ -81,10 +76,7 @@ mod tests {
             assert!((got - want).abs() / want < 0.04, "q{q}: {got} vs {want}");
         }
         assert_eq!(l.max_us, 10_000);
-        assert_eq!(
-            l.quantile(1.0),
-            10_000u64.min(bucket_value(bucket(10_000))).max(9_728)
-        );
+        assert_eq!(l.quantile(1.0), 10_000u64.min(bucket_value(bucket(10_000))).max(9_728));
         for v in [0u64, 1, 31, 32, 33, 1000, 123_456, u64::MAX / 2] {
             assert!(bucket_value(bucket(v)) <= v);
         }

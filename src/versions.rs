@@ -17,20 +17,14 @@
 
 use crate::journal::Kind;
 
-const BUMP_PREFIX: &str =
-    "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = ";
+const BUMP_PREFIX: &str = "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = ";
 
 /// What a call is, from its statements; an error if its bump disagrees with its version.
 pub fn classify<S: AsRef<str>>(data_version: u32, writes: &[S]) -> Result<Kind, String> {
     let Some(last) = writes.last() else {
         return Err("db_write call with no statements".into());
     };
-    let Some(n) = last
-        .as_ref()
-        .trim_end()
-        .trim_end_matches(';')
-        .strip_prefix(BUMP_PREFIX)
-    else {
+    let Some(n) = last.as_ref().trim_end().trim_end_matches(';').strip_prefix(BUMP_PREFIX) else {
         return Ok(Kind::Outside);
     };
     match n.trim().parse::<u32>() {
@@ -84,15 +78,9 @@ pub fn decide(pos: Position, data_version: u32, kind: Kind) -> Decision {
     } else if pos.droppable && base == l.wrapping_sub(1) {
         Decision::ReplaceLast
     } else if base.wrapping_sub(l) < 1 << 31 {
-        Decision::OutOfDate {
-            node: base,
-            backup: l,
-        }
+        Decision::OutOfDate { node: base, backup: l }
     } else {
-        Decision::LostState {
-            node: base,
-            backup: l,
-        }
+        Decision::LostState { node: base, backup: l }
     }
 }
 
@@ -131,10 +119,7 @@ mod tests {
     #[test]
     fn classify_calls() {
         assert_eq!(classify(5, &["INSERT", &bump(4)]), Ok(Kind::Transaction));
-        assert_eq!(
-            classify(5, &["PRAGMA foreign_keys = OFF;"]),
-            Ok(Kind::Outside)
-        );
+        assert_eq!(classify(5, &["PRAGMA foreign_keys = OFF;"]), Ok(Kind::Outside));
         assert_eq!(classify(0, &[bump(u32::MAX)]), Ok(Kind::Transaction));
         assert!(classify(5, &[bump(7)]).unwrap_err().contains("disagree"));
         assert!(classify::<&str>(5, &[]).is_err());
@@ -142,10 +127,7 @@ mod tests {
 
     #[test]
     fn rules() {
-        let at = |v, droppable| Position {
-            version: v,
-            droppable,
-        };
+        let at = |v, droppable| Position { version: v, droppable };
         use Decision::*;
         use Kind::*;
         assert_eq!(decide(at(7, true), 8, Transaction), Append);
@@ -153,41 +135,14 @@ mod tests {
         assert_eq!(decide(at(7, true), 7, Transaction), ReplaceLast);
         // after a restart, a migration pragma comes at the node's committed version
         assert_eq!(decide(at(7, true), 6, Outside), ReplaceLast);
-        assert_eq!(
-            decide(at(7, false), 7, Transaction),
-            LostState { node: 6, backup: 7 }
-        );
-        assert_eq!(
-            decide(at(7, true), 5, Transaction),
-            LostState { node: 4, backup: 7 }
-        );
-        assert_eq!(
-            decide(at(7, true), 10, Transaction),
-            OutOfDate { node: 9, backup: 7 }
-        );
+        assert_eq!(decide(at(7, false), 7, Transaction), LostState { node: 6, backup: 7 });
+        assert_eq!(decide(at(7, true), 5, Transaction), LostState { node: 4, backup: 7 });
+        assert_eq!(decide(at(7, true), 10, Transaction), OutOfDate { node: 9, backup: 7 });
         // wrap-around
         assert_eq!(decide(at(u32::MAX, true), 0, Transaction), Append);
-        assert_eq!(
-            decide(at(u32::MAX, true), 5, Transaction),
-            OutOfDate {
-                node: 4,
-                backup: u32::MAX
-            }
-        );
-        assert_eq!(
-            decide(at(2, true), u32::MAX, Transaction),
-            LostState {
-                node: u32::MAX - 1,
-                backup: 2
-            }
-        );
-        assert!(OutOfDate { node: 9, backup: 7 }
-            .halt_message()
-            .unwrap()
-            .starts_with("Backup is out of date"));
-        assert!(LostState { node: 4, backup: 7 }
-            .halt_message()
-            .unwrap()
-            .contains("lost some state"));
+        assert_eq!(decide(at(u32::MAX, true), 5, Transaction), OutOfDate { node: 4, backup: u32::MAX });
+        assert_eq!(decide(at(2, true), u32::MAX, Transaction), LostState { node: u32::MAX - 1, backup: 2 });
+        assert!(OutOfDate { node: 9, backup: 7 }.halt_message().unwrap().starts_with("Backup is out of date"));
+        assert!(LostState { node: 4, backup: 7 }.halt_message().unwrap().contains("lost some state"));
     }
 }

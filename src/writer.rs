@@ -65,6 +65,34 @@ pub struct Writer {
     pub last_write: Option<SystemTime>,
     /// Set after a failed write: the file's tail is unknown until reopened.
     poisoned: bool,
+    /// How many times a transaction was dropped (bytes after its offset changed).
+    truncations: u64,
+    snapshot_bytes: u64,
+}
+
+/// What a compaction may fold: everything before the last transaction, which stays in the
+/// journal until lightningd is known to have committed it. Those bytes never change.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub generation: u64,
+    pub base: Base,
+    pub journal: PathBuf,
+    pub snapshot: Option<PathBuf>,
+    pub fold_end: u64,
+    pub truncations: u64,
+}
+
+/// A new generation, built and pre-copied outside the writer's lock.
+pub struct NextGeneration {
+    pub header: Header,
+    /// The new journal's temp file: header plus old bytes [fold_end, copied_to).
+    pub tmp: File,
+    pub tmp_path: PathBuf,
+    pub final_path: PathBuf,
+    pub fold_end: u64,
+    pub copied_to: u64,
+    pub truncations: u64,
+    pub records_folded: u64,
 }
 
 /// Takes the writer's lock of a backup directory, or says who holds it.
@@ -80,9 +108,7 @@ pub fn lock(layout: &Layout) -> Result<File> {
         .map_err(StoreError::io("open lock file", &path))?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
-            path: layout.root.clone(),
-        }),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: layout.root.clone() }),
         Err(fs::TryLockError::Error(e)) => Err(StoreError::io("lock", &path)(e)),
     }
 }
@@ -94,17 +120,12 @@ pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
 }
 
 /// As `create`, with a journal that already holds `records` (framed, after the base).
-pub fn create_with_records(
-    root: &Path,
-    base: Option<(&Path, u32)>,
-    records: &[u8],
-) -> Result<Layout> {
+pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u8]) -> Result<Layout> {
     let parent = fsutil::parent_of(root);
     if !parent.is_dir() {
         return Err(StoreError::Invalid {
             path: parent.into(),
-            what: "the backup's parent directory does not exist (is the backup disk mounted?)"
-                .into(),
+            what: "the backup's parent directory does not exist (is the backup disk mounted?)".into(),
         });
     }
     if fs::symlink_metadata(root).is_ok() {
@@ -112,28 +133,16 @@ pub fn create_with_records(
     }
     let tmp = fsutil::tmp_path(root);
     let _ = fs::remove_dir_all(&tmp);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&tmp)
-        .map_err(StoreError::io("create directory", &tmp))?;
+    fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(StoreError::io("create directory", &tmp))?;
     let result = (|| {
         let staging = Layout::new(&tmp);
-        let g = GenName {
-            generation: 1,
-            base_version: base.map_or(0, |b| b.1),
-        };
+        let g = GenName { generation: 1, base_version: base.map_or(0, |b| b.1) };
         let header = match base {
             Some((db, v)) => {
                 snapshot::write(&staging.snapshot_path(g), 1, v, db)?;
-                Header {
-                    generation: 1,
-                    base: Base::Snapshot(v),
-                }
+                Header { generation: 1, base: Base::Snapshot(v) }
             }
-            None => Header {
-                generation: 1,
-                base: Base::Empty,
-            },
+            None => Header { generation: 1, base: Base::Empty },
         };
         write_journal(&staging.journal_path(g), &header, records)?;
         fsutil::fsync_dir(&tmp)?;
@@ -151,8 +160,7 @@ pub fn write_journal(path: &Path, header: &Header, records: &[u8]) -> Result<()>
     fsutil::write_atomic(path, false, |f, tmp| {
         let mut bytes = header.encode().to_vec();
         bytes.extend_from_slice(records);
-        f.write_all_at(&bytes, 0)
-            .map_err(StoreError::io("write journal", tmp))
+        f.write_all_at(&bytes, 0).map_err(StoreError::io("write journal", tmp))
     })
 }
 
@@ -166,11 +174,7 @@ impl Writer {
         let listing = layout.list()?;
         let mut report = OpenReport::default();
         for p in &listing.leftovers {
-            let r = if p.is_dir() {
-                fs::remove_dir_all(p)
-            } else {
-                fs::remove_file(p)
-            };
+            let r = if p.is_dir() { fs::remove_dir_all(p) } else { fs::remove_file(p) };
             r.map_err(StoreError::io("remove leftover", p))?;
             report.removed.push(p.clone());
         }
@@ -178,19 +182,12 @@ impl Writer {
             fsutil::fsync_dir(&layout.root)?;
         }
         let path = listing.journal.clone();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(StoreError::io("open journal", &path))?;
-        let reader_file = file
-            .try_clone()
-            .map_err(StoreError::io("open journal", &path))?;
+        let file =
+            OpenOptions::new().read(true).write(true).open(&path).map_err(StoreError::io("open journal", &path))?;
+        let reader_file = file.try_clone().map_err(StoreError::io("open journal", &path))?;
         let mut reader = JournalReader::from_file(&path, reader_file)?;
         let header = reader.header;
-        if header.generation != listing.current.generation
-            || header.base.version() != listing.current.base_version
-        {
+        if header.generation != listing.current.generation || header.base.version() != listing.current.base_version {
             return Err(StoreError::Damaged {
                 path: path.clone(),
                 offset: 0,
@@ -205,28 +202,20 @@ impl Writer {
                 });
             }
         }
-        let mut position = Position {
-            version: header.base.version(),
-            droppable: false,
-        };
+        let mut position = Position { version: header.base.version(), droppable: false };
         let mut last_tx_offset = None;
         let mut records = 0;
         while let Some(rec) = reader.next_record()? {
             check_chain(&path, position, &rec)?;
             if rec.kind == Kind::Transaction {
-                position = Position {
-                    version: rec.data_version,
-                    droppable: true,
-                };
+                position = Position { version: rec.data_version, droppable: true };
                 last_tx_offset = Some(rec.offset);
             }
             records += 1;
         }
         let end = reader.position();
         if let Some(t) = reader.torn_tail {
-            file.set_len(end)
-                .and_then(|_| file.sync_all())
-                .map_err(StoreError::io("truncate torn tail", &path))?;
+            file.set_len(end).and_then(|_| file.sync_all()).map_err(StoreError::io("truncate torn tail", &path))?;
             report.torn_tail = Some(t);
         }
         let last_write = fs::metadata(&path).and_then(|m| m.modified()).ok();
@@ -243,6 +232,8 @@ impl Writer {
             buf: Vec::with_capacity(1 << 16),
             last_write,
             poisoned: false,
+            truncations: 0,
+            snapshot_bytes: listing.snapshot.as_ref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len()),
         };
         Ok((w, report))
     }
@@ -262,17 +253,21 @@ impl Writer {
     pub fn journal_len(&self) -> u64 {
         self.end
     }
+    /// Bytes of the current snapshot file (0 for an empty base).
+    pub fn snapshot_len(&self) -> u64 {
+        self.snapshot_bytes
+    }
+    pub fn snapshot_path(&self) -> Option<PathBuf> {
+        let g = GenName { generation: self.header.generation, base_version: self.header.base.version() };
+        matches!(self.header.base, Base::Snapshot(_)).then(|| self.layout.snapshot_path(g))
+    }
     /// Records in the journal since its snapshot.
     pub fn records(&self) -> u64 {
         self.records
     }
 
     /// Applies one db_write call: decides by the version rules, then writes durably.
-    pub fn apply<S: AsRef<str>>(
-        &mut self,
-        data_version: u32,
-        writes: &[S],
-    ) -> std::result::Result<Applied, Refusal> {
+    pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> std::result::Result<Applied, Refusal> {
         let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
         let decision = versions::decide(self.position, data_version, kind);
         if let Some(m) = decision.halt_message() {
@@ -284,43 +279,27 @@ impl Writer {
         } else {
             Applied::Appended
         };
-        self.append(data_version, kind, writes)
-            .map_err(Refusal::Store)?;
+        self.append(data_version, kind, writes).map_err(Refusal::Store)?;
         Ok(applied)
     }
 
     /// Appends one record and makes it durable.
-    pub fn append<S: AsRef<str>>(
-        &mut self,
-        data_version: u32,
-        kind: Kind,
-        writes: &[S],
-    ) -> Result<()> {
+    pub fn append<S: AsRef<str>>(&mut self, data_version: u32, kind: Kind, writes: &[S]) -> Result<()> {
         self.check_poisoned()?;
         self.buf.clear();
         journal::encode_record(&mut self.buf, data_version, kind, writes);
         let offset = self.end;
-        let r = self
-            .file
-            .write_all_at(&self.buf, offset)
-            .and_then(|_| self.file.sync_data());
+        let r = self.file.write_all_at(&self.buf, offset).and_then(|_| self.file.sync_data());
         if let Err(e) = r {
             // Best effort: take the partial record back; the next open cuts it anyway.
-            self.poisoned = self
-                .file
-                .set_len(offset)
-                .and_then(|_| self.file.sync_all())
-                .is_err();
+            self.poisoned = self.file.set_len(offset).and_then(|_| self.file.sync_all()).is_err();
             return Err(StoreError::io("append to journal", &self.path)(e));
         }
         self.end += self.buf.len() as u64;
         self.records += 1;
         self.last_write = Some(SystemTime::now());
         if kind == Kind::Transaction {
-            self.position = Position {
-                version: data_version,
-                droppable: true,
-            };
+            self.position = Position { version: data_version, droppable: true };
             self.last_tx_offset = Some(offset);
         }
         Ok(())
@@ -330,10 +309,7 @@ impl Writer {
     fn drop_last_transaction(&mut self) -> Result<()> {
         self.check_poisoned()?;
         let Some(offset) = self.last_tx_offset else {
-            return Err(StoreError::Invalid {
-                path: self.path.clone(),
-                what: "no transaction to drop".into(),
-            });
+            return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() });
         };
         self.file
             .set_len(offset)
@@ -347,11 +323,74 @@ impl Writer {
         }
         self.records = n;
         self.end = offset;
-        self.position = Position {
-            version: self.position.version.wrapping_sub(1),
-            droppable: false,
-        };
+        self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
         self.last_tx_offset = None;
+        self.truncations += 1;
+        Ok(())
+    }
+
+    pub fn truncations(&self) -> u64 {
+        self.truncations
+    }
+
+    /// What a compaction may fold now, or None when nothing precedes the last transaction.
+    pub fn plan(&self) -> Option<Plan> {
+        let fold_end = self.last_tx_offset?;
+        if fold_end <= journal::HEADER_LEN {
+            return None;
+        }
+        Some(Plan {
+            generation: self.header.generation,
+            base: self.header.base,
+            journal: self.path.clone(),
+            snapshot: self.snapshot_path(),
+            fold_end,
+            truncations: self.truncations,
+        })
+    }
+
+    /// Makes `next` the backup: copies what was appended since the pre-copy, fsyncs, renames
+    /// (the commit point), fsyncs the directory, and continues on the new journal. The
+    /// caller holds the writer's lock for exactly this long.
+    pub fn switch_to(&mut self, mut next: NextGeneration) -> Result<()> {
+        self.check_poisoned()?;
+        let io = |op| StoreError::io(op, &next.tmp_path);
+        if self.truncations != next.truncations {
+            // The last transaction was replaced meanwhile: the pre-copied tail is stale.
+            next.tmp.set_len(journal::HEADER_LEN).map_err(io("truncate"))?;
+            next.copied_to = next.fold_end;
+        }
+        let delta = self.end - next.copied_to;
+        let mut buf = vec![0u8; delta as usize];
+        self.file.read_exact_at(&mut buf, next.copied_to).map_err(StoreError::io("read journal", &self.path))?;
+        let at = journal::HEADER_LEN + (next.copied_to - next.fold_end);
+        next.tmp.write_all_at(&buf, at).map_err(io("write"))?;
+        next.tmp.set_len(at + delta).and_then(|_| next.tmp.sync_all()).map_err(io("fsync"))?;
+        fs::rename(&next.tmp_path, &next.final_path).map_err(StoreError::io("rename into place", &next.final_path))?;
+        // From here on the new generation is the backup: if we cannot continue on it, no
+        // write may go to the old journal any more.
+        let reopened = fsutil::fsync_dir(&self.layout.root).and_then(|_| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&next.final_path)
+                .map_err(StoreError::io("open journal", &next.final_path))
+        });
+        let file = match reopened {
+            Ok(f) => f,
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e);
+            }
+        };
+        let shift = |off: u64| off - next.fold_end + journal::HEADER_LEN;
+        self.file = file;
+        self.path = next.final_path;
+        self.header = next.header;
+        self.end = shift(self.end);
+        self.last_tx_offset = self.last_tx_offset.map(shift);
+        self.records -= next.records_folded;
+        self.snapshot_bytes = self.snapshot_path().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len());
         Ok(())
     }
 
@@ -359,8 +398,7 @@ impl Writer {
         if self.poisoned {
             return Err(StoreError::Invalid {
                 path: self.path.clone(),
-                what: "an earlier write failed and could not be taken back; restart to recover"
-                    .into(),
+                what: "an earlier write failed and could not be taken back; restart to recover".into(),
             });
         }
         Ok(())
@@ -395,10 +433,7 @@ mod tests {
     fn tx(v: u32, stmt: &str) -> Vec<String> {
         vec![
             stmt.to_string(),
-            format!(
-                "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}",
-                v - 1
-            ),
+            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1),
         ]
     }
 
@@ -407,48 +442,27 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
         create(&root, None).unwrap();
-        assert!(matches!(
-            create(&root, None),
-            Err(StoreError::Exists { .. })
-        ));
+        assert!(matches!(create(&root, None), Err(StoreError::Exists { .. })));
         let (mut w, rep) = Writer::open(&root).unwrap();
         assert!(rep.torn_tail.is_none() && rep.removed.is_empty());
         assert_eq!(w.apply(1, &tx(1, "A")).unwrap(), Applied::Appended);
-        assert_eq!(
-            w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()])
-                .unwrap(),
-            Applied::Appended
-        );
+        assert_eq!(w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()]).unwrap(), Applied::Appended);
         assert_eq!(w.apply(2, &tx(2, "B")).unwrap(), Applied::Appended);
         assert_eq!(w.apply(2, &tx(2, "B2")).unwrap(), Applied::Replaced);
         assert_eq!(w.records(), 3);
-        assert!(
-            matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date"))
-        );
+        assert!(matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date")));
         // a second writer is refused while this one lives
-        assert!(matches!(
-            Writer::open(&root),
-            Err(StoreError::Locked { .. })
-        ));
+        assert!(matches!(Writer::open(&root), Err(StoreError::Locked { .. })));
         drop(w);
         let (w, _) = Writer::open(&root).unwrap();
-        assert_eq!(
-            w.position(),
-            Position {
-                version: 2,
-                droppable: true
-            }
-        );
+        assert_eq!(w.position(), Position { version: 2, droppable: true });
         assert_eq!(w.records(), 3);
     }
 
     #[test]
     fn create_refuses_missing_parent() {
         let e = create(Path::new("/nonexistent-xyz/b.bkp"), None).unwrap_err();
-        assert!(
-            e.to_string().contains("parent directory does not exist"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("parent directory does not exist"), "{e}");
     }
 
     #[test]

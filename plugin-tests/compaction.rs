@@ -1,0 +1,224 @@
+//! Compaction while lightningd keeps writing, crashes in every phase, the automatic trigger,
+//! the offline command, and readers across the switch.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::*;
+use cln_backup::layout::Layout;
+use cln_backup::sim::{Answer, Node};
+
+/// Waits until no compaction runs and the backup reached `generation` (the plugin may have
+/// been restarted meanwhile, so its own run counter is no guide).
+fn wait_generation(node: &mut Node, generation: u64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = node.plugin().unwrap().cli("backup-status", json!({})).unwrap();
+        if st["compaction"]["state"] == "idle" && st["generation"].as_u64().unwrap() >= generation {
+            return st;
+        }
+        if st["compaction"]["state"] == "idle" && st["compaction"]["runs"] == 0 {
+            // lightningd restarted meanwhile and the plugin exited at once: ask again
+            node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+        }
+        assert!(st["compaction"]["last_error"].is_null(), "{st}");
+        assert!(Instant::now() < deadline, "compaction did not finish: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The files of a backup: exactly one journal, and at most one snapshot, of one generation.
+fn assert_one_generation(root: &Path) {
+    let names: Vec<String> =
+        std::fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let journals = names.iter().filter(|n| n.ends_with(".journal")).count();
+    let snapshots = names.iter().filter(|n| n.ends_with(".snapshot")).count();
+    assert_eq!(journals, 1, "{names:?}");
+    assert!(snapshots <= 1, "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+}
+
+#[test]
+fn compactions_during_replay_with_live_readers() {
+    let s = Setup::new();
+    let trace = trace("channels");
+    let mut node = s.node();
+    node.replay(trace, 0..150).unwrap();
+    // readers restore and verify in a loop the whole time, across every switch
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (root, dir, stop2) = (s.root.clone(), s.tmp.path().to_path_buf(), stop.clone());
+    let reader = std::thread::spawn(move || {
+        let mut n = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            let dest = dir.join(format!("live-{n}.sqlite3"));
+            let (_, sum) = cln_backup::restore::restore(&root, &dest, &mut |_, _| {})
+                .unwrap_or_else(|e| panic!("live restore {n}: {}", e.explain()));
+            assert!(sum.version > 0);
+            std::fs::remove_file(&dest).unwrap();
+            cln_backup::restore::verify(&root, &mut |_, _| {}).unwrap_or_else(|e| panic!("live verify {n}: {e}"));
+            n += 1;
+        }
+        n
+    });
+    let mut runs = 0;
+    let mut at = 150;
+    while at < trace.len() {
+        let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+        assert_eq!(r["result"], "compaction started", "{r}");
+        runs += 1;
+        // hooks keep coming while it runs
+        let until = (at + 120).min(trace.len());
+        assert_eq!(node.replay(trace, at..until).unwrap(), None);
+        at = until;
+        let st = wait_generation(&mut node, runs + 1);
+        assert_eq!(st["generation"], runs + 1, "{st}");
+        let last = &st["compaction"]["last"];
+        assert!(last["records_folded"].as_u64().unwrap() > 0, "{st}");
+        assert!(last["after_bytes"].as_u64().unwrap() < last["before_bytes"].as_u64().unwrap(), "{st}");
+        assert!(st["snapshot_version"].as_u64().is_some());
+        // a restore after each compaction equals the committed database
+        let dest = s.tmp.path().join(format!("after-{runs}.sqlite3"));
+        cln_backup::restore::restore(&s.root, &dest, &mut |_, _| {}).unwrap();
+        assert_same(&dest, &node.db_path());
+        assert_one_generation(&s.root);
+        let until = (at + 80).min(trace.len());
+        node.replay(trace, at..until).unwrap();
+        at = until;
+    }
+    assert!(runs >= 4, "only {runs} compactions");
+    node.stop().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = reader.join().unwrap();
+    assert!(reads >= 3, "{reads} live restores");
+    let restored = s.restore("final.sqlite3");
+    assert_same(&restored, &final_db("channels", s.tmp.path()));
+    // a damaged compacted snapshot is refused
+    let snap = Layout::new(&s.root).list().unwrap().snapshot.unwrap();
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&snap, &bytes).unwrap();
+    let o = cli(&["restore", &url(&s.root), s.tmp.path().join("bad.sqlite3").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("damaged data"), "{}", stderr(&o));
+    assert!(!s.tmp.path().join("bad.sqlite3").exists());
+}
+
+#[test]
+fn sigkill_in_every_compaction_phase() {
+    let trace = trace("channels");
+    for phase in ["build", "snapshot", "pre-copy", "switch"] {
+        let s = Setup::new();
+        let mut node = s.node();
+        node.env = vec![("CLN_BACKUP_TEST_PAUSE".into(), phase.into())];
+        node.replay(trace, 0..400).unwrap();
+        let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+        assert_eq!(r["result"], "compaction started");
+        // lightningd keeps going until the compaction reaches the phase
+        node.replay(trace, 400..420).unwrap();
+        wait_for_log(node.plugin().unwrap(), "info", &format!("test pause at compaction phase {phase}"));
+        node.plugin.take().unwrap().kill().unwrap();
+        // the backup restores to the latest acknowledged version right now
+        let dest = s.tmp.path().join("now.sqlite3");
+        let (_, sum) = cln_backup::restore::restore(&s.root, &dest, &mut |_, _| {}).unwrap();
+        assert_eq!(sum.version, node.data_version().unwrap(), "{phase}");
+        assert_same(&dest, &node.db_path());
+        // the next start cleans up and says so in one line
+        node.env.clear();
+        node.start().unwrap();
+        let removed: Vec<_> =
+            node.plugin().unwrap().logs().into_iter().filter(|(_, m)| m.starts_with("Removed")).collect();
+        assert_eq!(removed.len(), 1, "{phase}: {removed:?}");
+        assert_eq!(node.replay(trace, 420..trace.len()).unwrap(), None, "{phase}");
+        node.stop().unwrap();
+        assert_one_generation(&s.root);
+        let restored = s.restore("r.sqlite3");
+        assert_same(&restored, &final_db("channels", s.tmp.path()));
+    }
+}
+
+#[test]
+fn automatic_compaction_triggers_at_its_threshold() {
+    let s = Setup::new();
+    let trace = trace("channels");
+    let mut node = s.node();
+    node.options = json!({"backup-compact-min-journal": 1_500_000, "backup-compact-ratio": "1.0"});
+    let mut first_trigger_len = None;
+    for i in 0..trace.len() {
+        if node.plugin.is_none() || (trace[i].before_init && i > 0 && !trace[i - 1].before_init) {
+            node.start().unwrap();
+        }
+        assert_eq!(node.step(&trace[i]).unwrap(), Answer::Continue);
+        if first_trigger_len.is_none() && node.plugin().unwrap().has_log("Starting compaction: the journal holds") {
+            let st = node.plugin().unwrap().cli("backup-status", json!({})).unwrap();
+            first_trigger_len = Some(i);
+            assert!(st["total_bytes"].as_u64().unwrap() >= 1_500_000, "{st}");
+        }
+    }
+    assert!(first_trigger_len.is_some(), "never triggered");
+    let st = wait_generation(&mut node, 2);
+    assert!(st["compaction"]["last_error"].is_null());
+    node.stop().unwrap();
+    let restored = s.restore("r.sqlite3");
+    assert_same(&restored, &final_db("channels", s.tmp.path()));
+
+    // switched off: never
+    let s = Setup::new();
+    let mut node = s.node();
+    node.options = json!({"backup-autocompact": false, "backup-compact-min-journal": 1000});
+    node.replay(trace, 0..300).unwrap();
+    assert!(!node.plugin().unwrap().has_log("Starting compaction"));
+    node.stop().unwrap();
+}
+
+#[test]
+fn compact_command_answers() {
+    let s = Setup::new();
+    let trace = trace("small");
+    let mut node = s.node();
+    node.replay(trace, 0..1).unwrap();
+    let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+    assert_eq!(r["result"], "nothing to compact", "{r}");
+    node.replay(trace, 1..trace.len()).unwrap();
+    let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+    assert_eq!(r["result"], "compaction started", "{r}");
+    assert!(node.plugin().unwrap().has_log("Starting compaction"));
+    let st = wait_generation(&mut node, 2);
+    assert!(st["compaction"]["last"]["records_folded"].as_u64().unwrap() > 0, "{st}");
+    // the offline command refuses a backup in use
+    let o = cli(&["compact", &url(&s.root)]);
+    assert!(stderr(&o).contains("lightning-cli backup-compact"), "{}", stderr(&o));
+    node.stop().unwrap();
+    // and works with lightningd stopped, on a backup with more records
+    let more = s.tmp.path().join("more.bkp");
+    let o = cli(&["init", &url(&more)]);
+    assert!(o.status.success());
+    std::fs::write(s.ldir.join("backup.lock"), format!("{{\"backend_url\": \"{}\"}}", url(&more))).unwrap();
+    std::fs::remove_file(node.db_path()).unwrap();
+    let mut node = s.node();
+    node.replay(trace, 0..trace.len()).unwrap();
+    node.stop().unwrap();
+    let o = cli(&["compact", &url(&more)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Compacted: folded"), "{}", stdout(&o));
+    assert_one_generation(&more);
+    let dest = s.tmp.path().join("r.sqlite3");
+    cln_backup::restore::restore(&more, &dest, &mut |_, _| {}).unwrap();
+    assert_same(&dest, &final_db("small", s.tmp.path()));
+    // the node goes on after an offline compaction
+    let mut node = s.node();
+    node.start().unwrap();
+    let next = cln_backup::sim::TraceRecord {
+        data_version: 80,
+        writes: vec![
+            "INSERT INTO vars (name, val) VALUES ('after-compact', 'x')".into(),
+            "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 79".into(),
+        ],
+        before_init: false,
+    };
+    assert_eq!(node.step(&next).unwrap(), Answer::Continue);
+    assert!(node.plugin().unwrap().has_log("Versions match up"));
+    node.stop().unwrap();
+}
