@@ -15,9 +15,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cln_backup::compact::{self, Outcome};
 use cln_backup::journal::{self, Kind};
+use cln_backup::layout::Layout;
 use cln_backup::restore::{self, Applier};
-use cln_backup::sim::{self, Answer, Node};
+use cln_backup::sim::{self, Answer, Node, PluginProc};
+use cln_backup::snapshot;
+use cln_backup::writer::Writer;
+use std::sync::Mutex;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cln-backup");
 const CLI: &str = env!("CARGO_BIN_EXE_backup-cli");
@@ -139,5 +144,175 @@ fn main() {
     );
     println!("  SQLite alone         {:>10.0} stmt/s ({best_sqlite:.3} s)", ss);
     println!("  ratio                {:>10.2}  target >= 0.9", rs / ss);
+
+    compaction_size_and_restore(&base, &root, &ldir);
+    compaction_stall(&base);
     let _ = fs::remove_dir_all(&base);
+}
+
+fn secs<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = Instant::now();
+    let r = f();
+    (r, t.elapsed().as_secs_f64())
+}
+
+/// Copies a file and fsyncs it: the baseline for a restore.
+fn copy_synced(from: &Path, to: &Path) {
+    fs::copy(from, to).unwrap();
+    fs::File::open(to).unwrap().sync_all().unwrap();
+}
+
+/// The soak backup, compacted: its size against the database's, and its restore time
+/// against a plain copy of the database file.
+fn compaction_size_and_restore(base: &Path, root: &Path, ldir: &Path) {
+    let before: u64 = fs::read_dir(root).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let (w, _) = Writer::open(root).unwrap();
+    let (writer, status) = (Mutex::new(w), Mutex::new(compact::Status::idle()));
+    let (out, cs) = secs(|| compact::compact(&writer, &status, &|_| {}).unwrap());
+    let Outcome::Done(stats) = out else { panic!("nothing compacted") };
+    drop(writer);
+    let db = ldir.join("lightningd.sqlite3");
+    let db_len = fs::metadata(&db).unwrap().len();
+    println!();
+    println!("compaction of the soak backup ({} records folded in {cs:.2} s)", stats.records_folded);
+    println!(
+        "  backup before        {:>10.1} MB ({:.1}x the database)",
+        before as f64 / 1e6,
+        before as f64 / db_len as f64
+    );
+    println!("  backup after         {:>10.3} MB", stats.after_bytes as f64 / 1e6);
+    println!("  raw database         {:>10.3} MB", db_len as f64 / 1e6);
+    println!("  ratio after/raw      {:>10.2}  target <= 0.5", stats.after_bytes as f64 / db_len as f64);
+    let (_, rsec) = secs(|| restore::restore(root, &base.join("compacted-restore.sqlite3"), &mut |_, _| {}).unwrap());
+    let (_, csec) = secs(|| copy_synced(&db, &base.join("copied.sqlite3")));
+    println!("  restore compacted    {rsec:>10.3} s vs copying the database file {csec:.3} s: {:.1}x", rsec / csec);
+}
+
+/// Hook latency while a compaction folds a journal of at least 1 GB (grown synthetically
+/// with datastore rows on the real schema), against the same run before it started.
+fn compaction_stall(base: &Path) {
+    let gb: f64 = std::env::var("CLN_BACKUP_BENCH_GB").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    let dir = base.join("big");
+    let ldir = dir.join("regtest");
+    fs::create_dir_all(&ldir).unwrap();
+    let root = dir.join("big.bkp");
+    cln_backup::writer::create(&root, None).unwrap();
+    fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"file://{}\"}}", root.display())).unwrap();
+    // the real schema first: the small trace
+    let small = sim::read_trace(
+        &fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/small/trace.jsonl.gz")).unwrap(),
+    )
+    .unwrap();
+    let (mut w, _) = Writer::open(&root).unwrap();
+    let mut dv = 0;
+    for r in &small {
+        w.apply(r.data_version, &r.writes).unwrap();
+        dv = r.data_version;
+    }
+    // then datastore rows of 32 KiB (64 KiB of hex SQL each), 6 bits of entropy a byte
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut row = |dv: u32, size: usize| -> Vec<String> {
+        let mut hex = String::with_capacity(size * 2);
+        for _ in 0..size {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            hex.push_str(&format!("{:02x}", (rng & 0x3f) as u8));
+        }
+        vec![
+            format!(
+                "INSERT OR REPLACE INTO datastore (key, data, generation) VALUES (x'{:08x}', x'{hex}', 0)",
+                dv % 20_000
+            ),
+            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1),
+        ]
+    };
+    let target = (gb * 1e9) as u64;
+    let (_, grow_s) = secs(|| {
+        while w.journal_len() < target {
+            dv += 1;
+            w.apply(dv, &row(dv, 32 << 10)).unwrap();
+        }
+    });
+    let journal_len = w.journal_len();
+    drop(w);
+    println!();
+    println!("hook latency during compaction of a {:.2} GB journal (grown in {grow_s:.0} s: small trace + {} datastore rows)", journal_len as f64 / 1e9, dv - 79);
+    let mut p = PluginProc::spawn(Path::new(BIN), &ldir, &[]).unwrap();
+    p.getmanifest().unwrap();
+    p.init_with(&ldir, serde_json::json!({"backup-autocompact": false})).unwrap();
+    let mut call = |p: &mut PluginProc, dv: u32| -> Duration {
+        let writes = row(dv, 1 << 10);
+        let t = Instant::now();
+        assert_eq!(p.db_write(dv, &writes).unwrap(), Answer::Continue);
+        p.answered_at.saturating_duration_since(t)
+    };
+    let mut quiet = vec![];
+    for _ in 0..1500 {
+        dv += 1;
+        quiet.push(call(&mut p, dv));
+    }
+    assert_eq!(p.cli("backup-compact", serde_json::json!({})).unwrap()["result"], "compaction started");
+    let t0 = Instant::now();
+    let mut busy = vec![];
+    // which phase each slow hook fell in (the status is read every 50 calls)
+    let mut slow: Vec<(Duration, String)> = vec![];
+    let mut by_phase = std::collections::BTreeMap::new();
+    let status = loop {
+        let mut worst = Duration::ZERO;
+        let mut over = 0;
+        for _ in 0..50 {
+            dv += 1;
+            let d = call(&mut p, dv);
+            worst = worst.max(d);
+            over += (d > Duration::from_millis(2)) as usize;
+            busy.push(d);
+        }
+        let st = p.cli("backup-status", serde_json::json!({})).unwrap();
+        let phase = st["compaction"]["phase"].as_str().unwrap_or("done").to_string();
+        if worst > Duration::from_millis(20) {
+            slow.push((worst, phase.clone()));
+        }
+        *by_phase.entry(phase).or_insert(0) += over;
+        if st["compaction"]["state"] == "idle" {
+            break st;
+        }
+    };
+    println!("  hooks over 2 ms by the phase seen right after: {by_phase:?}");
+    if !slow.is_empty() {
+        println!("  hooks over 20 ms, with the phase seen right after: {slow:?}");
+    }
+    let compact_s = t0.elapsed().as_secs_f64();
+    p.close().unwrap();
+    let (q50, q99, qmax) = (pct(&mut quiet, 0.5), pct(&mut quiet, 0.99), pct(&mut quiet, 1.0));
+    let (b50, b99, bmax) = (pct(&mut busy, 0.5), pct(&mut busy, 0.99), pct(&mut busy, 1.0));
+    let last = &status["compaction"]["last"];
+    println!(
+        "  compaction took {compact_s:.1} s; {} hooks answered meanwhile; the final switch held the writer {} µs",
+        busy.len(),
+        last["switch_hold_us"]
+    );
+    println!("  {:<6} {:>14} {:>14} {:>8}  target", "", "compacting µs", "quiet µs", "ratio");
+    println!("  {:<6} {:>14.0} {:>14.0} {:>8.2}", "p50", b50, q50, b50 / q50);
+    println!("  {:<6} {:>14.0} {:>14.0} {:>8.2}  <= 2", "p99", b99, q99, b99 / q99);
+    println!("  {:<6} {:>14.0} {:>14.0} {:>8.2}  max <= 20000 µs", "max", bmax, qmax, bmax / qmax);
+    println!(
+        "  after: {:.1} MB (from {:.1} MB), {} records folded",
+        last["after_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        last["before_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        last["records_folded"]
+    );
+    let dest = dir.join("restored.sqlite3");
+    let (sum, rsec) = secs(|| restore::restore(&root, &dest, &mut |_, _| {}).unwrap().1);
+    let snap = Layout::new(&root).list().unwrap().snapshot.unwrap();
+    let (_, dsec) = secs(|| {
+        snapshot::extract(&snap, &mut fs::File::open(&snap).unwrap(), &mut std::io::sink(), &mut |_| {}).unwrap()
+    });
+    let (_, csec) = secs(|| copy_synced(&dest, &dir.join("copied.sqlite3")));
+    println!(
+        "  restore of the compacted backup: {rsec:.2} s ({} records after the snapshot); decompressing the snapshot alone {dsec:.2} s; copying the {:.0} MB database {csec:.2} s",
+        sum.records,
+        fs::metadata(&dest).unwrap().len() as f64 / 1e6
+    );
+    let _ = fs::remove_dir_all(&dir);
 }

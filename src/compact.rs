@@ -180,6 +180,7 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     let _ = fs::remove_file(&snap_path); // a leftover of an earlier, interrupted try
     let snap_guard = TempFile(Some(snap_path.clone()));
     let snap = snapshot::write(&snap_path, next, pos.version, &build)?;
+    fsutil::remove_gradually(&build)?;
     drop(build_guard);
     pause_point("snapshot", log);
 
@@ -199,13 +200,14 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
             break;
         }
         set("pre-copy", copied_to - plan.fold_end, end - plan.fold_end);
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; fsutil::Paced::STEP as usize];
         while copied_to < end {
             let n = ((end - copied_to) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], copied_to).map_err(StoreError::io("read journal", &plan.journal))?;
             tmp.write_all_at(&buf[..n], journal::HEADER_LEN + copied_to - plan.fold_end)
                 .map_err(StoreError::io("write", &tmp_path))?;
             copied_to += n as u64;
+            tmp.sync_data().map_err(StoreError::io("fsync", &tmp_path))?;
         }
         tmp.sync_data().map_err(StoreError::io("fsync", &tmp_path))?;
     }
@@ -234,9 +236,9 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     pause_point("switch", log);
 
     // 6. the old generation goes
-    fs::remove_file(&plan.journal).map_err(StoreError::io("remove old journal", &plan.journal))?;
+    fsutil::remove_gradually(&plan.journal)?;
     if let Some(p) = &plan.snapshot {
-        fs::remove_file(p).map_err(StoreError::io("remove old snapshot", p))?;
+        fsutil::remove_gradually(p)?;
     }
     fsutil::fsync_dir(&layout.root)?;
     let after_journal = lock(writer).journal_len();

@@ -351,6 +351,7 @@ impl Plugin {
         self.out.log(Level::Info, &format!("Starting compaction: {reason}"));
         let (out, status, flag) = (self.out.clone(), self.compaction.clone(), self.compacting.clone());
         std::thread::spawn(move || {
+            crate::fsutil::background_priority();
             let log = |m: &str| out.log(Level::Info, m);
             match compact::run_tracked(&writer, &status, &log) {
                 Ok(Outcome::Done(s)) => out.log(
