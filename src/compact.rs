@@ -236,6 +236,7 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     pause_point("switch", log);
 
     // 6. the old generation goes
+    set("cleanup", 0, 0);
     fsutil::remove_gradually(&plan.journal)?;
     if let Some(p) = &plan.snapshot {
         fsutil::remove_gradually(p)?;
