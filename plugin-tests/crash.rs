@@ -75,12 +75,7 @@ fn lightningd_dies_between_hook_and_commit() {
         // hook answered continue, then lightningd dies before COMMIT
         let r = &trace[k];
         assert_eq!(r.kind(), Kind::Transaction);
-        node.db.execute_batch("BEGIN").unwrap();
-        for w in &r.writes {
-            node.db.execute_batch(w).unwrap();
-        }
-        assert_eq!(node.plugin().unwrap().db_write(r.data_version, &r.writes).unwrap(), Answer::Continue);
-        node.db.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(node.step_then_die(r).unwrap(), Answer::Continue);
         node.plugin.take().unwrap().close().unwrap();
         // on restart it sends the same data_version again
         node.start().unwrap();
@@ -104,12 +99,7 @@ fn after_a_crash_lightningd_may_send_a_different_batch_at_the_same_version() {
     let mut node = s.node();
     node.replay(trace, 0..30).unwrap();
     let r = &trace[30];
-    node.db.execute_batch("BEGIN").unwrap();
-    for w in &r.writes {
-        node.db.execute_batch(w).unwrap();
-    }
-    assert_eq!(node.plugin().unwrap().db_write(r.data_version, &r.writes).unwrap(), Answer::Continue);
-    node.db.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(node.step_then_die(r).unwrap(), Answer::Continue);
     restart_after_crash(&mut node);
     let mut other = r.clone();
     other.writes.insert(0, "INSERT INTO vars (name, val) VALUES ('after-crash', 'x')".into());
@@ -159,11 +149,7 @@ fn node_ahead_of_the_backup_halts_out_of_date() {
     node.stop().unwrap();
     // the node runs without the plugin for a while
     for r in &trace[40..45] {
-        node.db.execute_batch("BEGIN").unwrap();
-        for w in &r.writes {
-            node.db.execute_batch(w).unwrap();
-        }
-        node.db.execute_batch("COMMIT").unwrap();
+        node.run_without_plugin(r).unwrap();
     }
     node.start().unwrap();
     assert_halted(&mut node, 45, &trace[45], "Backup is out of date");

@@ -122,11 +122,7 @@ fn migrate_prefix_then_continue_the_same_trace() {
     // the node ran the first part with the Python plugin writing v1
     let node = Node::new(Path::new(BIN), &ldir).unwrap();
     for r in &trace[..half] {
-        node.db.execute_batch("BEGIN").unwrap();
-        for w in &r.writes {
-            node.db.execute_batch(w).unwrap();
-        }
-        node.db.execute_batch("COMMIT").unwrap();
+        node.run_without_plugin(r).unwrap();
     }
     drop(node);
     let v1 = tmp.path().join("backup.dbak");

@@ -56,6 +56,7 @@ pub struct Plugin {
     started: SystemTime,
     settings: Settings,
     initialized: bool,
+    open_attempted: bool,
     compaction: Arc<Mutex<compact::Status>>,
     compacting: Arc<AtomicBool>,
     /// Automatic compaction found nothing to fold: wait until the journal reaches this.
@@ -92,6 +93,7 @@ impl Plugin {
             started: SystemTime::now(),
             settings: Settings::default(),
             initialized: false,
+            open_attempted: false,
             compaction: Arc::new(Mutex::new(compact::Status::idle())),
             compacting: Arc::new(AtomicBool::new(false)),
             auto_backoff: 0,
@@ -136,10 +138,12 @@ impl Plugin {
         self.lightning_dir.join(LOCK_NAME)
     }
 
+    /// Opens the backup once; a failure is logged once and halts every db_write.
     fn open_backend(&mut self) {
-        if matches!(self.backend, Backend::Ready(_)) {
+        if self.open_attempted {
             return;
         }
+        self.open_attempted = true;
         self.backend = match self.try_open() {
             Ok(w) => Backend::Ready(Arc::new(Mutex::new(w))),
             Err(reason) => {
@@ -240,9 +244,7 @@ impl Plugin {
 
     fn db_write(&mut self, id: &RawValue, params: &str) -> io::Result<()> {
         let t0 = Instant::now();
-        if !matches!(self.backend, Backend::Ready(_)) && !self.first_write_done {
-            self.open_backend();
-        }
+        self.open_backend();
         let result = self.apply(params);
         self.first_write_done = true;
         let r = match result {

@@ -405,6 +405,20 @@ impl Node {
         Ok(None)
     }
 
+    /// lightningd dying between the hook and its commit: statements, hook, then no COMMIT.
+    pub fn step_then_die(&mut self, rec: &TraceRecord) -> Result<Answer> {
+        if !rec.before_init && !self.initialized {
+            self.init()?;
+        }
+        self.db.execute_batch("BEGIN")?;
+        for w in &rec.writes {
+            self.db.execute_batch(w).with_context(|| format!("node db: {w}"))?;
+        }
+        let answer = self.plugin()?.db_write(rec.data_version, &rec.writes);
+        self.db.execute_batch("ROLLBACK")?;
+        answer
+    }
+
     /// Runs a record on the node's database with no plugin (lightningd without cln-backup).
     pub fn run_without_plugin(&self, rec: &TraceRecord) -> Result<()> {
         let tx = rec.kind() == Kind::Transaction;
