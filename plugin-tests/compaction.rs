@@ -76,7 +76,7 @@ fn compactions_during_replay_with_live_readers() {
         assert_eq!(st["generation"], runs + 1, "{st}");
         let last = &st["compaction"]["last"];
         assert!(last["records_folded"].as_u64().unwrap() > 0, "{st}");
-        assert!(last["after_bytes"].as_u64().unwrap() < last["before_bytes"].as_u64().unwrap(), "{st}");
+        // (no size check here: records that arrive during the run count only in "after")
         assert!(st["snapshot_version"].as_u64().is_some());
         // a restore after each compaction equals the committed database
         let dest = s.tmp.path().join(format!("after-{runs}.sqlite3"));
@@ -200,8 +200,11 @@ fn compact_command_answers() {
     let mut node = s.node();
     node.replay(trace, 0..trace.len()).unwrap();
     node.stop().unwrap();
+    let size = |p: &Path| -> u64 { std::fs::read_dir(p).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum() };
+    let before = size(&more);
     let o = cli(&["compact", &url(&more)]);
     assert!(o.status.success(), "{}", stderr(&o));
+    assert!(size(&more) * 2 < before, "{} -> {} bytes", before, size(&more));
     assert!(stdout(&o).contains("Compacted: folded"), "{}", stdout(&o));
     assert_one_generation(&more);
     let dest = s.tmp.path().join("r.sqlite3");
