@@ -1,6 +1,6 @@
 //! What an operator can get wrong, and what lightningd can send: each gets a clear answer.
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
@@ -184,10 +184,9 @@ fn fake_rpc(dir: &Path, configs: Value) -> std::sync::mpsc::Receiver<String> {
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { break };
-            let reader = BufReader::new(c.try_clone().unwrap());
-            let Some(Ok(req)) = cln_backup::protocol::messages(reader).next() else {
-                continue;
-            };
+            let mut input = cln_backup::protocol::Framer::new(c.try_clone().unwrap());
+            let Some(Ok(bytes)) = input.next_value() else { continue };
+            let req: Value = serde_json::from_slice(bytes).unwrap();
             let method = req["method"].as_str().unwrap_or("").to_string();
             let result = if method == "listconfigs" { json!({"configs": configs}) } else { json!({}) };
             let _ = c.write_all(json!({"jsonrpc": "2.0", "id": req["id"], "result": result}).to_string().as_bytes());

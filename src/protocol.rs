@@ -29,11 +29,6 @@ struct Response<'a> {
     error: Option<&'a Value>,
 }
 
-/// Reads one message after another until EOF.
-pub fn messages<R: Read>(r: R) -> impl Iterator<Item = serde_json::Result<Value>> {
-    serde_json::Deserializer::from_reader(r).into_iter::<Value>()
-}
-
 /// Splits a byte stream into whole JSON values, reading in large blocks; each value's bytes
 /// are handed out as a slice so callers can parse them borrowed (no per-byte reads, no
 /// copies of the SQL strings).

@@ -14,7 +14,9 @@ pub fn call(socket: &Path, method: &str, params: Value) -> Result<Value> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let req = json!({"jsonrpc": "2.0", "id": format!("cln-backup:{method}#1"), "method": method, "params": params});
     s.write_all(serde_json::to_string(&req)?.as_bytes())?;
-    let resp = crate::protocol::messages(&s).next().ok_or_else(|| anyhow!("lightningd closed the RPC socket"))??;
+    let mut input = crate::protocol::Framer::new(&s);
+    let bytes = input.next_value().ok_or_else(|| anyhow!("lightningd closed the RPC socket"))??;
+    let resp: Value = serde_json::from_slice(bytes)?;
     if let Some(e) = resp.get("error") {
         return Err(anyhow!("{method} failed: {e}"));
     }

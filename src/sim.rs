@@ -119,8 +119,9 @@ impl PluginProc {
         let logs2 = logs.clone();
         let echo = std::env::var_os("CLN_BACKUP_SIM_LOG").is_some();
         std::thread::spawn(move || {
-            for msg in crate::protocol::messages(BufReader::new(stdout)) {
-                let Ok(msg) = msg else { break };
+            let mut input = crate::protocol::Framer::new(stdout);
+            while let Some(Ok(bytes)) = input.next_value() {
+                let Ok(msg) = serde_json::from_slice::<Value>(bytes) else { break };
                 if msg["method"] == "log" {
                     let level = msg["params"]["level"].as_str().unwrap_or("").to_string();
                     let text = msg["params"]["message"].as_str().unwrap_or("").to_string();

@@ -68,6 +68,8 @@ pub struct Writer {
     /// How many times a transaction was dropped (bytes after its offset changed).
     truncations: u64,
     snapshot_bytes: u64,
+    /// Records before the last transaction: the count once it is dropped.
+    records_before_last_tx: u64,
 }
 
 /// What a compaction may fold: everything before the last transaction, which stays in the
@@ -205,11 +207,13 @@ impl Writer {
         let mut position = Position { version: header.base.version(), droppable: false };
         let mut last_tx_offset = None;
         let mut records = 0;
+        let mut records_before_last_tx = 0;
         while let Some(rec) = reader.next_record()? {
             check_chain(&path, position, &rec)?;
             if rec.kind == Kind::Transaction {
                 position = Position { version: rec.data_version, droppable: true };
                 last_tx_offset = Some(rec.offset);
+                records_before_last_tx = records;
             }
             records += 1;
         }
@@ -233,6 +237,7 @@ impl Writer {
             last_write,
             poisoned: false,
             truncations: 0,
+            records_before_last_tx,
             snapshot_bytes: listing.snapshot.as_ref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len()),
         };
         Ok((w, report))
@@ -301,6 +306,7 @@ impl Writer {
         if kind == Kind::Transaction {
             self.position = Position { version: data_version, droppable: true };
             self.last_tx_offset = Some(offset);
+            self.records_before_last_tx = self.records - 1;
         }
         Ok(())
     }
@@ -315,13 +321,7 @@ impl Writer {
             .set_len(offset)
             .and_then(|_| self.file.sync_all())
             .map_err(StoreError::io("truncate journal", &self.path))?;
-        // Count what was cut: the records from `offset` on.
-        let mut reader = JournalReader::open(&self.path)?;
-        let mut n = 0;
-        while reader.next_record()?.is_some() {
-            n += 1;
-        }
-        self.records = n;
+        self.records = self.records_before_last_tx;
         self.end = offset;
         self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
         self.last_tx_offset = None;
@@ -390,6 +390,7 @@ impl Writer {
         self.end = shift(self.end);
         self.last_tx_offset = self.last_tx_offset.map(shift);
         self.records -= next.records_folded;
+        self.records_before_last_tx -= next.records_folded;
         self.snapshot_bytes = self.snapshot_path().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len());
         Ok(())
     }
