@@ -225,3 +225,67 @@ fn compact_command_answers() {
     assert!(node.plugin().unwrap().has_log("Versions match up"));
     node.stop().unwrap();
 }
+
+/// The disk fills up during a compaction (the journal fits, the new snapshot does not): the
+/// compaction fails and says why, leaves nothing behind, and db_write goes on.
+#[test]
+fn full_disk_during_compaction_leaves_the_backup_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("small-disk");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt.to_str().unwrap()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED full disk during compaction: cannot mount a tmpfs here");
+        return;
+    }
+    struct Umount<'a>(&'a Path);
+    impl Drop for Umount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _u = Umount(&mnt);
+    let s = Setup::at(tmp, Some(mnt.join("node.bkp")));
+    let trace = trace("small");
+    let mut node = s.node();
+    node.replay(trace, 0..trace.len()).unwrap();
+    // 2.4 MB of incompressible datastore rows: the journal fits, a snapshot of them does not
+    let mut rng = Rng(7);
+    let mut dv = trace.last().unwrap().data_version;
+    let p = node.plugin().unwrap();
+    for _ in 0..8 {
+        dv += 1;
+        let hex: String = (0..150_000).map(|_| format!("{:02x}", rng.below(256))).collect();
+        let writes = vec![
+            format!("INSERT INTO datastore (key, data, generation) VALUES (x'{dv:08x}', x'{hex}', 0)"),
+            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1),
+        ];
+        assert_eq!(p.db_write(dv, &writes).unwrap(), Answer::Continue);
+    }
+    let before: Vec<_> = std::fs::read_dir(&s.root).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(p.cli("backup-compact", json!({})).unwrap()["result"], "compaction started");
+    wait_for_log(p, "warn", "Compaction failed");
+    let st = p.cli("backup-status", json!({})).unwrap();
+    let err = st["compaction"]["last_error"].as_str().unwrap();
+    assert!(err.contains("disk is full"), "{err}");
+    assert_eq!(st["generation"], 1);
+    let mut after: Vec<_> = std::fs::read_dir(&s.root).unwrap().map(|e| e.unwrap().file_name()).collect();
+    after.sort();
+    let mut before = before;
+    before.sort();
+    assert_eq!(before, after, "a failed compaction left files behind");
+    // db_write goes on
+    dv += 1;
+    let writes = vec![
+        "INSERT INTO vars (name, val) VALUES ('after-failed-compaction', 'x')".to_string(),
+        format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1),
+    ];
+    assert_eq!(p.db_write(dv, &writes).unwrap(), Answer::Continue);
+    let dest = s.tmp.path().join("r.sqlite3");
+    let (_, sum) = cln_backup::restore::restore(&s.root, &dest, &mut |_, _| {}).unwrap();
+    assert_eq!(sum.version, dv);
+}
