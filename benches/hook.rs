@@ -77,9 +77,7 @@ fn main() {
     let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
     let t0 = Instant::now();
     for (i, rec) in trace.iter().enumerate() {
-        if node.plugin.is_none() || (rec.before_init && i > 0 && !trace[i - 1].before_init) {
-            node.start().unwrap();
-        }
+        node.start_if_needed(&trace, i).unwrap();
         buf.clear();
         journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
         let b0 = Instant::now();

@@ -115,3 +115,35 @@ pub fn wait_for_log(p: &cln_backup::sim::PluginProc, level: &str, needle: &str) 
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// A real small disk: a tmpfs of `size` mounted on a temp dir, unmounted on drop. None
+/// (after saying so) where this machine does not allow mounting.
+pub struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs here, so no real full disk");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}

@@ -147,9 +147,7 @@ fn automatic_compaction_triggers_at_its_threshold() {
     node.options = json!({"backup-compact-min-journal": 1_500_000, "backup-compact-ratio": "1.0"});
     let mut first_trigger_len = None;
     for i in 0..trace.len() {
-        if node.plugin.is_none() || (trace[i].before_init && i > 0 && !trace[i - 1].before_init) {
-            node.start().unwrap();
-        }
+        node.start_if_needed(trace, i).unwrap();
         assert_eq!(node.step(&trace[i]).unwrap(), Answer::Continue);
         if first_trigger_len.is_none() && node.plugin().unwrap().has_log("Starting compaction: the journal holds") {
             let st = node.plugin().unwrap().cli("backup-status", json!({})).unwrap();
@@ -230,26 +228,8 @@ fn compact_command_answers() {
 /// compaction fails and says why, leaves nothing behind, and db_write goes on.
 #[test]
 fn full_disk_during_compaction_leaves_the_backup_whole() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mnt = tmp.path().join("small-disk");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs", mnt.to_str().unwrap()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIPPED full disk during compaction: cannot mount a tmpfs here");
-        return;
-    }
-    struct Umount<'a>(&'a Path);
-    impl Drop for Umount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _u = Umount(&mnt);
-    let s = Setup::at(tmp, Some(mnt.join("node.bkp")));
+    let Some(disk) = SmallDisk::mount("4m") else { return };
+    let s = Setup::at(tempfile::tempdir().unwrap(), Some(disk.path().join("node.bkp")));
     let trace = trace("small");
     let mut node = s.node();
     node.replay(trace, 0..trace.len()).unwrap();

@@ -30,9 +30,7 @@ fn sigkill_at_random_points_then_restart() {
     let mut kills = 0;
     let mut i = 0;
     while i < trace.len() {
-        if node.plugin.is_none() || (trace[i].before_init && i > 0 && !trace[i - 1].before_init) {
-            node.start().unwrap();
-        }
+        node.start_if_needed(trace, i).unwrap();
         if rng.below(40) == 0 {
             // Kill while the plugin works on this call: before, during or after its write.
             let r = &trace[i];
@@ -179,26 +177,8 @@ fn a_second_writer_is_refused() {
 /// A real full disk: the backup on a small tmpfs. Skipped where mounting is not allowed.
 #[test]
 fn full_disk_halts_and_everything_acknowledged_restores() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mnt = tmp.path().join("small-disk");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt.to_str().unwrap()])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("SKIPPED full_disk test: cannot mount a tmpfs here");
-        return;
-    }
-    struct Umount<'a>(&'a Path);
-    impl Drop for Umount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _u = Umount(&mnt);
-    let s = Setup::at(tmp, Some(mnt.join("node.bkp")));
+    let Some(disk) = SmallDisk::mount("1m") else { return };
+    let s = Setup::at(tempfile::tempdir().unwrap(), Some(disk.path().join("node.bkp")));
     let trace = trace("channels");
     let mut node = s.node();
     let (i, v) = node.replay(trace, 0..trace.len()).unwrap().expect("a 1 MB disk must fill up");

@@ -339,7 +339,7 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let bin = std::env::current_exe().context("find own binary")?;
     let mut node = sim::Node::new(&bin, &ldir)?;
     let t0 = Instant::now();
-    let restarts = trace.windows(2).filter(|w| w[1].before_init && !w[0].before_init).count();
+    let restarts = (0..trace.len()).filter(|&i| sim::restarts_at(trace, i)).count();
     if let Some((i, v)) = node.replay(trace, 0..trace.len())? {
         bail!("the plugin halted lightningd at call {i}: {v}");
     }

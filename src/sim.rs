@@ -56,6 +56,11 @@ pub fn gunzip_to(bytes: &[u8], dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// lightningd restarted before record `i`: startup calls (before init) after normal ones.
+pub fn restarts_at(trace: &[TraceRecord], i: usize) -> bool {
+    i > 0 && trace[i].before_init && !trace[i - 1].before_init
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
     Continue,
@@ -391,14 +396,20 @@ impl Node {
         answer
     }
 
+    /// Starts the plugin where lightningd would: at first, and at each restart in the trace.
+    pub fn start_if_needed(&mut self, trace: &[TraceRecord], i: usize) -> Result<()> {
+        if self.plugin.is_none() || restarts_at(trace, i) {
+            self.start()?;
+        }
+        Ok(())
+    }
+
     /// Replays records, restarting the plugin where the trace shows lightningd restarting.
     /// Stops at the first halt and returns its index and answer.
     pub fn replay(&mut self, trace: &[TraceRecord], range: std::ops::Range<usize>) -> Result<Option<(usize, Value)>> {
         for i in range {
             let rec = &trace[i];
-            if self.plugin.is_none() || (rec.before_init && i > 0 && !trace[i - 1].before_init) {
-                self.start()?;
-            }
+            self.start_if_needed(trace, i)?;
             if let Answer::Halt(v) = self.step(rec)? {
                 return Ok(Some((i, v)));
             }
