@@ -153,6 +153,7 @@ fn automatic_compaction_triggers_at_its_threshold() {
             let st = node.plugin().unwrap().cli("backup-status", json!({})).unwrap();
             first_trigger_len = Some(i);
             assert!(st["total_bytes"].as_u64().unwrap() >= 1_500_000, "{st}");
+            assert!(node.plugin().unwrap().has_log("disk work paced to 33.6 MB/s by backup-compact-io-rate"));
         }
     }
     assert!(first_trigger_len.is_some(), "never triggered");
@@ -171,18 +172,44 @@ fn automatic_compaction_triggers_at_its_threshold() {
     node.stop().unwrap();
 }
 
+/// The pace is a floor on the duration: compaction reads the whole journal, and every byte
+/// read is charged, so it cannot finish sooner than journal bytes / rate.
+#[test]
+fn io_rate_paces_compaction() {
+    let s = Setup::new();
+    let trace = trace("channels");
+    let mut node = s.node();
+    let rate = 2_000_000u64;
+    node.options = json!({"backup-autocompact": false, "backup-compact-io-rate": rate});
+    node.replay(trace, 0..trace.len()).unwrap();
+    let journal = node.plugin().unwrap().cli("backup-status", json!({})).unwrap()["total_bytes"].as_u64().unwrap();
+    assert!(journal > 2 * rate, "the trace is too small to see the pace: {journal} bytes");
+    let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+    assert_eq!(r["result"], "compaction started", "{r}");
+    assert!(node.plugin().unwrap().has_log("disk work paced to 2.0 MB/s"));
+    let st = wait_generation(&mut node, 2);
+    let secs = st["compaction"]["last"]["seconds"].as_f64().unwrap();
+    assert!(secs >= (journal / rate) as f64 * 0.9, "{journal} bytes compacted in {secs} s at {rate} B/s");
+    node.stop().unwrap();
+    assert_same(&s.restore("r.sqlite3"), &final_db("channels", s.tmp.path()));
+}
+
 #[test]
 fn compact_command_answers() {
     let s = Setup::new();
     let trace = trace("small");
     let mut node = s.node();
+    node.options = json!({"backup-compact-io-rate": 0});
     node.replay(trace, 0..1).unwrap();
     let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
     assert_eq!(r["result"], "nothing to compact", "{r}");
     node.replay(trace, 1..trace.len()).unwrap();
     let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
     assert_eq!(r["result"], "compaction started", "{r}");
-    assert!(node.plugin().unwrap().has_log("Starting compaction"));
+    assert!(node
+        .plugin()
+        .unwrap()
+        .has_log("Starting compaction: requested by backup-compact; disk work not rate-limited"));
     let st = wait_generation(&mut node, 2);
     assert!(st["compaction"]["last"]["records_folded"].as_u64().unwrap() > 0, "{st}");
     // the offline command refuses a backup in use

@@ -184,7 +184,7 @@ fn compact_offline(root: &Path) -> Result<()> {
     let writer = std::sync::Mutex::new(w);
     let status = std::sync::Mutex::new(crate::compact::Status::idle());
     println!("Starting compaction of {}", root.display());
-    match crate::compact::compact(&writer, &status, &|m| println!("{m}"))? {
+    match crate::compact::compact(&writer, &status, &|m| println!("{m}"), &mut crate::fsutil::Throttle::unlimited())? {
         crate::compact::Outcome::Nothing(why) => println!("{why}"),
         crate::compact::Outcome::Done(s) => println!(
             "Compacted: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB in {:.2} s",

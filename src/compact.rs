@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use crate::error::{Result, StoreError};
-use crate::fsutil;
+use crate::fsutil::{self, Paced, Throttle};
 use crate::journal::{self, Base, Header, JournalReader, Kind};
 use crate::layout::GenName;
 use crate::restore::{finish_db, open_build_db, sql_err, Applier};
@@ -94,9 +94,18 @@ fn pause_point(phase: &str, log: &dyn Fn(&str)) {
     }
 }
 
+/// Pre-copy stops when less than this is left for the switch to copy under the lock.
 const PRECOPY_DONE: u64 = 64 << 10;
+const PRECOPY_ROUNDS: usize = 8;
 
-pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str)) -> Result<Outcome> {
+/// Compacts the backup `writer` holds. All disk work outside the switch is paced by
+/// `throttle`: a writer lock is held only to plan and to switch.
+pub fn compact(
+    writer: &Mutex<Writer>,
+    status: &Mutex<Status>,
+    log: &dyn Fn(&str),
+    throttle: &mut Throttle,
+) -> Result<Outcome> {
     let started = Instant::now();
     let (plan, layout, journal_len, records) = {
         let w = lock(writer);
@@ -126,14 +135,24 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     let build = layout.root.join(format!("compact-{next:016x}.build.tmp"));
     let _ = fs::remove_file(&build);
     let build_guard = TempFile(Some(build.clone()));
-    let mut db = fsutil::create_private(&build)?;
+    let db = fsutil::create_private(&build)?;
     if let Some(p) = &plan.snapshot {
         let mut f = File::open(p).map_err(StoreError::io("open snapshot", p))?;
-        let mut out = BufWriter::with_capacity(1 << 20, &mut db);
+        let mut out = BufWriter::with_capacity(1 << 20, Paced::new(&db, 0, throttle));
         snapshot::extract(p, &mut f, &mut out, &mut |n| set("build", n, total))?;
         std::io::Write::flush(&mut out).map_err(StoreError::io("write", &build))?;
     }
-    drop(db);
+    // SQLite's writes to the build database reach the disk in paced steps too: each step
+    // is charged what was read from the journal or what the file grew, whichever is more.
+    let mut build_len = db.metadata().map_err(StoreError::io("stat", &build))?.len();
+    let mut pace = |read: u64, throttle: &mut Throttle| -> Result<()> {
+        db.sync_data().map_err(StoreError::io("fsync", &build))?;
+        let len = db.metadata().map_err(StoreError::io("stat", &build))?.len();
+        throttle.charge(read.max(len.saturating_sub(build_len)));
+        build_len = len;
+        Ok(())
+    };
+    let mut unpaced = 0u64;
     let conn = open_build_db(&build)?;
     let mut reader = JournalReader::open(&plan.journal)?;
     reader.limit(plan.fold_end);
@@ -157,6 +176,11 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
             pos = Position { version: rec.data_version, droppable: true };
         }
         folded += 1;
+        unpaced += rec.end() - rec.offset;
+        if unpaced >= Throttle::STEP {
+            pace(unpaced, throttle)?;
+            unpaced = 0;
+        }
         if folded % 256 == 0 {
             set("build", snap_len + rec.end(), total);
         }
@@ -169,9 +193,11 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
         });
     }
     applier.commit().map_err(sql_err(&build))?;
+    pace(unpaced, throttle)?;
     pause_point("build", log);
     finish_db(&conn, &build, pos.version)?;
     conn.close().map_err(|(_, e)| sql_err(&build)(e))?;
+    pace(0, throttle)?;
 
     // 3. snapshot
     set("snapshot", 0, 0);
@@ -179,8 +205,9 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     let snap_path = layout.snapshot_path(g);
     let _ = fs::remove_file(&snap_path); // a leftover of an earlier, interrupted try
     let snap_guard = TempFile(Some(snap_path.clone()));
-    let snap = snapshot::write(&snap_path, next, pos.version, &build)?;
-    fsutil::remove_gradually(&build)?;
+    let snap = snapshot::write(&snap_path, next, pos.version, &build, throttle)?;
+    set("snapshot", 0, 0);
+    fsutil::remove_gradually(&build, throttle)?;
     drop(build_guard);
     pause_point("snapshot", log);
 
@@ -194,13 +221,16 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
     tmp.write_all_at(&header.encode(), 0).map_err(StoreError::io("write", &tmp_path))?;
     let src = File::open(&plan.journal).map_err(StoreError::io("open journal", &plan.journal))?;
     let mut copied_to = plan.fold_end;
-    for round in 0..4 {
+    let mut buf = vec![0u8; Throttle::STEP as usize];
+    let mut unthrottled = Throttle::unlimited();
+    for round in 0..PRECOPY_ROUNDS {
         let end = lock(writer).journal_len();
         if round > 0 && end - copied_to < PRECOPY_DONE {
             break;
         }
+        // Rounds after the first two are small; paced, they could fall behind db_write.
+        let t = if round < 2 { &mut *throttle } else { &mut unthrottled };
         set("pre-copy", copied_to - plan.fold_end, end - plan.fold_end);
-        let mut buf = vec![0u8; fsutil::Paced::STEP as usize];
         while copied_to < end {
             let n = ((end - copied_to) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], copied_to).map_err(StoreError::io("read journal", &plan.journal))?;
@@ -208,8 +238,8 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
                 .map_err(StoreError::io("write", &tmp_path))?;
             copied_to += n as u64;
             tmp.sync_data().map_err(StoreError::io("fsync", &tmp_path))?;
+            t.charge(n as u64);
         }
-        tmp.sync_data().map_err(StoreError::io("fsync", &tmp_path))?;
     }
     pause_point("pre-copy", log);
 
@@ -237,9 +267,9 @@ pub fn compact(writer: &Mutex<Writer>, status: &Mutex<Status>, log: &dyn Fn(&str
 
     // 6. the old generation goes
     set("cleanup", 0, 0);
-    fsutil::remove_gradually(&plan.journal)?;
+    fsutil::remove_gradually(&plan.journal, throttle)?;
     if let Some(p) = &plan.snapshot {
-        fsutil::remove_gradually(p)?;
+        fsutil::remove_gradually(p, throttle)?;
     }
     fsutil::fsync_dir(&layout.root)?;
     let after_journal = lock(writer).journal_len();
@@ -259,6 +289,7 @@ pub fn run_tracked(
     writer: &Mutex<Writer>,
     status: &Mutex<Status>,
     log: &dyn Fn(&str),
+    throttle: &mut Throttle,
 ) -> std::result::Result<Outcome, String> {
     {
         let mut s = lock(status);
@@ -266,7 +297,7 @@ pub fn run_tracked(
         s.started = Some(crate::plugin::fmt_time(SystemTime::now()));
         s.max_hook_stall_us = 0;
     }
-    let r = compact(writer, status, log);
+    let r = compact(writer, status, log, throttle);
     let mut s = lock(status);
     s.state = "idle";
     s.phase = None;

@@ -29,7 +29,15 @@ pub const COMPACT_RATIO: Opt = Opt {
     description: "Automatic compaction waits until the journal is this many times the snapshot's size.",
 };
 
-pub const ALL: [&Opt; 3] = [&AUTOCOMPACT, &COMPACT_MIN_JOURNAL, &COMPACT_RATIO];
+pub const COMPACT_IO_RATE: Opt = Opt {
+    name: "backup-compact-io-rate",
+    kind: "int",
+    default: "33554432",
+    description: "Compaction writes and frees at most this many bytes a second on the backup's disk, so db_write \
+                  keeps it (default 32 MiB/s; 0 = no limit).",
+};
+
+pub const ALL: [&Opt; 4] = [&AUTOCOMPACT, &COMPACT_MIN_JOURNAL, &COMPACT_RATIO, &COMPACT_IO_RATE];
 
 /// Values in force, from init's `options` (defaults until init).
 #[derive(Debug, Clone, Copy)]
@@ -37,11 +45,13 @@ pub struct Settings {
     pub autocompact: bool,
     pub min_journal: u64,
     pub ratio: f64,
+    /// Bytes a second for compaction's disk work; 0 = no limit.
+    pub io_rate: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0 }
+        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20 }
     }
 }
 
@@ -58,6 +68,12 @@ impl Settings {
                 .as_u64()
                 .or_else(|| v.as_str().and_then(|t| t.parse().ok()))
                 .ok_or_else(|| format!("{} must be a number of bytes, not {v}", COMPACT_MIN_JOURNAL.name))?;
+        }
+        if let Some(v) = get(&COMPACT_IO_RATE) {
+            s.io_rate = v
+                .as_u64()
+                .or_else(|| v.as_str().and_then(|t| t.parse().ok()))
+                .ok_or_else(|| format!("{} must be a number of bytes a second, not {v}", COMPACT_IO_RATE.name))?;
         }
         if let Some(v) = get(&COMPACT_RATIO) {
             s.ratio = v
@@ -118,7 +134,27 @@ mod tests {
         assert!(Settings::from_init(&json!({"backup-compact-ratio": "x"}))
             .unwrap_err()
             .contains("backup-compact-ratio"));
-        assert_eq!(manifest_options().len(), 3);
+        assert_eq!(manifest_options().len(), 4);
+        assert_eq!(s.io_rate, 32 << 20);
+        let s = Settings::from_init(&json!({"backup-compact-io-rate": 0})).unwrap();
+        assert_eq!(s.io_rate, 0);
+        assert!(Settings::from_init(&json!({"backup-compact-io-rate": -1}))
+            .unwrap_err()
+            .contains("backup-compact-io-rate"));
+        // each default parses back to the value Settings uses
+        for o in ALL {
+            let s = Settings::from_init(
+                &json!({o.name: manifest_options().iter().find(|m| m["name"] == o.name).unwrap()["default"]}),
+            )
+            .unwrap();
+            let d = Settings::default();
+            assert_eq!(
+                (s.autocompact, s.min_journal, s.ratio, s.io_rate),
+                (d.autocompact, d.min_journal, d.ratio, d.io_rate),
+                "{}",
+                o.name
+            );
+        }
         assert_eq!(manifest_options()[0]["default"], json!(true));
     }
 }

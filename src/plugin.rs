@@ -350,12 +350,17 @@ impl Plugin {
 
     fn start_compaction(&mut self, writer: Arc<Mutex<Writer>>, reason: String) {
         self.compacting.store(true, Ordering::Relaxed);
-        self.out.log(Level::Info, &format!("Starting compaction: {reason}"));
+        let rate = self.settings.io_rate;
+        let pace = match rate {
+            0 => "disk work not rate-limited".to_string(),
+            r => format!("disk work paced to {:.1} MB/s by {}", r as f64 / 1e6, options::COMPACT_IO_RATE.name),
+        };
+        self.out.log(Level::Info, &format!("Starting compaction: {reason}; {pace}"));
         let (out, status, flag) = (self.out.clone(), self.compaction.clone(), self.compacting.clone());
         std::thread::spawn(move || {
             crate::fsutil::background_priority();
             let log = |m: &str| out.log(Level::Info, m);
-            match compact::run_tracked(&writer, &status, &log) {
+            match compact::run_tracked(&writer, &status, &log, &mut crate::fsutil::Throttle::new(rate)) {
                 Ok(Outcome::Done(s)) => out.log(
                     Level::Info,
                     &format!(

@@ -5,13 +5,14 @@
 //! up to the length it had then: a prefix of acknowledged records, with at most a torn
 //! record in progress at its end, which is left out. If a compaction switches generations
 //! between listing and opening, the old files are gone: list again. Once open, files stay
-//! readable even if a compaction removes them.
+//! whole even if a compaction removes them: the view holds a shared lock on each, which
+//! the removal waits for before it frees anything (`fsutil::remove_gradually`).
 
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError};
+use crate::fsutil;
 use crate::journal::{Base, Header, JournalReader};
 use crate::layout::{Layout, Listing};
 
@@ -29,16 +30,16 @@ impl View {
         for _ in 0..20 {
             let listing = layout.list()?;
             let snapshot = match &listing.snapshot {
-                Some(p) => match File::open(p) {
-                    Ok(f) => Some((p.clone(), f)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Some(p) => match fsutil::open_for_reading(p) {
+                    Ok(Some(f)) => Some((p.clone(), f)),
+                    Ok(None) => continue,
                     Err(e) => return Err(StoreError::io("open snapshot", p)(e)),
                 },
                 None => None,
             };
-            let jfile = match File::open(&listing.journal) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            let jfile = match fsutil::open_for_reading(&listing.journal) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
                 Err(e) => return Err(StoreError::io("open journal", &listing.journal)(e)),
             };
             let journal = JournalReader::from_file(&listing.journal, jfile)?;

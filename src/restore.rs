@@ -1,7 +1,7 @@
 //! Rebuilding lightningd.sqlite3 from a backup, and checking a backup without writing.
 
 use std::fs;
-use std::io::{self, BufWriter, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -173,9 +173,8 @@ fn build(
     let mut snap_len = 0;
     if let Some((p, f)) = view.snapshot.as_mut() {
         snap_len = f.metadata().map_err(StoreError::io("stat", &*p))?.len();
-        let mut out = BufWriter::with_capacity(1 << 20, &mut *file);
-        let h = snapshot::extract(p, f, &mut out, &mut |n| progress(n, total))?;
-        out.flush().map_err(StoreError::io("write", tmp))?;
+        let h =
+            fsutil::write_in_background(file, 0, tmp, |out| snapshot::extract(p, f, out, &mut |n| progress(n, total)))?;
         summary.snapshot_version = Some(h.data_version);
         if h.data_version != view.header.base.version() {
             return Err(StoreError::Damaged {

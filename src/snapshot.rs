@@ -111,14 +111,21 @@ impl<W: Write> Write for Crc<W> {
 }
 
 /// Compresses the database file `db` into a new snapshot file at `dest`, durably.
-pub fn write(dest: &Path, generation: u64, data_version: u32, db: &Path) -> Result<SnapshotHeader> {
+/// Its writes are paced by `throttle`.
+pub fn write(
+    dest: &Path,
+    generation: u64,
+    data_version: u32,
+    db: &Path,
+    throttle: &mut fsutil::Throttle,
+) -> Result<SnapshotHeader> {
     let src = File::open(db).map_err(StoreError::io("open database image", db))?;
     let mut header = None;
     fsutil::write_atomic(dest, false, |f, tmp| {
         let io = StoreError::io("write snapshot", tmp);
         f.write_all(&[0u8; HEADER_LEN as usize]).map_err(StoreError::io("write snapshot", tmp))?;
         let mut input = Crc { inner: BufReader::with_capacity(1 << 20, &src), crc: 0, len: 0 };
-        let out = BufWriter::with_capacity(1 << 20, fsutil::Paced::new(f, HEADER_LEN));
+        let out = BufWriter::with_capacity(1 << 20, fsutil::Paced::new(f, HEADER_LEN, throttle));
         let mut enc = zstd::stream::Encoder::new(out, ZSTD_LEVEL).map_err(StoreError::io("start zstd", tmp))?;
         io::copy(&mut input, &mut enc).map_err(StoreError::io("compress snapshot", tmp))?;
         enc.finish().and_then(|mut w| w.flush()).map_err(StoreError::io("write snapshot", tmp))?;
@@ -207,7 +214,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
         std::fs::write(&db, &data).unwrap();
         let snap = d.path().join("s");
-        let h = write(&snap, 4, 77, &db).unwrap();
+        let h = write(&snap, 4, 77, &db, &mut fsutil::Throttle::unlimited()).unwrap();
         assert_eq!((h.generation, h.data_version, h.raw_len), (4, 77, data.len() as u64));
         assert!(h.compressed_len < data.len() as u64 / 4);
         let mut out = vec![];
@@ -215,7 +222,7 @@ mod tests {
         assert_eq!(h, h2);
         assert_eq!(out, data);
         // refuses to overwrite
-        assert!(matches!(write(&snap, 4, 77, &db), Err(StoreError::Exists { .. })));
+        assert!(matches!(write(&snap, 4, 77, &db, &mut fsutil::Throttle::unlimited()), Err(StoreError::Exists { .. })));
         let good = std::fs::read(&snap).unwrap();
         for i in [5usize, 30, 70, good.len() / 2, good.len() - 1] {
             let mut bad = good.clone();

@@ -141,7 +141,7 @@ pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u
         let g = GenName { generation: 1, base_version: base.map_or(0, |b| b.1) };
         let header = match base {
             Some((db, v)) => {
-                snapshot::write(&staging.snapshot_path(g), 1, v, db)?;
+                snapshot::write(&staging.snapshot_path(g), 1, v, db, &mut crate::fsutil::Throttle::unlimited())?;
                 Header { generation: 1, base: Base::Snapshot(v) }
             }
             None => Header { generation: 1, base: Base::Empty },
