@@ -291,7 +291,8 @@ pub fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
 /// discards them (ext4 `discard`, most VM disks). Freeing a gigabyte at once stalled a
 /// concurrent fdatasync (a db_write) 140 ms here; 4 MiB steps at 16 MiB/s still 20-37 ms
 /// every few seconds; 1 MiB steps at 8 MiB/s never over 8 ms. So a freed byte is charged as
-/// `FREE_COST` written ones. Without a limit: a plain unlink.
+/// `FREE_COST` written ones (8 made the cleanup twice as long with no fewer slow hooks in
+/// the benchmark). Without a limit: a plain unlink.
 pub fn remove_gradually(path: &Path, throttle: &mut Throttle) -> Result<()> {
     const FREE_STEP: u64 = 1 << 20;
     const FREE_COST: u64 = 4;
