@@ -206,7 +206,6 @@ pub fn compact(
     let _ = fs::remove_file(&snap_path); // a leftover of an earlier, interrupted try
     let snap_guard = TempFile(Some(snap_path.clone()));
     let snap = snapshot::write(&snap_path, next, pos.version, &build, throttle)?;
-    set("snapshot", 0, 0);
     fsutil::remove_gradually(&build, throttle)?;
     drop(build_guard);
     pause_point("snapshot", log);

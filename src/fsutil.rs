@@ -274,7 +274,9 @@ pub fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
     match f.try_lock_shared() {
         Ok(()) => {}
         Err(fs::TryLockError::WouldBlock) => return Ok(None),
-        Err(fs::TryLockError::Error(e)) => return Err(e),
+        // No locks on this filesystem (some network mounts): read anyway. Its writer could
+        // not lock the backup either, so no compaction frees files under us there.
+        Err(fs::TryLockError::Error(_)) => {}
     }
     // Unlinked between our open and our lock: being removed.
     if f.metadata()?.nlink() == 0 {
