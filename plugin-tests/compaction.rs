@@ -187,6 +187,18 @@ fn io_rate_paces_compaction() {
     let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
     assert_eq!(r["result"], "compaction started", "{r}");
     assert!(node.plugin().unwrap().has_log("disk work paced to 2.0 MB/s"));
+    // the slow cleanup shows its progress
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = node.plugin().unwrap().cli("backup-status", json!({})).unwrap()["compaction"].clone();
+        if c["phase"] == "cleanup" && c["progress_bytes"].as_u64().unwrap() > 0 {
+            assert!(c["progress_bytes"].as_u64() <= c["total_bytes"].as_u64(), "{c}");
+            assert!(c["total_bytes"].as_u64().unwrap() >= journal / 2, "{c}");
+            break;
+        }
+        assert!(c["state"] == "running" && Instant::now() < deadline, "cleanup progress never shown: {c}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let st = wait_generation(&mut node, 2);
     let secs = st["compaction"]["last"]["seconds"].as_f64().unwrap();
     assert!(secs >= (journal / rate) as f64 * 0.9, "{journal} bytes compacted in {secs} s at {rate} B/s");

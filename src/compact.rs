@@ -206,7 +206,7 @@ pub fn compact(
     let _ = fs::remove_file(&snap_path); // a leftover of an earlier, interrupted try
     let snap_guard = TempFile(Some(snap_path.clone()));
     let snap = snapshot::write(&snap_path, next, pos.version, &build, throttle)?;
-    fsutil::remove_gradually(&build, throttle)?;
+    fsutil::remove_gradually(&build, throttle, &mut |_| {})?;
     drop(build_guard);
     pause_point("snapshot", log);
 
@@ -265,10 +265,15 @@ pub fn compact(
     pause_point("switch", log);
 
     // 6. the old generation goes
-    set("cleanup", 0, 0);
-    fsutil::remove_gradually(&plan.journal, throttle)?;
-    if let Some(p) = &plan.snapshot {
-        fsutil::remove_gradually(p, throttle)?;
+    let old: Vec<&PathBuf> = std::iter::once(&plan.journal).chain(&plan.snapshot).collect();
+    let old_bytes = old.iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let mut freed = 0;
+    set("cleanup", 0, old_bytes);
+    for p in old {
+        fsutil::remove_gradually(p, throttle, &mut |n| {
+            freed += n;
+            set("cleanup", freed, old_bytes);
+        })?;
     }
     fsutil::fsync_dir(&layout.root)?;
     let after_journal = lock(writer).journal_len();

@@ -295,7 +295,8 @@ pub fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
 /// every few seconds; 1 MiB steps at 8 MiB/s never over 8 ms. So a freed byte is charged as
 /// `FREE_COST` written ones (8 made the cleanup twice as long with no fewer slow hooks in
 /// the benchmark). Without a limit: a plain unlink.
-pub fn remove_gradually(path: &Path, throttle: &mut Throttle) -> Result<()> {
+/// `freed` gets the bytes of each step.
+pub fn remove_gradually(path: &Path, throttle: &mut Throttle, freed: &mut dyn FnMut(u64)) -> Result<()> {
     const FREE_STEP: u64 = 1 << 20;
     const FREE_COST: u64 = 4;
     if !throttle.is_limited() {
@@ -308,6 +309,7 @@ pub fn remove_gradually(path: &Path, throttle: &mut Throttle) -> Result<()> {
     while len > FREE_STEP {
         len -= FREE_STEP;
         f.set_len(len).map_err(StoreError::io("truncate", path))?;
+        freed(FREE_STEP);
         throttle.charge(FREE_STEP * FREE_COST);
     }
     Ok(())
@@ -447,7 +449,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let p2 = p.clone();
         let remover = std::thread::spawn(move || {
-            let r = remove_gradually(&p2, &mut Throttle::new(1 << 30));
+            let r = remove_gradually(&p2, &mut Throttle::new(1 << 30), &mut |_| {});
             tx.send(()).unwrap();
             r
         });
@@ -471,10 +473,12 @@ mod tests {
         for rate in [0, 1 << 30] {
             let p = dir.path().join(format!("big{rate}"));
             fs::write(&p, vec![1u8; (Throttle::STEP * 2 + 5) as usize]).unwrap();
-            remove_gradually(&p, &mut Throttle::new(rate)).unwrap();
+            let mut freed = 0;
+            remove_gradually(&p, &mut Throttle::new(rate), &mut |n| freed += n).unwrap();
+            assert_eq!(freed, if rate == 0 { 0 } else { Throttle::STEP * 2 }, "rate {rate}");
             assert!(!p.exists());
         }
-        let e = remove_gradually(&dir.path().join("missing"), &mut Throttle::new(1 << 30)).unwrap_err();
+        let e = remove_gradually(&dir.path().join("missing"), &mut Throttle::new(1 << 30), &mut |_| {}).unwrap_err();
         assert!(matches!(e, StoreError::Io { .. }), "{e}");
     }
 
