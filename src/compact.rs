@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 
 use crate::error::{Result, StoreError};
-use crate::fsutil::{self, Paced, Throttle};
+use crate::fsutil::{self, Stepped, Throttle};
 use crate::journal::{self, Base, Header, JournalReader, Kind};
 use crate::layout::GenName;
 use crate::restore::{finish_db, open_build_db, sql_err, Applier};
@@ -138,7 +138,7 @@ pub fn compact(
     let db = fsutil::create_private(&build)?;
     if let Some(p) = &plan.snapshot {
         let mut f = File::open(p).map_err(StoreError::io("open snapshot", p))?;
-        let mut out = BufWriter::with_capacity(1 << 20, Paced::new(&db, 0, throttle));
+        let mut out = BufWriter::with_capacity(1 << 20, Stepped::paced(&db, 0, throttle));
         snapshot::extract(p, &mut f, &mut out, &mut |n| set("build", n, total))?;
         std::io::Write::flush(&mut out).map_err(StoreError::io("write", &build))?;
     }

@@ -111,63 +111,44 @@ impl Throttle {
     }
 }
 
-/// A writer that fdatasyncs every `Throttle::STEP` bytes and charges them to a throttle, so
-/// a large file reaches the disk in small, spaced steps: one big flush at the end would make
-/// a concurrent small fdatasync (a db_write) wait behind all of it.
-pub struct Paced<'a> {
+/// Writes a large file from `pos` on in steps of `Throttle::STEP` bytes, so it reaches the
+/// disk as it is written: one big flush at the end would make a concurrent small fdatasync
+/// (a db_write) wait behind all of it.
+pub struct Stepped<'a> {
     file: &'a File,
     pos: u64,
-    unsynced: u64,
-    throttle: &'a mut Throttle,
+    step_start: u64,
+    throttle: Option<&'a mut Throttle>,
 }
 
-impl<'a> Paced<'a> {
-    pub fn new(file: &'a File, pos: u64, throttle: &'a mut Throttle) -> Paced<'a> {
-        Paced { file, pos, unsynced: 0, throttle }
+impl<'a> Stepped<'a> {
+    /// Background work beside db_write: each step is fdatasynced, then charged to `throttle`.
+    pub fn paced(file: &'a File, pos: u64, throttle: &'a mut Throttle) -> Stepped<'a> {
+        Stepped { file, pos, step_start: pos, throttle: Some(throttle) }
+    }
+
+    /// A file fsynced once at the end (a restore): each step's writeback starts without
+    /// waiting, so the disk works while the caller computes and the final fsync is short.
+    pub fn streaming(file: &'a File, pos: u64) -> Stepped<'a> {
+        Stepped { file, pos, step_start: pos, throttle: None }
     }
 }
 
-impl io::Write for Paced<'_> {
+impl io::Write for Stepped<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         use std::os::unix::fs::FileExt;
         self.file.write_all_at(buf, self.pos)?;
         self.pos += buf.len() as u64;
-        self.unsynced += buf.len() as u64;
-        if self.unsynced >= Throttle::STEP {
-            self.file.sync_data()?;
-            self.throttle.charge(self.unsynced);
-            self.unsynced = 0;
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// A writer for a large file that is fsynced once at the end (a restore): every
-/// `Throttle::STEP` bytes it asks the kernel to start writing them out, so the disk works
-/// while the caller decompresses, and the final fsync has little left to wait for.
-pub struct Streaming<'a> {
-    file: &'a File,
-    pos: u64,
-    kicked: u64,
-}
-
-impl<'a> Streaming<'a> {
-    pub fn new(file: &'a File, pos: u64) -> Streaming<'a> {
-        Streaming { file, pos, kicked: pos }
-    }
-}
-
-impl io::Write for Streaming<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(buf, self.pos)?;
-        self.pos += buf.len() as u64;
-        if self.pos - self.kicked >= Throttle::STEP {
-            start_writeback(self.file, self.kicked, self.pos - self.kicked);
-            self.kicked = self.pos;
+        let len = self.pos - self.step_start;
+        if len >= Throttle::STEP {
+            match self.throttle.as_deref_mut() {
+                Some(t) => {
+                    self.file.sync_data()?;
+                    t.charge(len);
+                }
+                None => start_writeback(self.file, self.step_start, len),
+            }
+            self.step_start = self.pos;
         }
         Ok(buf.len())
     }
@@ -177,7 +158,7 @@ impl io::Write for Streaming<'_> {
 }
 
 /// Runs `produce` with a writer whose bytes a second thread writes to `file` from `pos` on
-/// (through `Streaming`), so producing them (decompression) and copying them into the page
+/// (through `Stepped::streaming`), so producing them (decompression) and copying them into the page
 /// cache run on two cores. At most a few MiB are in flight. Errors name `path`.
 pub fn write_in_background<T>(
     file: &File,
@@ -190,7 +171,7 @@ pub fn write_in_background<T>(
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(8);
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> io::Result<()> {
-            let mut out = Streaming::new(file, pos);
+            let mut out = Stepped::streaming(file, pos);
             for mut buf in full_rx {
                 io::Write::write_all(&mut out, &buf)?;
                 buf.clear();
@@ -198,7 +179,7 @@ pub fn write_in_background<T>(
             }
             Ok(())
         });
-        let mut w = Handoff { full: Some(full_tx), free: free_rx, buf: Vec::with_capacity(Handoff::CHUNK) };
+        let mut w = Handoff { full: full_tx, free: free_rx, buf: Vec::with_capacity(Handoff::CHUNK) };
         let produced = produce(&mut w);
         let sent = w.send();
         drop(w); // closes the channel: the writer finishes
@@ -213,7 +194,7 @@ pub fn write_in_background<T>(
 
 /// The producing side of `write_in_background`: fills buffers and hands them over.
 struct Handoff {
-    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    full: std::sync::mpsc::SyncSender<Vec<u8>>,
     free: std::sync::mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
 }
@@ -227,8 +208,7 @@ impl Handoff {
         }
         let next = self.free.try_recv().unwrap_or_else(|_| Vec::with_capacity(Handoff::CHUNK));
         let full = std::mem::replace(&mut self.buf, next);
-        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "the writing thread stopped");
-        self.full.as_ref().ok_or_else(closed)?.send(full).map_err(|_| closed())
+        self.full.send(full).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the writing thread stopped"))
     }
 }
 
@@ -383,7 +363,7 @@ mod tests {
     }
 
     #[test]
-    fn paced_and_streaming_write_everything_at_their_offset() {
+    fn stepped_writes_everything_at_its_offset() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..(9u32 << 20)).map(|i| (i % 251) as u8).collect();
         for streaming in [false, true] {
@@ -391,8 +371,11 @@ mod tests {
             let f = create_private(&p).unwrap();
             let mut t = Throttle::new(1 << 30);
             {
-                let mut w: Box<dyn Write> =
-                    if streaming { Box::new(Streaming::new(&f, 7)) } else { Box::new(Paced::new(&f, 7, &mut t)) };
+                let mut w: Box<dyn Write> = if streaming {
+                    Box::new(Stepped::streaming(&f, 7))
+                } else {
+                    Box::new(Stepped::paced(&f, 7, &mut t))
+                };
                 for chunk in data.chunks(100_000) {
                     w.write_all(chunk).unwrap();
                 }

@@ -125,7 +125,7 @@ pub fn write(
         let io = StoreError::io("write snapshot", tmp);
         f.write_all(&[0u8; HEADER_LEN as usize]).map_err(StoreError::io("write snapshot", tmp))?;
         let mut input = Crc { inner: BufReader::with_capacity(1 << 20, &src), crc: 0, len: 0 };
-        let out = BufWriter::with_capacity(1 << 20, fsutil::Paced::new(f, HEADER_LEN, throttle));
+        let out = BufWriter::with_capacity(1 << 20, fsutil::Stepped::paced(f, HEADER_LEN, throttle));
         let mut enc = zstd::stream::Encoder::new(out, ZSTD_LEVEL).map_err(StoreError::io("start zstd", tmp))?;
         io::copy(&mut input, &mut enc).map_err(StoreError::io("compress snapshot", tmp))?;
         enc.finish().and_then(|mut w| w.flush()).map_err(StoreError::io("write snapshot", tmp))?;
