@@ -69,6 +69,14 @@ impl Status {
     pub fn idle() -> Status {
         Status { state: "idle", ..Default::default() }
     }
+
+    /// Marks a run as started. The caller does this before it spawns the run, so a
+    /// `backup-status` right after `backup-compact` already says "running".
+    pub fn begin(&mut self) {
+        self.state = "running";
+        self.started = Some(crate::plugin::fmt_time(SystemTime::now()));
+        self.max_hook_stall_us = 0;
+    }
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -288,19 +296,14 @@ pub fn compact(
     }))
 }
 
-/// Runs one compaction and keeps `status` up to date; returns the outcome's message.
+/// Runs one compaction and keeps `status` up to date; the caller has called
+/// `Status::begin`. Returns the outcome's message.
 pub fn run_tracked(
     writer: &Mutex<Writer>,
     status: &Mutex<Status>,
     log: &dyn Fn(&str),
     throttle: &mut Throttle,
 ) -> std::result::Result<Outcome, String> {
-    {
-        let mut s = lock(status);
-        s.state = "running";
-        s.started = Some(crate::plugin::fmt_time(SystemTime::now()));
-        s.max_hook_stall_us = 0;
-    }
     let r = compact(writer, status, log, throttle);
     let mut s = lock(status);
     s.state = "idle";

@@ -350,6 +350,7 @@ impl Plugin {
 
     fn start_compaction(&mut self, writer: Arc<Mutex<Writer>>, reason: String) {
         self.compacting.store(true, Ordering::Relaxed);
+        lock(&self.compaction).begin();
         let rate = self.settings.io_rate;
         let pace = match rate {
             0 => "disk work not rate-limited".to_string(),
