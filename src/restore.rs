@@ -194,6 +194,30 @@ fn build(
             what: "the backup is empty: no db_write has reached it yet, so there is nothing to restore".into(),
         });
     }
+    let file: &fs::File = file;
+    std::thread::scope(|s| {
+        // The snapshot's writeback finishes while SQLite replays the journal and checks the
+        // result from the page cache; the caller's final fsync then has little left.
+        let early_sync = (snap_len > 0).then(|| s.spawn(|| file.sync_data()));
+        let built = replay(view, tmp, summary, snap_len, total, progress);
+        if let Some(h) = early_sync {
+            h.join()
+                .unwrap_or_else(|_| Err(io::Error::other("the fsync thread panicked")))
+                .map_err(StoreError::io("fsync", tmp))?;
+        }
+        built
+    })
+}
+
+/// Applies the journal on top of what `build` extracted, then checks the result.
+fn replay(
+    view: &mut View,
+    tmp: &Path,
+    summary: &mut Summary,
+    snap_len: u64,
+    total: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<()> {
     let conn = open_build_db(tmp)?;
     let mut applier = Applier::new(&conn);
     let jpath = view.journal.path().to_path_buf();
