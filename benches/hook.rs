@@ -295,6 +295,7 @@ fn compaction_stall(base: &Path) {
         dv += 1;
         call(&mut p, dv);
     }
+    let (_, peak_before) = rss_kb(p.pid());
     assert_eq!(p.cli("backup-compact", serde_json::json!({})).unwrap()["result"], "compaction started");
     let t0 = Instant::now();
     let mut busy = vec![];
@@ -332,6 +333,7 @@ fn compaction_stall(base: &Path) {
         dv += 1;
         quiet.push(call(&mut p, dv));
     }
+    let (rss_after, peak_after) = rss_kb(p.pid());
     p.close().unwrap();
     let (q50, q99, qmax) = (pct(&mut quiet, 0.5), pct(&mut quiet, 0.99), pct(&mut quiet, 1.0));
     let (b50, b99, bmax) = (pct(&mut busy, 0.5), pct(&mut busy, 0.99), pct(&mut busy, 1.0));
@@ -360,6 +362,14 @@ fn compaction_stall(base: &Path) {
         last["after_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         last["before_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         last["records_folded"]
+    );
+    println!(
+        "  plugin memory: peak {:.1} MB through the compaction (RSS {:.1} MB after it) against {:.1} MB before it, \
+         with the 1 GB journal open: {:.2}x",
+        peak_after as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
+        peak_before as f64 / 1024.0,
+        peak_after as f64 / peak_before as f64
     );
     // Once more offline, so almost nothing follows the snapshot: restore against decompressing
     // the snapshot alone and against copying the database file.
