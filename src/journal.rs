@@ -265,7 +265,9 @@ impl JournalReader {
             return self.end_at(off, "record header cut short");
         }
         let mut h = [0u8; RECORD_HEADER_LEN];
-        self.file.read_exact(&mut h).map_err(io)?;
+        if let Err(e) = self.file.read_exact(&mut h) {
+            return self.cut_short(off, e);
+        }
         let Some(rh) = parse_record_header(&h) else {
             return self.end_at(off, "record header checksum mismatch");
         };
@@ -274,7 +276,9 @@ impl JournalReader {
             return self.end_at(off, "record runs past the end of the file");
         }
         let mut payload = vec![0u8; rh.len as usize];
-        self.file.read_exact(&mut payload).map_err(|e| StoreError::io("read journal", &self.path)(e))?;
+        if let Err(e) = self.file.read_exact(&mut payload) {
+            return self.cut_short(off, e);
+        }
         if crc32c::crc32c(&payload) != rh.payload_crc {
             return self.end_at(off, "record payload checksum mismatch");
         }
@@ -287,6 +291,19 @@ impl JournalReader {
         };
         self.pos = end;
         Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload }))
+    }
+
+    /// A read at `off` came up short. If the file shrank since it was opened, the writer
+    /// dropped a transaction lightningd never committed (it truncates at a record
+    /// boundary), so the data ends at `off`; anything else is an I/O error.
+    fn cut_short(&mut self, off: u64, e: std::io::Error) -> Result<Option<Record>> {
+        let now = self.file.get_ref().metadata().map(|m| m.len()).unwrap_or(self.len);
+        if e.kind() == std::io::ErrorKind::UnexpectedEof && now < self.len {
+            self.len = off;
+            self.pos = off;
+            return Ok(None);
+        }
+        Err(StoreError::io("read journal", &self.path)(e))
     }
 
     /// Reading stops at `off`: a torn tail if no valid record follows, else damage.
@@ -340,6 +357,7 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
     use std::io::Write;
 
     fn journal(records: &[(u32, Kind, Vec<&str>)]) -> (tempfile::TempDir, PathBuf, Vec<u64>) {
@@ -396,6 +414,30 @@ mod tests {
             let mut r = JournalReader::open(&p).unwrap();
             while r.next_record().unwrap().is_some() {}
             assert_eq!(r.position(), offs[2], "valid data ends before the torn record");
+        }
+    }
+
+    #[test]
+    fn a_transaction_dropped_while_reading_ends_the_data_there() {
+        let big = "x".repeat(40_000);
+        let (_d, p, offs) = journal(&[
+            (1, Kind::Transaction, vec![big.as_str()]),
+            (2, Kind::Transaction, vec![big.as_str()]),
+            (3, Kind::Transaction, vec![big.as_str()]),
+        ]);
+        for cut in [offs[1], offs[2]] {
+            let full = std::fs::read(&p).unwrap();
+            let mut r = JournalReader::open(&p).unwrap();
+            assert_eq!(r.next_record().unwrap().unwrap().data_version, 1);
+            // the writer drops the last transactions, as it does when lightningd never committed them
+            OpenOptions::new().write(true).open(&p).unwrap().set_len(cut).unwrap();
+            let mut n = 1;
+            while r.next_record().unwrap().is_some() {
+                n += 1;
+            }
+            assert_eq!((r.position(), r.torn_tail), (cut, None));
+            assert_eq!(n, offs.iter().filter(|&&o| o < cut).count());
+            std::fs::write(&p, &full).unwrap();
         }
     }
 

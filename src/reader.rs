@@ -3,7 +3,9 @@
 //!
 //! The view opens the current generation's snapshot and journal and reads the journal only
 //! up to the length it had then: a prefix of acknowledged records, with at most a torn
-//! record in progress at its end, which is left out. If a compaction switches generations
+//! record in progress at its end, which is left out. If the writer drops a transaction
+//! lightningd never committed while the view reads, the view ends where it was cut, a
+//! prefix too. If a compaction switches generations
 //! between listing and opening, the old files are gone: list again. Once open, files stay
 //! whole even if a compaction removes them: the view holds a shared lock on each, which
 //! the removal waits for before it frees anything (`fsutil::remove_gradually`).
