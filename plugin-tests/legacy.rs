@@ -170,7 +170,7 @@ fn damaged_v1_files_get_clear_errors_and_no_output() {
     let first_len = u32::from_be_bytes(good[512..516].try_into().unwrap()) as usize;
     let second = 512 + 9 + first_len;
     kind[second + 8] = 3;
-    cases.push(("kind", kind, &"neither 1 (transaction) nor 2 (snapshot)"));
+    cases.push(("kind", kind, "neither 1 (transaction) nor 2 (snapshot)"));
     // a record length that runs past the end
     let mut long = good.clone();
     long[second..second + 4].copy_from_slice(&(10_000_000u32).to_be_bytes());

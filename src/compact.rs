@@ -189,7 +189,7 @@ pub fn compact(
             pace(unpaced, throttle)?;
             unpaced = 0;
         }
-        if folded % 256 == 0 {
+        if folded.is_multiple_of(256) {
             set("build", snap_len + rec.end(), total);
         }
     }

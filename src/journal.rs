@@ -260,7 +260,6 @@ impl JournalReader {
         if off >= self.len || self.torn_tail.is_some() {
             return Ok(None);
         }
-        let io = |e| StoreError::io("read journal", &self.path)(e);
         if self.len - off < RECORD_HEADER_LEN as u64 {
             return self.end_at(off, "record header cut short");
         }

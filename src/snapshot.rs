@@ -203,6 +203,28 @@ pub fn extract(
     Ok(h)
 }
 
+/// Copies a live SQLite database to `tmp` with SQLite's online backup API (so pages still
+/// in its `-wal` count) and returns the copy's data_version.
+pub fn copy_live_database(db: &Path, tmp: &Path) -> Result<u32> {
+    use rusqlite::{Connection, OpenFlags};
+    let err = |e: rusqlite::Error| StoreError::Invalid { path: db.into(), what: format!("SQLite: {e}") };
+    let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+    let mut dst = Connection::open(tmp).map_err(err)?;
+    rusqlite::backup::Backup::new(&src, &mut dst)
+        .and_then(|b| b.run_to_completion(4096, std::time::Duration::ZERO, None))
+        .map_err(err)?;
+    dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(err)?;
+    let dv: Option<i64> = dst
+        .query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0))
+        .map_err(|e| StoreError::Invalid {
+            path: db.into(),
+            what: format!("not a lightningd database (no data_version in its vars table): {e}"),
+        })?;
+    let dv = dv.ok_or_else(|| StoreError::Invalid { path: db.into(), what: "data_version is NULL".into() })?;
+    dst.close().map_err(|(_, e)| err(e))?;
+    Ok(dv as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,26 +257,4 @@ mod tests {
         let e = extract(&snap, &mut File::open(&snap).unwrap(), &mut io::sink(), &mut |_| {}).unwrap_err();
         assert!(matches!(e, StoreError::Damaged { .. }), "{e}");
     }
-}
-
-/// Copies a live SQLite database to `tmp` with SQLite's online backup API (so pages still
-/// in its `-wal` count) and returns the copy's data_version.
-pub fn copy_live_database(db: &Path, tmp: &Path) -> Result<u32> {
-    use rusqlite::{Connection, OpenFlags};
-    let err = |e: rusqlite::Error| StoreError::Invalid { path: db.into(), what: format!("SQLite: {e}") };
-    let src = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
-    let mut dst = Connection::open(tmp).map_err(err)?;
-    rusqlite::backup::Backup::new(&src, &mut dst)
-        .and_then(|b| b.run_to_completion(4096, std::time::Duration::ZERO, None))
-        .map_err(err)?;
-    dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(err)?;
-    let dv: Option<i64> = dst
-        .query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0))
-        .map_err(|e| StoreError::Invalid {
-            path: db.into(),
-            what: format!("not a lightningd database (no data_version in its vars table): {e}"),
-        })?;
-    let dv = dv.ok_or_else(|| StoreError::Invalid { path: db.into(), what: "data_version is NULL".into() })?;
-    dst.close().map_err(|(_, e)| err(e))?;
-    Ok(dv as u32)
 }
