@@ -229,3 +229,15 @@ fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     assert!(!p.has_log("not loaded as an important plugin"), "{:?}", p.logs());
     p.close().unwrap();
 }
+
+/// The README's first command: a real trace through the plugin, a compaction, a restore
+/// compared row by row.
+#[test]
+fn the_readme_demo_runs() {
+    let o = cli(&["demo"]);
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    assert!(out.contains("-- backup-compact (runs in the background):"), "{out}");
+    assert!(out.contains("identical to the real node's final lightningd.sqlite3"), "{out}");
+    assert!(out.ends_with("== demo OK\n"), "{out}");
+}
