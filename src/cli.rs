@@ -184,7 +184,32 @@ fn compact_offline(root: &Path) -> Result<()> {
     let writer = std::sync::Mutex::new(w);
     let status = std::sync::Mutex::new(crate::compact::Status::idle());
     println!("Starting compaction of {}", root.display());
-    match crate::compact::compact(&writer, &status, &|m| println!("{m}"), &mut crate::fsutil::Throttle::unlimited())? {
+    let outcome = std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            crate::compact::compact(&writer, &status, &|m| println!("{m}"), &mut crate::fsutil::Throttle::unlimited())
+        });
+        // one bar per phase, from the status the compaction keeps
+        let (mut shown, mut bar): (_, Box<dyn FnMut(u64, u64)>) = (None, Box::new(|_, _| {}));
+        while !run.is_finished() {
+            let (phase, done, total) = {
+                let st = crate::compact::lock(&status);
+                (st.phase, st.progress_bytes, st.total_bytes)
+            };
+            if let Some(phase) = phase {
+                if shown != Some(phase) {
+                    finish_progress();
+                    shown = Some(phase);
+                    bar = Box::new(progress_bar(format!("Compacting: {phase:<9}")));
+                }
+                bar(done, total);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        run.join()
+            .unwrap_or_else(|_| Err(StoreError::Invalid { path: root.into(), what: "compaction panicked".into() }))
+    });
+    finish_progress();
+    match outcome? {
         crate::compact::Outcome::Nothing(why) => println!("{why}"),
         crate::compact::Outcome::Done(s) => println!(
             "Compacted: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB in {:.2} s",
@@ -275,7 +300,7 @@ fn print_summary(what: &str, s: &Summary) {
 }
 
 /// A progress bar on stderr when it is a terminal; nothing otherwise.
-fn progress_bar(label: &'static str) -> impl FnMut(u64, u64) {
+fn progress_bar(label: impl std::fmt::Display) -> impl FnMut(u64, u64) {
     let tty = std::io::stderr().is_terminal();
     let mut last = Instant::now() - Duration::from_secs(1);
     move |done, total| {
