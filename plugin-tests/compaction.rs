@@ -109,11 +109,20 @@ fn compactions_during_replay_with_live_readers() {
 #[test]
 fn sigkill_in_every_compaction_phase() {
     let trace = trace("channels");
-    for phase in ["build", "snapshot", "pre-copy", "switch"] {
+    for phase in ["build", "snapshot", "pre-copy", "switch", "cleanup"] {
         let s = Setup::new();
         let mut node = s.node();
+        let mut first = 0;
+        if phase == "cleanup" {
+            // a first compaction, so the old generation has a snapshot to leave behind
+            node.replay(trace, 0..300).unwrap();
+            node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
+            wait_generation(&mut node, 2);
+            node.stop().unwrap();
+            first = 300;
+        }
         node.env = vec![("CLN_BACKUP_TEST_PAUSE".into(), phase.into())];
-        node.replay(trace, 0..400).unwrap();
+        node.replay(trace, first..400).unwrap();
         let r = node.plugin().unwrap().cli("backup-compact", json!({})).unwrap();
         assert_eq!(r["result"], "compaction started");
         // lightningd keeps going until the compaction reaches the phase

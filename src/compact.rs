@@ -273,15 +273,23 @@ pub fn compact(
     pause_point("switch", log);
 
     // 6. the old generation goes
-    let old: Vec<&PathBuf> = std::iter::once(&plan.journal).chain(&plan.snapshot).collect();
-    let old_bytes = old.iter().filter_map(|p| fs::metadata(p).ok()).map(|m| m.len()).sum();
+    let old_bytes = std::iter::once(&plan.journal)
+        .chain(&plan.snapshot)
+        .filter_map(|p| fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
     let mut freed = 0;
     set("cleanup", 0, old_bytes);
-    for p in old {
+    let mut remove = |p: &PathBuf| {
         fsutil::remove_gradually(p, throttle, &mut |n| {
             freed += n;
             set("cleanup", freed, old_bytes);
-        })?;
+        })
+    };
+    remove(&plan.journal)?;
+    pause_point("cleanup", log); // a crash here leaves the old snapshot for the next start
+    if let Some(p) = &plan.snapshot {
+        remove(p)?;
     }
     fsutil::fsync_dir(&layout.root)?;
     let after_journal = lock(writer).journal_len();
