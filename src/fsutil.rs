@@ -275,7 +275,7 @@ pub fn open_for_reading(path: &Path) -> io::Result<Option<File>> {
 /// every few seconds; 1 MiB steps at 8 MiB/s never over 8 ms. So a freed byte is charged as
 /// `FREE_COST` written ones (8 made the cleanup twice as long with no fewer slow hooks in
 /// the benchmark). Without a limit: a plain unlink.
-/// `freed` gets the bytes of each step.
+/// `freed` gets the bytes of each step; together, the file's whole length.
 pub fn remove_gradually(path: &Path, throttle: &mut Throttle, freed: &mut dyn FnMut(u64)) -> Result<()> {
     const FREE_STEP: u64 = 1 << 20;
     const FREE_COST: u64 = 4;

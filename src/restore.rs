@@ -198,7 +198,7 @@ fn build(
     std::thread::scope(|s| {
         // The snapshot's writeback finishes while SQLite replays the journal and checks the
         // result from the page cache; the caller's final fsync then has little left.
-        let early_sync = (snap_len > 0).then(|| s.spawn(|| file.sync_data()));
+        let early_sync = summary.snapshot_version.is_some().then(|| s.spawn(|| file.sync_data()));
         let built = replay(view, tmp, summary, snap_len, total, progress);
         if let Some(h) = early_sync {
             h.join()
