@@ -1,6 +1,7 @@
 //! Integration tests: the real binaries as child processes, real files, real fsync, real
 //! SQLite, driven in lightningd's order by the stand-in in `cln_backup::sim`.
 
+mod adapter;
 mod common;
 mod compaction;
 mod crash;

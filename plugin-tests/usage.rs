@@ -16,7 +16,9 @@ fn manifest_declares_a_static_db_write_plugin() {
     let m = p.getmanifest().unwrap();
     assert_eq!(m["dynamic"], false);
     assert_eq!(m["nonnumericids"], true);
-    assert_eq!(m["hooks"], json!([{"name": "db_write"}]));
+    let hooks = m["hooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0]["name"], "db_write");
     assert!(m["rpcmethods"].as_array().unwrap().iter().any(|r| r["name"] == "backup-status"));
     // unknown methods get a JSON-RPC error, and the plugin goes on
     let v = p.request("cln", "no-such-method", json!({})).unwrap();
@@ -184,13 +186,17 @@ fn fake_rpc(dir: &Path, configs: Value) -> std::sync::mpsc::Receiver<String> {
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { break };
-            let mut input = cln_backup::protocol::Framer::new(c.try_clone().unwrap());
-            let Some(Ok(bytes)) = input.next_value() else { continue };
-            let req: Value = serde_json::from_slice(bytes).unwrap();
-            let method = req["method"].as_str().unwrap_or("").to_string();
-            let result = if method == "listconfigs" { json!({"configs": configs}) } else { json!({}) };
-            let _ = c.write_all(json!({"jsonrpc": "2.0", "id": req["id"], "result": result}).to_string().as_bytes());
-            let _ = tx.send(method);
+            let mut input = cln_backup::plugin::protocol::Framer::new(c.try_clone().unwrap());
+            // Like lightningd, several requests on one connection.
+            while let Some(Ok(bytes)) = input.next_value() {
+                let req: Value = serde_json::from_slice(bytes).unwrap();
+                let method = req["method"].as_str().unwrap_or("").to_string();
+                let result = if method == "listconfigs" { json!({"configs": configs}) } else { json!({}) };
+                // lightningd ends each message with a blank line; cln-rpc reads up to it.
+                let answer = json!({"jsonrpc": "2.0", "id": req["id"], "result": result}).to_string() + "\n\n";
+                let _ = c.write_all(answer.as_bytes());
+                let _ = tx.send(method);
+            }
         }
     });
     rx

@@ -13,7 +13,7 @@ use crate::error::StoreError;
 use crate::layout;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
-use crate::{fsutil, rpc, sim, snapshot, writer};
+use crate::{fsutil, sim, snapshot, writer};
 
 #[derive(Parser)]
 #[command(
@@ -72,6 +72,9 @@ pub fn entry() -> ExitCode {
             Err(_) => ExitCode::FAILURE,
         };
     }
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
@@ -80,10 +83,34 @@ pub fn entry() -> ExitCode {
                 Some(se) => se.explain(),
                 None => format!("{e:#}"),
             };
-            eprintln!("error: {msg}");
+            log::error!("{msg}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when something answers on the RPC socket: lightningd is running on that dir.
+fn lightningd_running(lightning_dir: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(lightning_dir.join("lightning-rpc")).is_ok()
+}
+
+/// backup-cli's log lines, through the same `log` macros as the plugin: to stderr.
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Warn || (m.target().starts_with("cln_backup") && m.level() <= log::Level::Info)
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            match r.level() {
+                log::Level::Error => eprintln!("error: {}", r.args()),
+                log::Level::Warn => eprintln!("warning: {}", r.args()),
+                _ => eprintln!("{}", r.args()),
+            }
+        }
+    }
+    fn flush(&self) {}
 }
 
 fn run(cmd: Cmd) -> Result<()> {
@@ -136,7 +163,7 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
             ldir.display()
         );
     }
-    if rpc::lightningd_running(ldir) {
+    if lightningd_running(ldir) {
         bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
     }
     let lock = ldir.join(LOCK_NAME);
@@ -233,7 +260,7 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
     }
     let lock = lightning_dir.map(|d| d.join(LOCK_NAME));
     if let (Some(ldir), Some(lock)) = (lightning_dir, &lock) {
-        if rpc::lightningd_running(ldir) {
+        if lightningd_running(ldir) {
             bail!("lightningd is running on {}: stop it first (lightning-cli stop), then migrate", ldir.display());
         }
         let text = fs::read_to_string(lock).with_context(|| format!("read {}", lock.display()))?;

@@ -74,7 +74,7 @@ impl Status {
     /// `backup-status` right after `backup-compact` already says "running".
     pub fn begin(&mut self) {
         self.state = "running";
-        self.started = Some(crate::plugin::fmt_time(SystemTime::now()));
+        self.started = Some(crate::clock::fmt_time(SystemTime::now()));
         self.max_hook_stall_us = 0;
     }
 }

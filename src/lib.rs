@@ -1,25 +1,22 @@
 //! cln-backup: a crash-safe, continuous backup of Core Lightning's SQLite database.
 //!
-//! The plugin (`plugin`) appends every `db_write` call durably to a journal before it lets
+//! The plugin (`plugin`, on cln-plugin with a pre-init adapter) appends every `db_write` call durably to a journal before it lets
 //! lightningd commit; `backup-cli` (`cli`) creates, verifies and restores backups.
 //! Storage: `layout` (files of a backup), `journal` (record format), `snapshot`,
 //! `writer`, `reader`, `restore`; rules: `versions`; durability: `fsutil`.
 
 pub mod cli;
+pub mod clock;
 pub mod compact;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
 pub mod layout;
 pub mod legacy;
-pub mod options;
 pub mod plugin;
-pub mod protocol;
 pub mod reader;
 pub mod restore;
-pub mod rpc;
 pub mod sim;
 pub mod snapshot;
-pub mod stats;
 pub mod versions;
 pub mod writer;

@@ -124,7 +124,7 @@ impl PluginProc {
         let logs2 = logs.clone();
         let echo = std::env::var_os("CLN_BACKUP_SIM_LOG").is_some();
         std::thread::spawn(move || {
-            let mut input = crate::protocol::Framer::new(stdout);
+            let mut input = crate::plugin::protocol::Framer::new(stdout);
             while let Some(Ok(bytes)) = input.next_value() {
                 let Ok(msg) = serde_json::from_slice::<Value>(bytes) else { break };
                 if msg["method"] == "log" {
@@ -187,6 +187,11 @@ impl PluginProc {
                 Err(RecvTimeoutError::Disconnected) => bail!("plugin exited before answering {id}"),
             }
         }
+    }
+
+    /// Waits for the response with this id (to a request sent with `send_bytes`).
+    pub fn response(&mut self, id: &str) -> Result<Value> {
+        self.wait_for(id)
     }
 
     /// Sends a request; returns the whole response object.

@@ -1,5 +1,6 @@
 //! lightningd's plugin protocol over stdio: JSON-RPC 2.0 objects, each followed by a blank
-//! line. Stdout belongs to this protocol; everything the plugin says goes through `Output`.
+//! line. Stdout belongs to this protocol; everything the plugin says (its own answers,
+//! cln-plugin's messages and log lines) goes through the one `Output`, a message at a time.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
@@ -86,30 +87,13 @@ impl<R: Read> Framer<R> {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum Level {
-    Debug,
-    Info,
-    /// lightningd's UNUSUAL: for halts and operator mistakes (BROKEN is for bugs).
-    Warn,
-    Error,
-}
-
-impl Level {
-    fn as_str(self) -> &'static str {
-        match self {
-            Level::Debug => "debug",
-            Level::Info => "info",
-            Level::Warn => "warn",
-            Level::Error => "error",
-        }
-    }
-}
-
 /// The plugin's stdout, shared between threads; one message is written and flushed whole.
+/// The sink and a reused buffer, so a message goes out in one write.
+type Sink = (Box<dyn Write + Send>, Vec<u8>);
+
 #[derive(Clone)]
 pub struct Output {
-    inner: Arc<Mutex<(Box<dyn Write + Send>, Vec<u8>)>>,
+    inner: Arc<Mutex<Sink>>,
 }
 
 impl Output {
@@ -141,12 +125,24 @@ impl Output {
         self.send(&Response { jsonrpc: "2.0", id, result: None, error: Some(&error) })
     }
 
-    pub fn log(&self, level: Level, message: &str) {
+    /// Writes one whole message that is already JSON (cln-plugin's output, re-framed).
+    pub fn send_raw(&self, json: &[u8]) -> io::Result<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (w, buf) = &mut *guard;
+        buf.clear();
+        buf.extend_from_slice(json);
+        buf.extend_from_slice(b"\n\n");
+        w.write_all(buf)?;
+        w.flush()
+    }
+
+    /// A `log` notification; lightningd writes it to its log at `level`.
+    pub fn log(&self, level: &str, message: &str) {
         // A failed log write means lightningd is gone; the read loop will see EOF.
         let _ = self.send(&json!({
             "jsonrpc": "2.0",
             "method": "log",
-            "params": {"level": level.as_str(), "message": message},
+            "params": {"level": level, "message": message},
         }));
     }
 }
