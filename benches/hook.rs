@@ -6,8 +6,11 @@
 //!    interleaved call by call so machine noise hits both alike.
 //! 2. Restore speed (statements/s) against SQLite executing the same statements in one
 //!    transaction with the same settings.
-//! 3. The plugin's RSS after the whole trace.
+//! 3. The plugin's RSS after the whole trace, and its binary's size.
 //!
+//! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
+//! by call, against the same baseline (e.g. the commit before a change).
+//! CLN_BACKUP_BENCH_ONLY=hook stops after the hook round trips.
 //! Set CLN_BACKUP_BENCH_DIR to measure on another filesystem (default: target/bench-tmp),
 //! and CLN_BACKUP_BENCH_GB to size the compaction-stall journal (default 1; 0 skips it).
 
@@ -51,30 +54,39 @@ fn hook_restore_and_compaction(base: &Path) {
     let trace_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
     let trace = sim::read_trace(&fs::read(&trace_path).unwrap()).unwrap();
     let stmts: usize = trace.iter().map(|r| r.writes.len()).sum();
+    let only_hook = std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "hook");
     println!(
         "cln-backup benchmark: trace soak ({} db_write calls, {stmts} statements), dir {}",
         trace.len(),
         base.display()
     );
 
-    // 1. hook round trip vs write+fdatasync
+    // 1. hook round trip vs write+fdatasync, and vs another build of the plugin when
+    //    CLN_BACKUP_BENCH_COMPARE names its binary (e.g. the commit before a change)
     let ldir = base.join("regtest");
-    fs::create_dir_all(&ldir).unwrap();
     let root = base.join("node.bkp");
-    let o = std::process::Command::new(CLI)
-        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &format!("file://{}", root.display())])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let other = std::env::var_os("CLN_BACKUP_BENCH_COMPARE").map(PathBuf::from);
+    let mut plugins = vec![("this build", PathBuf::from(BIN), ldir.clone(), root.clone())];
+    if let Some(o) = &other {
+        plugins.push(("compared", o.clone(), base.join("other/regtest"), base.join("other.bkp")));
+    }
+    let mut nodes = Vec::new();
+    for (_, bin, ldir, root) in &plugins {
+        fs::create_dir_all(ldir).unwrap();
+        let o = std::process::Command::new(CLI)
+            .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &format!("file://{}", root.display())])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        nodes.push(Node::new(bin, ldir).unwrap());
+    }
     let baseline_file =
         OpenOptions::new().create(true).truncate(true).read(true).write(true).open(base.join("baseline.bin")).unwrap();
     let mut baseline_off = 0u64;
     let mut baseline = Vec::with_capacity(trace.len());
     let mut buf = Vec::new();
-    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
     let t0 = Instant::now();
     for (i, rec) in trace.iter().enumerate() {
-        node.start_if_needed(&trace, i).unwrap();
         buf.clear();
         journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
         let b0 = Instant::now();
@@ -82,30 +94,47 @@ fn hook_restore_and_compaction(base: &Path) {
         baseline_file.sync_data().unwrap();
         baseline.push(b0.elapsed());
         baseline_off += buf.len() as u64;
-        assert_eq!(node.step(rec).unwrap(), Answer::Continue, "call {i}");
+        // alternate who goes first, so neither always follows the baseline's fdatasync
+        let n = nodes.len();
+        for k in 0..n {
+            let node = &mut nodes[(i + k) % n];
+            node.start_if_needed(&trace, i).unwrap();
+            assert_eq!(node.step(rec).unwrap(), Answer::Continue, "call {i}");
+        }
     }
     let replay_s = t0.elapsed().as_secs_f64();
-    let pid = node.plugin().unwrap().pid();
-    let (rss, hwm) = rss_kb(pid);
-    node.stop().unwrap();
-    let mut hooks = node.hook_times.clone();
-    let (h50, h99, hmax) = (pct(&mut hooks, 0.5), pct(&mut hooks, 0.99), pct(&mut hooks, 1.0));
     let (b50, b99, bmax) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99), pct(&mut baseline, 1.0));
     println!();
     println!(
         "db_write round trip (plugin over stdio) vs bare write+fdatasync of the same bytes, {} calls, {replay_s:.1} s",
         trace.len()
     );
-    println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "plugin µs", "baseline µs", "ratio");
-    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.3", "p50", h50, b50, h50 / b50);
-    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.5", "p99", h99, b99, h99 / b99);
-    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}", "max", hmax, bmax, hmax / bmax);
-    println!(
-        "plugin memory after the whole trace: RSS {:.1} MB (peak {:.1} MB), target <= 16 MB",
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
-    );
+    let mut h50 = 0.0;
+    for (node, (name, bin, _, _)) in nodes.iter_mut().zip(&plugins) {
+        let pid = node.plugin().unwrap().pid();
+        let (rss, hwm) = rss_kb(pid);
+        node.stop().unwrap();
+        let mut hooks = node.hook_times.clone();
+        let (p50, p99, pmax) = (pct(&mut hooks, 0.5), pct(&mut hooks, 0.99), pct(&mut hooks, 1.0));
+        if h50 == 0.0 {
+            h50 = p50;
+        }
+        let size = fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
+        println!("  {name}: {} ({:.2} MB)", bin.display(), size as f64 / 1e6);
+        println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "plugin µs", "baseline µs", "ratio");
+        println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.3", "p50", p50, b50, p50 / b50);
+        println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.5", "p99", p99, b99, p99 / b99);
+        println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}", "max", pmax, bmax, pmax / bmax);
+        println!(
+            "  plugin memory after the whole trace: RSS {:.1} MB (peak {:.1} MB), target <= 16 MB",
+            rss as f64 / 1024.0,
+            hwm as f64 / 1024.0
+        );
+    }
 
+    if only_hook {
+        return;
+    }
     // 2. restore speed vs SQLite executing the same statements in one transaction
     let mut best_restore = f64::MAX;
     let mut best_sqlite = f64::MAX;
