@@ -137,15 +137,34 @@ pub fn encode_record<S: AsRef<str>>(out: &mut Vec<u8>, data_version: u32, kind: 
         out.extend_from_slice(&(w.len() as u32).to_le_bytes());
         out.extend_from_slice(w);
     }
-    let payload_len = (out.len() - start - RECORD_HEADER_LEN) as u32;
-    let payload_crc = crc32c::crc32c(&out[start + RECORD_HEADER_LEN..]);
-    let h = &mut out[start..start + RECORD_HEADER_LEN];
+    fill_header(&mut out[start..], data_version, kind);
+}
+
+/// Appends one framed record around a payload that is already encoded (a record read
+/// back, copied to another destination).
+pub fn frame_payload(out: &mut Vec<u8>, data_version: u32, kind: Kind, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    out.extend_from_slice(payload);
+    fill_header(&mut out[start..], data_version, kind);
+}
+
+/// Writes a record's header over its first `RECORD_HEADER_LEN` bytes, from the payload after them.
+fn fill_header(record: &mut [u8], data_version: u32, kind: Kind) {
+    let payload_len = (record.len() - RECORD_HEADER_LEN) as u32;
+    let payload_crc = crc32c::crc32c(&record[RECORD_HEADER_LEN..]);
+    let h = &mut record[..RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&payload_len.to_le_bytes());
     h[4..8].copy_from_slice(&data_version.to_le_bytes());
     h[8] = kind as u8;
     h[9..13].copy_from_slice(&payload_crc.to_le_bytes());
     let header_crc = crc32c::crc32c(&h[0..13]);
     h[13..17].copy_from_slice(&header_crc.to_le_bytes());
+}
+
+/// The payload CRC a framed record carries (bytes 9..13 of its header).
+pub fn payload_crc(record: &[u8]) -> u32 {
+    record.get(9..13).map_or(0, u32le)
 }
 
 /// The fields of a record header whose own checksum holds.
@@ -193,6 +212,8 @@ pub struct Record {
     pub offset: u64,
     pub data_version: u32,
     pub kind: Kind,
+    /// CRC32C of the payload, as the header says and the payload matched.
+    pub payload_crc: u32,
     pub payload: Vec<u8>,
 }
 
@@ -289,7 +310,7 @@ impl JournalReader {
             });
         };
         self.pos = end;
-        Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload }))
+        Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload }))
     }
 
     /// A read at `off` came up short. If the file shrank since it was opened, the writer

@@ -60,6 +60,11 @@ enum FileKind {
     Snapshot,
 }
 
+/// The generation a journal or snapshot file name belongs to.
+pub fn generation_of(name: &str) -> Option<u64> {
+    parse_name(name).map(|(g, _)| g.generation)
+}
+
 fn parse_name(name: &str) -> Option<(GenName, FileKind)> {
     let (stem, kind) = if let Some(s) = name.strip_suffix(".journal") {
         (s, FileKind::Journal)

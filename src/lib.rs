@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod clock;
 pub mod compact;
+pub mod destination;
 pub mod error;
 pub mod fsutil;
 pub mod journal;

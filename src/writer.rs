@@ -70,6 +70,11 @@ pub struct Writer {
     snapshot_bytes: u64,
     /// Records before the last transaction: the count once it is dropped.
     records_before_last_tx: u64,
+    /// The payload CRC of the journal's last record (0 when it has none): with the
+    /// position, what tells two copies of a backup apart.
+    last_crc: u32,
+    /// The same for the record before the last transaction: the last one once it is dropped.
+    crc_before_last_tx: u32,
 }
 
 /// What a compaction may fold: everything before the last transaction, which stays in the
@@ -157,6 +162,50 @@ pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u
     result.map(|_| Layout::new(root))
 }
 
+/// Makes another copy's generation the current one of the backup at `root`: its snapshot,
+/// then its journal up to `journal_len` (each tmp, write, fsync, rename, fsync dir; the
+/// journal's rename is the commit point), then removes newer generations so it is current.
+/// Older files are leftovers that the next open removes.
+pub fn install_generation(root: &Path, from: &crate::destination::GenerationFiles) -> Result<()> {
+    let layout = Layout::new(root);
+    let header = journal::JournalReader::open(&from.journal)?.header;
+    if header.generation != from.generation {
+        return Err(StoreError::Invalid { path: from.journal.clone(), what: "generation changed while copying".into() });
+    }
+    let g = GenName { generation: header.generation, base_version: header.base.version() };
+    let copy = |src: &Path, dst: &Path, len: Option<u64>| {
+        fsutil::write_atomic(dst, true, |f, tmp| {
+            let mut input = File::open(src).map_err(StoreError::io("open", src))?;
+            let copied = match len {
+                Some(n) => std::io::copy(&mut std::io::Read::take(&mut input, n), f),
+                None => std::io::copy(&mut input, f),
+            }
+            .map_err(StoreError::io("copy into", tmp))?;
+            match len {
+                Some(n) if copied != n => Err(StoreError::Invalid { path: src.into(), what: "shorter than expected".into() }),
+                _ => Ok(()),
+            }
+        })
+    };
+    if let Some(snap) = &from.snapshot {
+        copy(snap, &layout.snapshot_path(g), None)?;
+    }
+    copy(&from.journal, &layout.journal_path(g), Some(from.journal_len))?;
+    let mut removed = false;
+    for entry in fs::read_dir(root).map_err(StoreError::io("list", root))? {
+        let p = entry.map_err(StoreError::io("list", root))?.path();
+        let newer = p.file_name().and_then(|n| n.to_str()).and_then(crate::layout::generation_of).is_some_and(|n| n > g.generation);
+        if newer {
+            fs::remove_file(&p).map_err(StoreError::io("remove", &p))?;
+            removed = true;
+        }
+    }
+    if removed {
+        fsutil::fsync_dir(root)?;
+    }
+    Ok(())
+}
+
 /// Writes a new journal file: header then `records` (already framed), durably.
 pub fn write_journal(path: &Path, header: &Header, records: &[u8]) -> Result<()> {
     fsutil::write_atomic(path, false, |f, tmp| {
@@ -173,6 +222,19 @@ impl Writer {
         let layout = Layout::new(root);
         layout.list()?; // says clearly what is wrong before we create a lock file in it
         let lock = lock(&layout)?;
+        Writer::open_locked(layout, lock)
+    }
+
+    /// Opens the backup again, keeping the writer's lock: after another generation was
+    /// installed under it.
+    pub fn reopen(&mut self) -> Result<OpenReport> {
+        let lock = self._lock.try_clone().map_err(StoreError::io("lock", self.layout.lock_path()))?;
+        let (w, report) = Writer::open_locked(self.layout.clone(), lock)?;
+        *self = w;
+        Ok(report)
+    }
+
+    fn open_locked(layout: Layout, lock: File) -> Result<(Writer, OpenReport)> {
         let listing = layout.list()?;
         let mut report = OpenReport::default();
         for p in &listing.leftovers {
@@ -208,14 +270,17 @@ impl Writer {
         let mut last_tx_offset = None;
         let mut records = 0;
         let mut records_before_last_tx = 0;
+        let (mut last_crc, mut crc_before_last_tx) = (0, 0);
         while let Some(rec) = reader.next_record()? {
             check_chain(&path, position, &rec)?;
             if rec.kind == Kind::Transaction {
                 position = Position { version: rec.data_version, droppable: true };
                 last_tx_offset = Some(rec.offset);
                 records_before_last_tx = records;
+                crc_before_last_tx = last_crc;
             }
             records += 1;
+            last_crc = rec.payload_crc;
         }
         let end = reader.position();
         if let Some(t) = reader.torn_tail {
@@ -238,6 +303,8 @@ impl Writer {
             poisoned: false,
             truncations: 0,
             records_before_last_tx,
+            last_crc,
+            crc_before_last_tx,
             snapshot_bytes: listing.snapshot.as_ref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len()),
         };
         Ok((w, report))
@@ -290,18 +357,31 @@ impl Writer {
 
     /// Appends one record and makes it durable.
     pub fn append<S: AsRef<str>>(&mut self, data_version: u32, kind: Kind, writes: &[S]) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        journal::encode_record(&mut buf, data_version, kind, writes);
+        let r = self.append_framed(data_version, kind, &buf);
+        self.buf = buf;
+        r
+    }
+
+    /// Appends one record framed by `journal::encode_record` (once, for every destination)
+    /// with one write, then fdatasyncs it.
+    pub fn append_framed(&mut self, data_version: u32, kind: Kind, record: &[u8]) -> Result<()> {
         self.check_poisoned()?;
-        self.buf.clear();
-        journal::encode_record(&mut self.buf, data_version, kind, writes);
         let offset = self.end;
-        let r = self.file.write_all_at(&self.buf, offset).and_then(|_| self.file.sync_data());
+        let r = self.file.write_all_at(record, offset).and_then(|_| self.file.sync_data());
         if let Err(e) = r {
             // Best effort: take the partial record back; the next open cuts it anyway.
             self.poisoned = self.file.set_len(offset).and_then(|_| self.file.sync_all()).is_err();
             return Err(StoreError::io("append to journal", &self.path)(e));
         }
-        self.end += self.buf.len() as u64;
+        self.end += record.len() as u64;
         self.records += 1;
+        if kind == Kind::Transaction {
+            self.crc_before_last_tx = self.last_crc;
+        }
+        self.last_crc = journal::payload_crc(record);
         self.last_write = Some(SystemTime::now());
         if kind == Kind::Transaction {
             self.position = Position { version: data_version, droppable: true };
@@ -311,8 +391,13 @@ impl Writer {
         Ok(())
     }
 
+    /// The payload CRC of the last record (0 for none).
+    pub fn last_crc(&self) -> u32 {
+        self.last_crc
+    }
+
     /// Drops the last transaction record and everything after it.
-    fn drop_last_transaction(&mut self) -> Result<()> {
+    pub fn drop_last_transaction(&mut self) -> Result<()> {
         self.check_poisoned()?;
         let Some(offset) = self.last_tx_offset else {
             return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() });
@@ -326,6 +411,7 @@ impl Writer {
         self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
         self.last_tx_offset = None;
         self.truncations += 1;
+        self.last_crc = self.crc_before_last_tx;
         Ok(())
     }
 

@@ -21,8 +21,9 @@ use super::options::{self, Settings};
 use super::stats::Latency;
 use crate::clock::fmt_time;
 use crate::compact::{self, lock, Outcome};
-use crate::layout::{self, Layout};
-use crate::legacy;
+use crate::destination::replicas::{self, Replicas};
+use crate::destination::LockFile;
+use crate::layout::Layout;
 use crate::writer::{Applied, Writer};
 
 pub const LOCK_NAME: &str = "backup.lock";
@@ -34,13 +35,8 @@ struct DbWrite<'a> {
     writes: Vec<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
-struct BackupLock {
-    backend_url: String,
-}
-
 enum Backend {
-    Ready(Arc<Mutex<Writer>>),
+    Ready(Arc<Mutex<Replicas>>),
     Halted(String),
 }
 
@@ -58,6 +54,10 @@ pub struct Core {
     compacting: Arc<AtomicBool>,
     /// Automatic compaction found nothing to fold: wait until the journal reaches this.
     auto_backoff: u64,
+    /// A background thread is bringing lagging destinations up to date.
+    catching_up: Arc<AtomicBool>,
+    /// backup.lock as read at open.
+    lock_file: Option<LockFile>,
 }
 
 impl Core {
@@ -75,6 +75,8 @@ impl Core {
             compaction: Arc::new(Mutex::new(compact::Status::idle())),
             compacting: Arc::new(AtomicBool::new(false)),
             auto_backoff: 0,
+            catching_up: Arc::new(AtomicBool::new(false)),
+            lock_file: None,
         }
     }
 
@@ -89,7 +91,7 @@ impl Core {
         }
         self.open_attempted = true;
         self.backend = match self.try_open() {
-            Ok(w) => Backend::Ready(Arc::new(Mutex::new(w))),
+            Ok(r) => Backend::Ready(r),
             Err(reason) => {
                 warn!("{reason}");
                 Backend::Halted(reason)
@@ -97,9 +99,9 @@ impl Core {
         };
     }
 
-    fn try_open(&mut self) -> Result<Writer, String> {
-        let lock = self.lock_path();
-        let text = match fs::read_to_string(&lock) {
+    fn try_open(&mut self) -> Result<Arc<Mutex<Replicas>>, String> {
+        let lock_path = self.lock_path();
+        let text = match fs::read_to_string(&lock_path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(format!(
@@ -110,49 +112,61 @@ impl Core {
                     self.lightning_dir.display()
                 ))
             }
-            Err(e) => return Err(format!("Cannot read {}: {e}", lock.display())),
+            Err(e) => return Err(format!("Cannot read {}: {e}", lock_path.display())),
         };
-        let bl: BackupLock = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "{} is not valid ({e}); it should hold {{\"backend_url\": \"file:///path/to/backup\"}}",
-                lock.display()
-            )
-        })?;
-        self.url = Some(bl.backend_url.clone());
-        let root = layout::parse_url(&bl.backend_url, &self.lightning_dir)
-            .map_err(|e| format!("backup.lock names an unusable backup URL: {e}"))?;
-        if legacy::is_v1_file(&root) {
-            return Err(format!(
-                "backup.lock points at {}, a backup of the Python backup plugin (format v1); cln-backup does not \
-                 write into it. With lightningd stopped, convert it: backup-cli migrate {} {} --lightning-dir {}",
-                root.display(),
-                bl.backend_url,
-                layout::url_for(&root.with_extension("cln-backup")),
-                self.lightning_dir.display()
-            ));
+        let lf = LockFile::parse(&text, &lock_path)?;
+        self.url = Some(lf.urls[0].clone());
+        for u in &lf.urls {
+            crate::destination::parse(u, &self.lightning_dir)
+                .map_err(|e| format!("backup.lock names an unusable backup URL: {e}"))?;
         }
-        let (w, report) = Writer::open(&root)
-            .map_err(|e| format!("Cannot open the backup at {}: {}", bl.backend_url, e.explain()))?;
-        if !report.removed.is_empty() {
-            let names: Vec<_> =
-                report.removed.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy()).collect();
-            info!("Removed {} leftover file(s) of an interrupted compaction: {}", names.len(), names.join(", "));
+        // Before init the options are not known: the rule in force is the one recorded in
+        // backup.lock at the last init (or by backup-cli).
+        let min = lf.min_destinations.unwrap_or(0);
+        let replicas = Replicas::open(&lf.urls, &self.lightning_dir, min);
+        if lf.urls.len() == 1 {
+            if let Some(e) = &replicas.slots()[0].last_error {
+                return Err(e.clone());
+            }
         }
-        if let Some((off, len)) = report.torn_tail {
+        self.lock_file = Some(lf);
+        let replicas = Arc::new(Mutex::new(replicas));
+        if lock(&replicas).any_behind() {
+            // Local copies usually catch up in moments: try before the first write is answered.
+            replicas::catch_up(&replicas, &self.lightning_dir);
+        }
+        for d in lock(&replicas).status() {
             info!(
-                "Cut a torn record of {len} bytes at offset {off} of {}: a write cut short by a crash, never \
-                 acknowledged to lightningd",
-                w.journal_path().display()
+                "Opened backup {} ({}, generation {}, data_version {})",
+                d["url"].as_str().unwrap_or("?"),
+                d["state"].as_str().unwrap_or("?"),
+                d["generation"],
+                d["latest_version"]
             );
         }
-        info!(
-            "Opened backup {} (generation {}, {} records since the snapshot, data_version {})",
-            bl.backend_url,
-            w.header().generation,
-            w.records(),
-            w.position().version
-        );
-        Ok(w)
+        self.start_catch_up(&replicas);
+        Ok(replicas)
+    }
+
+    /// Starts the background thread that retries lagging destinations, if one is needed.
+    fn start_catch_up(&self, replicas: &Arc<Mutex<Replicas>>) {
+        if !lock(replicas).any_behind() || self.catching_up.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (r, flag, base) = (replicas.clone(), self.catching_up.clone(), self.lightning_dir.clone());
+        let spawned = std::thread::Builder::new().name("cln-backup-catch-up".into()).spawn(move || {
+            crate::fsutil::background_priority();
+            loop {
+                std::thread::sleep(replicas::RETRY_EVERY);
+                if replicas::catch_up(&r, &base) {
+                    break;
+                }
+            }
+            flag.store(false, Ordering::Release);
+        });
+        if spawned.is_err() {
+            self.catching_up.store(false, Ordering::Release);
+        }
     }
 
     /// lightningd's init came with these settings: automatic compaction may start now.
@@ -160,6 +174,30 @@ impl Core {
         self.open_backend();
         self.settings = settings;
         self.initialized = true;
+        if let Backend::Ready(r) = &self.backend {
+            lock(r).set_min(settings.min_destinations);
+        }
+        self.record_min_destinations();
+    }
+
+    /// Writes the rule in force into backup.lock, so that the writes of the next start,
+    /// which come before its init, go on under it too.
+    fn record_min_destinations(&mut self) {
+        let Some(lf) = &mut self.lock_file else { return };
+        let want = (self.settings.min_destinations != 0).then_some(self.settings.min_destinations);
+        if lf.min_destinations == want {
+            return;
+        }
+        lf.min_destinations = want;
+        let text = lf.to_json();
+        let path = self.lightning_dir.join(LOCK_NAME);
+        let r = crate::fsutil::write_atomic(&path, true, |f, tmp| {
+            std::io::Write::write_all(f, text.as_bytes()).map_err(crate::error::StoreError::io("write", tmp))
+        });
+        match r {
+            Ok(()) => info!("Recorded {}={} in {}", options::MIN_DESTINATIONS.name, self.settings.min_destinations, path.display()),
+            Err(e) => warn!("Could not record {} in {}: {}", options::MIN_DESTINATIONS.name, path.display(), e.explain()),
+        }
     }
 
     /// Changes the compaction pace; it applies from the next compaction.
@@ -203,19 +241,30 @@ impl Core {
     }
 
     fn apply(&mut self, call: DbWrite<'_>) -> Result<(), String> {
-        let writer = match &self.backend {
-            Backend::Ready(w) => w.clone(),
+        let replicas = match &self.backend {
+            Backend::Ready(r) => r.clone(),
             Backend::Halted(reason) => return Err(reason.clone()),
         };
-        let waited = Instant::now();
-        let mut w = lock(&writer);
+        let mut r = lock(&replicas);
         if self.compacting.load(Ordering::Relaxed) {
-            let us = waited.elapsed().as_micros() as u64;
-            let mut st = lock(&self.compaction);
-            st.max_hook_stall_us = st.max_hook_stall_us.max(us);
+            // How long compaction's switch keeps this call from the journal.
+            if let Some((_, w)) = r.in_sync_writers().first() {
+                let waited = Instant::now();
+                drop(lock(w));
+                let us = waited.elapsed().as_micros() as u64;
+                let mut st = lock(&self.compaction);
+                st.max_hook_stall_us = st.max_hook_stall_us.max(us);
+            }
         }
-        let before = w.position().version;
-        match w.apply(call.data_version, &call.writes) {
+        let before = r.slots().iter().find_map(|s| s.latest_version());
+        let result = r.apply(call.data_version, &call.writes);
+        let behind = r.any_behind();
+        drop(r);
+        if behind {
+            self.start_catch_up(&replicas);
+        }
+        let before = before.unwrap_or(0);
+        match result {
             Ok(Applied::Appended) => {
                 if !self.first_write_done {
                     info!("Versions match up: backup at {before}, lightningd sent {}", call.data_version);
@@ -234,9 +283,12 @@ impl Core {
     }
 
     pub fn compact_command(&mut self) -> Value {
-        let writer = match &self.backend {
-            Backend::Ready(w) => w.clone(),
+        let writers = match &self.backend {
+            Backend::Ready(r) => lock(r).in_sync_writers(),
             Backend::Halted(reason) => return json!({"result": "backup halted", "reason": reason}),
+        };
+        let Some((_, writer)) = writers.first().cloned() else {
+            return json!({"result": "nothing to compact", "reason": "no file destination is in sync"});
         };
         if self.compacting.load(Ordering::Relaxed) {
             return json!({"result": "compaction already running", "compaction": *lock(&self.compaction)});
@@ -251,7 +303,7 @@ impl Core {
                 "reason": format!("the journal holds {records} record(s); its last transaction stays until lightningd commits the next one"),
             });
         }
-        self.start_compaction(writer, "requested by backup-compact".into());
+        self.start_compaction(writers, "requested by backup-compact".into());
         json!({"result": "compaction started", "journal_bytes": len, "records": records})
     }
 
@@ -259,7 +311,9 @@ impl Core {
         if !self.initialized || self.compacting.load(Ordering::Relaxed) {
             return;
         }
-        let Backend::Ready(writer) = &self.backend else { return };
+        let Backend::Ready(r) = &self.backend else { return };
+        let writers = lock(r).in_sync_writers();
+        let Some((_, writer)) = writers.first() else { return };
         let (journal, snapshot) = {
             let w = lock(writer);
             (w.journal_len(), w.snapshot_len())
@@ -269,12 +323,12 @@ impl Core {
         }
         if let Some(reason) = self.settings.reason_to_compact(journal, snapshot) {
             self.auto_backoff = journal + self.settings.min_journal.max(1 << 20);
-            let writer = writer.clone();
-            self.start_compaction(writer, reason);
+            self.start_compaction(writers, reason);
         }
     }
 
-    fn start_compaction(&mut self, writer: Arc<Mutex<Writer>>, reason: String) {
+    /// Compacts each in-sync file destination in turn, in the background.
+    fn start_compaction(&mut self, writers: Vec<(String, Arc<Mutex<Writer>>)>, reason: String) {
         self.compacting.store(true, Ordering::Relaxed);
         lock(&self.compaction).begin();
         let rate = self.settings.io_rate;
@@ -287,7 +341,15 @@ impl Core {
         std::thread::spawn(move || {
             crate::fsutil::background_priority();
             let log = |m: &str| info!("{m}");
-            match compact::run_tracked(&writer, &status, &log, &mut crate::fsutil::Throttle::new(rate)) {
+            let many = writers.len() > 1;
+            for (i, (url, writer)) in writers.iter().enumerate() {
+                if many {
+                    info!("Compacting {url}");
+                }
+                if i > 0 {
+                    lock(&status).begin();
+                }
+            match compact::run_tracked(writer, &status, &log, &mut crate::fsutil::Throttle::new(rate)) {
                 Ok(Outcome::Done(s)) => info!(
                     "Compaction done: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB \
                      in {:.2} s; the final switch held db_write for {} µs",
@@ -301,6 +363,7 @@ impl Core {
                 ),
                 Ok(Outcome::Nothing(why)) => info!("Compaction: {why}"),
                 Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
+            }
             }
             flag.store(false, Ordering::Relaxed);
         });
@@ -326,26 +389,32 @@ impl Core {
                 v["state"] = json!("halted");
                 v["halt_reason"] = json!(reason);
             }
-            Backend::Ready(w) => {
-                let w = lock(w);
-                let h = w.header();
-                let layout: &Layout = w.layout();
-                let journal_bytes = w.journal_len();
-                let snapshot = w.snapshot_path().map(|p| (p, w.snapshot_len(), h.base.version()));
-                let mut files = vec![json!({"path": w.journal_path(), "bytes": journal_bytes})];
-                if let Some((p, bytes, _)) = &snapshot {
-                    files.push(json!({"path": p, "bytes": bytes}));
-                }
-                v["state"] = json!("ok");
-                v["path"] = json!(layout.root);
-                v["files"] = json!(files);
-                v["total_bytes"] = json!(journal_bytes + snapshot.as_ref().map_or(0, |s| s.1));
-                v["generation"] = json!(h.generation);
-                v["snapshot_version"] = json!(snapshot.as_ref().map(|s| s.2));
-                v["latest_version"] = json!(w.position().version);
-                v["records_since_snapshot"] = json!(w.records());
-                v["last_write"] = json!(w.last_write.map(fmt_time));
+            Backend::Ready(r) => {
+                let r = lock(r);
+                v["destinations"] = json!(r.status());
+                v["min_destinations"] = json!(r.required());
+                v["state"] = json!(if r.any_behind() { "degraded" } else { "ok" });
                 v["compaction"] = json!(*lock(&self.compaction));
+                // Today's fields, for the first destination.
+                if let Some((_, w)) = r.in_sync_writers().first() {
+                    let w = lock(w);
+                    let h = w.header();
+                    let layout: &Layout = w.layout();
+                    let journal_bytes = w.journal_len();
+                    let snapshot = w.snapshot_path().map(|p| (p, w.snapshot_len(), h.base.version()));
+                    let mut files = vec![json!({"path": w.journal_path(), "bytes": journal_bytes})];
+                    if let Some((p, bytes, _)) = &snapshot {
+                        files.push(json!({"path": p, "bytes": bytes}));
+                    }
+                    v["path"] = json!(layout.root);
+                    v["files"] = json!(files);
+                    v["total_bytes"] = json!(journal_bytes + snapshot.as_ref().map_or(0, |s| s.1));
+                    v["generation"] = json!(h.generation);
+                    v["snapshot_version"] = json!(snapshot.as_ref().map(|s| s.2));
+                    v["latest_version"] = json!(w.position().version);
+                    v["records_since_snapshot"] = json!(w.records());
+                    v["last_write"] = json!(w.last_write.map(fmt_time));
+                }
             }
         }
         v

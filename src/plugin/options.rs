@@ -32,6 +32,13 @@ pub const COMPACT_IO_RATE: DefaultIntegerConfigOption = DefaultIntegerConfigOpti
      (default 32 MiB/s; 0 = no limit). Can be changed at runtime with setconfig.",
 );
 
+pub const MIN_DESTINATIONS: DefaultIntegerConfigOption = DefaultIntegerConfigOption::new_i64_with_default(
+    "backup-min-destinations",
+    0,
+    "How many backup destinations must hold every write for lightningd to go on (0 = all of them). With \
+     fewer than all, a failed destination is marked behind and brought up to date in the background.",
+);
+
 /// The Python plugin's option, still found in old configs: accepted, warned about, ignored.
 pub const LEGACY_DESTINATION: StringConfigOption = StringConfigOption::new_str_no_default(
     "backup-destination",
@@ -53,11 +60,13 @@ pub struct Settings {
     pub ratio: f64,
     /// Bytes a second for compaction's disk work; 0 = no limit.
     pub io_rate: u64,
+    /// Destinations that must hold every write; 0 = all.
+    pub min_destinations: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20 }
+        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20, min_destinations: 0 }
     }
 }
 
@@ -98,6 +107,11 @@ impl Settings {
         }
         if let Some(v) = get(COMPACT_IO_RATE.name) {
             s.io_rate = parse_io_rate(&v)?;
+        }
+        if let Some(v) = get(MIN_DESTINATIONS.name) {
+            s.min_destinations = as_u64(&v).map(|n| n as usize).ok_or_else(|| {
+                format!("{} must be a number of destinations (0 = all), not {}", MIN_DESTINATIONS.name, shown(&v))
+            })?;
         }
         if let Some(v) = get(COMPACT_RATIO.name) {
             let text = match &v {
@@ -194,6 +208,7 @@ mod tests {
             ("backup-compact-min-journal", COMPACT_MIN_JOURNAL.build().default().clone().unwrap()),
             ("backup-compact-ratio", COMPACT_RATIO.build().default().clone().unwrap()),
             ("backup-compact-io-rate", COMPACT_IO_RATE.build().default().clone().unwrap()),
+            ("backup-min-destinations", MIN_DESTINATIONS.build().default().clone().unwrap()),
         ])
         .unwrap();
         assert_eq!(from_decl, d);

@@ -1,0 +1,188 @@
+//! Where a backup's bytes live. One trait for every kind of destination; `replicas` fans
+//! each db_write out to all of them and brings a lagging one back up to date.
+//!
+//! A destination stores what `format` modules make (journal records framed once by
+//! `journal::encode_record`, snapshots) and enforces nothing about their meaning beyond
+//! the version rules: the plugin decides once, above the destinations, what a db_write is
+//! (append, or replace the uncommitted last transaction).
+//!
+//! Kinds: `file` (a directory on a mounted filesystem: today's layout, writer and reader).
+//! A new kind is one module here and one arm in `parse`.
+
+pub mod file;
+pub mod replicas;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::error::StoreError;
+use crate::journal::Kind;
+use crate::versions::Position;
+use crate::writer::Writer;
+
+/// What a destination holds at its end: enough to tell two copies of a backup apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tip {
+    pub position: Position,
+    /// The compaction generation its journal belongs to.
+    pub generation: u64,
+    /// Bytes of its current journal (header included).
+    pub journal_len: u64,
+    /// Payload CRC of its last record (0 when the journal has none).
+    pub last_crc: u32,
+}
+
+impl Tip {
+    /// Both end with the same record at the same version.
+    pub fn same_end(&self, other: &Tip) -> bool {
+        self.position.version == other.position.version && self.last_crc == other.last_crc
+    }
+}
+
+/// A generation's files as a file destination stores them, for seeding another destination.
+#[derive(Debug, Clone)]
+pub struct GenerationFiles {
+    pub generation: u64,
+    pub snapshot: Option<PathBuf>,
+    pub journal: PathBuf,
+    /// How much of the journal belongs to the copy (it may grow while being copied).
+    pub journal_len: u64,
+}
+
+pub trait Destination: Send {
+    fn url(&self) -> &str;
+    /// "file", "socket", "postgres".
+    fn kind(&self) -> &'static str;
+    fn tip(&self) -> Tip;
+    /// Durably applies one db_write: when `replace_last`, drops the last transaction (never
+    /// committed by lightningd) first; then appends `record`, framed once for every
+    /// destination. Returns only when the record is on stable storage.
+    fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError>;
+    /// Bytes the destination holds for this backup.
+    fn bytes(&self) -> u64;
+    fn last_write(&self) -> Option<SystemTime>;
+    /// Fields of its own for `backup-status` (paths, peer, ...).
+    fn details(&self) -> serde_json::Value;
+    /// A file destination's writer: compaction runs on it, and it can seed other copies.
+    fn writer(&self) -> Option<Arc<Mutex<Writer>>> {
+        None
+    }
+    /// Replaces what the destination holds with `from`, a whole generation (catch-up when
+    /// it is far behind, and `add-destination`).
+    fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError>;
+}
+
+/// A destination URL, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    File(PathBuf),
+}
+
+/// Parses a destination URL; relative file paths are taken from `base`.
+pub fn parse(url: &str, base: &Path) -> Result<Target, String> {
+    crate::layout::parse_url(url, base).map(Target::File)
+}
+
+/// Opens a destination for writing (the one writer), with what opening repaired, in words.
+pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>), String> {
+    match parse(url, base)? {
+        Target::File(root) => {
+            let (d, notes) = file::FileDestination::open(url, &root)?;
+            Ok((Box::new(d), notes))
+        }
+    }
+}
+
+/// The URLs a lightning dir's `backup.lock` names: `backend_url` first (the Python
+/// plugin's field, kept so its tools still work), then the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockFile {
+    pub urls: Vec<String>,
+    /// `backup-min-destinations` as last seen, for the writes before the next init.
+    pub min_destinations: Option<usize>,
+}
+
+impl LockFile {
+    pub fn parse(text: &str, path: &Path) -> Result<LockFile, String> {
+        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| invalid_lock(path, &e.to_string()))?;
+        let first = v["backend_url"].as_str().ok_or_else(|| invalid_lock(path, "no backend_url"))?;
+        let mut urls = vec![first.to_string()];
+        if let Some(all) = v.get("destinations") {
+            let all = all.as_array().ok_or_else(|| invalid_lock(path, "destinations is not a list"))?;
+            for u in all {
+                let u = u.as_str().ok_or_else(|| invalid_lock(path, "a destination is not a string"))?;
+                if !urls.iter().any(|x| x == u) {
+                    urls.push(u.to_string());
+                }
+            }
+        }
+        let min_destinations = v.get("min_destinations").and_then(|m| m.as_u64()).map(|m| m as usize);
+        Ok(LockFile { urls, min_destinations })
+    }
+
+    pub fn to_json(&self) -> String {
+        let mut v = serde_json::json!({ "backend_url": self.urls[0] });
+        if self.urls.len() > 1 {
+            v["destinations"] = serde_json::json!(self.urls);
+        }
+        if let Some(m) = self.min_destinations {
+            v["min_destinations"] = serde_json::json!(m);
+        }
+        v.to_string()
+    }
+}
+
+fn invalid_lock(path: &Path, why: &str) -> String {
+    format!(
+        "{} is not valid ({why}); it should hold {{\"backend_url\": \"file:///path/to/backup\"}}, and \
+         \"destinations\": [...] for more than one",
+        path.display()
+    )
+}
+
+/// Checks a list of destination URLs for the mistakes an operator can make: the same place
+/// twice (also through two spellings of one path).
+pub fn check_distinct(urls: &[String], base: &Path) -> Result<Vec<Target>, String> {
+    let mut seen: Vec<(Target, Option<PathBuf>, &str)> = Vec::new();
+    for u in urls {
+        let t = parse(u, base)?;
+        let canon = match &t {
+            Target::File(p) => crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n)),
+        };
+        if let Some((_, _, first)) = seen.iter().find(|(t2, c2, _)| *t2 == t || (canon.is_some() && *c2 == canon)) {
+            return Err(format!("'{u}' and '{first}' are the same destination: give each place once"));
+        }
+        seen.push((t, canon, u));
+    }
+    Ok(seen.into_iter().map(|(t, _, _)| t).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_file_round_trips_and_keeps_backend_url_first() {
+        let p = Path::new("/ln/backup.lock");
+        let one = LockFile::parse(r#"{"backend_url": "file:///a"}"#, p).unwrap();
+        assert_eq!(one.urls, vec!["file:///a"]);
+        assert_eq!(one.to_json(), r#"{"backend_url":"file:///a"}"#);
+        let two = LockFile { urls: vec!["file:///a".into(), "file:///b".into()], min_destinations: Some(1) };
+        let back = LockFile::parse(&two.to_json(), p).unwrap();
+        assert_eq!(back, two);
+        assert!(LockFile::parse(r#"{"backend": 1}"#, p).unwrap_err().contains("is not valid"));
+        assert!(LockFile::parse(r#"{"backend_url": "file:///a", "destinations": "x"}"#, p).is_err());
+    }
+
+    #[test]
+    fn the_same_place_twice_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let a = format!("file://{}/a.bkp", d.path().display());
+        let a2 = format!("file://{}/./a.bkp", d.path().display());
+        let b = format!("file://{}/b.bkp", d.path().display());
+        assert!(check_distinct(&[a.clone(), b.clone()], d.path()).is_ok());
+        assert!(check_distinct(&[a.clone(), a.clone()], d.path()).unwrap_err().contains("same destination"));
+        assert!(check_distinct(&[a, b, a2], d.path()).unwrap_err().contains("same destination"));
+    }
+}

@@ -1,0 +1,487 @@
+//! The replicated journal: every db_write goes to every destination at once, and is
+//! acknowledged only when enough of them hold it durably.
+//!
+//! - A record is framed once; the first destination appends it on the caller's thread,
+//!   each other one on a thread of its own, so a write costs the slowest destination, not
+//!   the sum, and one destination costs no thread hop at all.
+//! - Policy: with `min` = 0 (the default) every destination must hold every write, else the
+//!   write is refused and lightningd halts. With `min` = N, lightningd goes on while at least
+//!   N destinations hold every write; the others are `behind` and are brought back up to date
+//!   in the background (`catch_up`), then are written synchronously again.
+//! - Nothing is remembered about a lagging destination outside itself: what it holds (its
+//!   `Tip`) says what it lacks, after a restart too. The most advanced copies are in sync.
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde_json::{json, Value};
+
+use super::{Destination, GenerationFiles, Tip};
+use crate::clock::fmt_time;
+use crate::compact::lock;
+use crate::error::StoreError;
+use crate::journal::{self, JournalReader, Kind};
+use crate::plugin::stats::Latency;
+use crate::versions::{self, Decision};
+use crate::writer::{Applied, Refusal, Writer};
+
+/// How often a lagging destination is retried, and how often it is logged while it lags.
+pub const RETRY_EVERY: Duration = Duration::from_secs(5);
+pub const WARN_EVERY: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    InSync,
+    /// Reachable or not, it lacks writes the others hold.
+    Behind,
+}
+
+type Shared = Arc<Mutex<Box<dyn Destination>>>;
+
+impl Slot {
+    /// The version its copy holds up to, when it is open.
+    pub fn latest_version(&self) -> Option<u32> {
+        self.dest.as_ref().map(|d| lock(d).tip().position.version)
+    }
+}
+
+pub struct Slot {
+    pub url: String,
+    dest: Option<Shared>,
+    pub state: State,
+    pub last_error: Option<String>,
+    latency: Latency,
+    behind_since: Option<Instant>,
+    last_warned: Option<Instant>,
+    worker: Option<Sender<Job>>,
+}
+
+struct Job {
+    slot: usize,
+    dest: Shared,
+    record: Arc<[u8]>,
+    data_version: u32,
+    kind: Kind,
+    replace_last: bool,
+}
+
+type Done = (usize, Result<(), StoreError>, Duration);
+
+pub struct Replicas {
+    slots: Vec<Slot>,
+    /// Destinations that must hold every write (0 = all of them).
+    min: usize,
+    buf: Vec<u8>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
+}
+
+impl Replicas {
+    /// Opens every destination. One that cannot be opened is `behind` (and named in the
+    /// log); whether that halts lightningd is the policy's to say at the first write.
+    pub fn open(urls: &[String], base: &std::path::Path, min: usize) -> Replicas {
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut slots = Vec::new();
+        for url in urls {
+            let (dest, error) = match super::open(url, base) {
+                Ok((d, notes)) => {
+                    notes.iter().for_each(|n| info!("{n}"));
+                    (Some(Arc::new(Mutex::new(d))), None)
+                }
+                Err(e) => {
+                    warn!("{e}");
+                    (None, Some(e))
+                }
+            };
+            slots.push(Slot {
+                url: url.clone(),
+                dest,
+                state: State::InSync,
+                last_error: error,
+                latency: Latency::default(),
+                behind_since: None,
+                last_warned: None,
+                worker: None,
+            });
+        }
+        let mut r = Replicas { slots, min, buf: Vec::with_capacity(1 << 16), done_tx, done_rx };
+        r.classify_at_open();
+        r.start_workers();
+        r
+    }
+
+    /// The most advanced copies are in sync; the others, and those not opened, are behind.
+    fn classify_at_open(&mut self) {
+        let tips: Vec<Option<Tip>> = self.slots.iter().map(|s| s.dest.as_ref().map(|d| lock(d).tip())).collect();
+        let best = tips.iter().flatten().copied().reduce(|a, b| if ahead(&b, &a) { b } else { a });
+        for (slot, tip) in self.slots.iter_mut().zip(&tips) {
+            let in_sync = matches!((tip, &best), (Some(t), Some(b)) if t.same_end(b));
+            if !in_sync {
+                slot.state = State::Behind;
+                slot.behind_since = Some(Instant::now());
+                if slot.last_error.is_none() {
+                    if let (Some(t), Some(b)) = (tip, &best) {
+                        slot.last_error = Some(format!(
+                            "holds up to data_version {}, the most advanced copy {}",
+                            t.position.version, b.position.version
+                        ));
+                    }
+                }
+            }
+        }
+        if self.slots.len() > 1 {
+            for s in self.slots.iter().filter(|s| s.state == State::Behind) {
+                warn!(
+                    "Backup destination {} is behind: {}. It will be brought up to date in the background",
+                    s.url,
+                    s.last_error.as_deref().unwrap_or("unknown")
+                );
+            }
+        }
+    }
+
+    fn start_workers(&mut self) {
+        for slot in self.slots.iter_mut().skip(1) {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let done = self.done_tx.clone();
+            let spawned = std::thread::Builder::new().name("cln-backup-replica".into()).spawn(move || {
+                for job in rx {
+                    let t = Instant::now();
+                    let r = lock(&job.dest).append(job.data_version, job.kind, job.replace_last, &job.record);
+                    drop(job.record);
+                    if done.send((job.slot, r, t.elapsed())).is_err() {
+                        return;
+                    }
+                }
+            });
+            // Without a worker its appends run on the caller's thread: slower, still correct.
+            slot.worker = spawned.ok().map(|_| tx);
+        }
+    }
+
+    /// How many destinations must hold every write.
+    pub fn required(&self) -> usize {
+        if self.min == 0 {
+            self.slots.len()
+        } else {
+            self.min.min(self.slots.len())
+        }
+    }
+
+    pub fn set_min(&mut self, min: usize) {
+        self.min = min;
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    /// The in-sync copy that decides (the first one).
+    fn reference(&self) -> Option<Tip> {
+        self.slots.iter().find(|s| s.state == State::InSync).and_then(|s| s.dest.as_ref()).map(|d| lock(d).tip())
+    }
+
+    /// Applies one db_write to every in-sync destination, in parallel. Ok once at least
+    /// `required()` of them hold it durably; the ones that failed are then `behind`.
+    pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> Result<Applied, Refusal> {
+        let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
+        let Some(tip) = self.reference() else {
+            return Err(Refusal::Versions(self.not_enough("no destination holds the backup's latest state")));
+        };
+        let decision = versions::decide(tip.position, data_version, kind);
+        if let Some(m) = decision.halt_message() {
+            return Err(Refusal::Versions(m));
+        }
+        let replace = decision == Decision::ReplaceLast;
+        self.buf.clear();
+        journal::encode_record(&mut self.buf, data_version, kind, writes);
+        let targets: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].state == State::InSync && self.slots[i].dest.is_some())
+            .collect();
+        let mut results: Vec<(usize, Result<(), StoreError>, Duration)> = Vec::with_capacity(targets.len());
+        let shared: Option<Arc<[u8]>> = (targets.len() > 1).then(|| Arc::from(&self.buf[..]));
+        let mut sent = 0;
+        for &i in &targets[1.min(targets.len())..] {
+            let (Some(rec), Some(w), Some(d)) = (&shared, &self.slots[i].worker, &self.slots[i].dest) else { continue };
+            let job = Job { slot: i, dest: d.clone(), record: rec.clone(), data_version, kind, replace_last: replace };
+            if w.send(job).is_ok() {
+                sent += 1;
+            }
+        }
+        // the first on this thread, and any whose worker is gone
+        for &i in &targets {
+            let has_worker = i != targets[0] && self.slots[i].worker.is_some() && shared.is_some();
+            if has_worker {
+                continue;
+            }
+            if let Some(d) = &self.slots[i].dest {
+                let t = Instant::now();
+                let r = lock(d).append(data_version, kind, replace, &self.buf);
+                results.push((i, r, t.elapsed()));
+            }
+        }
+        for _ in 0..sent {
+            match self.done_rx.recv() {
+                Ok(done) => results.push(done),
+                Err(_) => break,
+            }
+        }
+        let mut held = 0;
+        let mut failures = Vec::new();
+        for (i, r, took) in results {
+            let slot = &mut self.slots[i];
+            slot.latency.record(took.as_micros() as u64);
+            match r {
+                Ok(()) => held += 1,
+                Err(e) => failures.push((i, e.explain())),
+            }
+        }
+        let (required, min) = (self.required(), self.min);
+        for (i, why) in &failures {
+            let slot = &mut self.slots[*i];
+            slot.last_error = Some(why.clone());
+            if held >= required {
+                slot.state = State::Behind;
+                slot.behind_since = Some(Instant::now());
+                slot.last_warned = Some(Instant::now());
+                warn!(
+                    "Backup destination {} failed at data_version {data_version} and is now behind: {why}. \
+                     lightningd goes on: {held} destination(s) hold every write (backup-min-destinations={}). \
+                     It is retried every {} s and brought up to date when it can be written again",
+                    slot.url,
+                    min,
+                    RETRY_EVERY.as_secs()
+                );
+            }
+        }
+        if held < self.required() {
+            let (i, why) = failures.first().cloned().unwrap_or((0, "not written".into()));
+            return Err(Refusal::Versions(self.not_enough(&format!("{} failed: {why}", self.slots[i].url))));
+        }
+        Ok(if replace { Applied::Replaced } else { Applied::Appended })
+    }
+
+    fn not_enough(&self, why: &str) -> String {
+        let in_sync = self.slots.iter().filter(|s| s.state == State::InSync).count();
+        if self.slots.len() == 1 {
+            return why.to_string();
+        }
+        format!(
+            "Backup destination {why}. {in_sync} of {} destinations hold every write, {} required \
+             (backup-min-destinations={}); refusing to let lightningd go on. Fix the destination, or set \
+             backup-min-destinations lower to go on while it is brought up to date",
+            self.slots.len(),
+            self.required(),
+            self.min
+        )
+    }
+
+    /// Logs each lagging destination again every `WARN_EVERY`.
+    pub fn warn_lagging(&mut self) {
+        for s in self.slots.iter_mut().filter(|s| s.state == State::Behind) {
+            if s.last_warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                s.last_warned = Some(Instant::now());
+                let since = s.behind_since.map_or(0, |t| t.elapsed().as_secs());
+                warn!(
+                    "Backup destination {} is still behind ({since} s): {}",
+                    s.url,
+                    s.last_error.as_deref().unwrap_or("unknown")
+                );
+            }
+        }
+    }
+
+    pub fn any_behind(&self) -> bool {
+        self.slots.iter().any(|s| s.state == State::Behind)
+    }
+
+    /// The file writers of the in-sync destinations (compaction runs on each).
+    pub fn in_sync_writers(&self) -> Vec<(String, Arc<Mutex<Writer>>)> {
+        self.slots
+            .iter()
+            .filter(|s| s.state == State::InSync)
+            .filter_map(|s| s.dest.as_ref().and_then(|d| lock(d).writer()).map(|w| (s.url.clone(), w)))
+            .collect()
+    }
+
+    /// Per-destination status.
+    pub fn status(&self) -> Vec<Value> {
+        self.slots
+            .iter()
+            .map(|s| {
+                let mut v = json!({
+                    "url": s.url,
+                    "state": match (s.state, &s.dest) {
+                        (State::InSync, _) => "in-sync",
+                        (State::Behind, Some(_)) => "behind",
+                        (State::Behind, None) => "failed",
+                    },
+                    "hook_p50_us": s.latency.quantile(0.5),
+                    "hook_p99_us": s.latency.quantile(0.99),
+                    "last_error": s.last_error,
+                });
+                if let Some(d) = &s.dest {
+                    let d = lock(d);
+                    let tip = d.tip();
+                    v["kind"] = json!(d.kind());
+                    v["latest_version"] = json!(tip.position.version);
+                    v["generation"] = json!(tip.generation);
+                    v["bytes"] = json!(d.bytes());
+                    v["last_write"] = json!(d.last_write().map(fmt_time));
+                    v["details"] = d.details();
+                }
+                if let Some(t) = s.behind_since {
+                    v["behind_for_s"] = json!(t.elapsed().as_secs());
+                }
+                v
+            })
+            .collect()
+    }
+}
+
+/// Whether `a` holds more than `b`: a later version, or the same version with more after it.
+fn ahead(a: &Tip, b: &Tip) -> bool {
+    let d = a.position.version.wrapping_sub(b.position.version);
+    if d == 0 {
+        a.generation > b.generation || (a.generation == b.generation && a.journal_len > b.journal_len)
+    } else {
+        d < 1 << 31
+    }
+}
+
+/// One round of bringing lagging destinations up to date: reopens those that could not be
+/// opened, copies what they lack from an in-sync file destination without holding the
+/// replicas, then takes the replicas (so no db_write runs) for the last few records and
+/// marks them in sync. Returns true when none is left behind.
+pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
+    let (work, source) = {
+        let mut r = lock(replicas);
+        r.warn_lagging();
+        let work: Vec<(usize, String, Option<Shared>)> = r
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == State::Behind)
+            .map(|(i, s)| (i, s.url.clone(), s.dest.clone()))
+            .collect();
+        let source = r
+            .slots
+            .iter()
+            .filter(|s| s.state == State::InSync)
+            .find_map(|s| s.dest.as_ref().and_then(|d| lock(d).writer()));
+        (work, source)
+    };
+    if work.is_empty() {
+        return true;
+    }
+    let Some(source) = source else {
+        return false; // nothing in sync to copy from: the db_write path halts meanwhile
+    };
+    for (i, url, dest) in work {
+        let dest = match dest {
+            Some(d) => d,
+            None => match super::open(&url, base) {
+                Ok((d, notes)) => {
+                    notes.iter().for_each(|n| info!("{n}"));
+                    let d: Shared = Arc::new(Mutex::new(d));
+                    lock(replicas).slots[i].dest = Some(d.clone());
+                    info!("Backup destination {url} can be opened again; bringing it up to date");
+                    d
+                }
+                Err(e) => {
+                    lock(replicas).slots[i].last_error = Some(e);
+                    continue;
+                }
+            },
+        };
+        // the bulk, while db_write goes on
+        if let Err(e) = copy_missing(&source, &dest) {
+            lock(replicas).slots[i].last_error = Some(e);
+            continue;
+        }
+        // the rest, with db_write held for as long as a few records take
+        let mut r = lock(replicas);
+        match copy_missing(&source, &dest) {
+            Ok(n) => {
+                let slot = &mut r.slots[i];
+                let lagged = slot.behind_since.map_or(0, |t| t.elapsed().as_secs());
+                slot.state = State::InSync;
+                slot.behind_since = None;
+                slot.last_error = None;
+                info!(
+                    "Backup destination {url} is up to date again (behind for {lagged} s, the last {n} record(s) \
+                     copied while db_write waited) and is written synchronously again"
+                );
+            }
+            Err(e) => r.slots[i].last_error = Some(e),
+        }
+    }
+    !lock(replicas).any_behind()
+}
+
+/// Makes `dest` hold what the file destination `source` holds: the records it lacks when
+/// both are in the same generation and its end is one of the source's, else the source's
+/// whole generation. Returns how many records were appended.
+fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
+    let (files, src_tip) = {
+        let w = lock(source);
+        (super::file::FileDestination::generation_files(&w), super::file::tip_of(&w))
+    };
+    let mut d = lock(dest);
+    let url = d.url().to_string();
+    let why = |e: StoreError| format!("bringing {url} up to date: {}", e.explain());
+    if d.tip().same_end(&src_tip) && d.tip().generation == src_tip.generation {
+        return Ok(0);
+    }
+    if d.tip().generation != src_tip.generation {
+        d.install(&files).map_err(why)?;
+    }
+    // Walk the source's journal to where the destination ends, then append the rest.
+    let mut reader = JournalReader::open(&files.journal).map_err(why)?;
+    if reader.header.generation != files.generation {
+        return Err(format!("bringing {url} up to date: the source was compacted meanwhile; retrying"));
+    }
+    reader.limit(files.journal_len);
+    let tip = d.tip();
+    let mut version = reader.header.base.version();
+    let mut found = tip.journal_len == journal::HEADER_LEN && tip.position.version == version;
+    let mut appended = 0u64;
+    let mut buf = Vec::new();
+    while let Some(rec) = reader.next_record().map_err(why)? {
+        if rec.kind == Kind::Transaction {
+            version = rec.data_version;
+        }
+        if found {
+            frame(&mut buf, &rec);
+            d.append(rec.data_version, rec.kind, false, &buf).map_err(why)?;
+            appended += 1;
+        } else if rec.end() == tip.journal_len && version == tip.position.version && rec.payload_crc == tip.last_crc {
+            found = true; // the destination holds exactly the records up to here
+        } else if rec.kind == Kind::Transaction && tip.position.droppable && rec.data_version == tip.position.version {
+            // Its last transaction is this version's, or one lightningd replaced with this
+            // one: replace it (and whatever followed it) with the source's.
+            frame(&mut buf, &rec);
+            d.append(rec.data_version, rec.kind, true, &buf).map_err(why)?;
+            appended += 1;
+            found = true;
+        }
+    }
+    if !found {
+        // It ends with nothing the source has: take the source's generation whole.
+        d.install(&files).map_err(why)?;
+    }
+    Ok(appended)
+}
+
+/// A record read back, framed again exactly as it was written.
+fn frame(buf: &mut Vec<u8>, rec: &journal::Record) {
+    buf.clear();
+    journal::frame_payload(buf, rec.data_version, rec.kind, &rec.payload);
+}
+
+/// A generation's files, to seed a new destination (`add-destination`).
+pub fn seed(files: &GenerationFiles, dest: &mut dyn Destination) -> Result<(), StoreError> {
+    dest.install(files)
+}
