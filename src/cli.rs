@@ -13,6 +13,7 @@ use crate::error::StoreError;
 use crate::layout;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
+use crate::destination::{self, inspect};
 use crate::{fsutil, sim, snapshot, writer};
 
 #[derive(Parser)]
@@ -34,15 +35,48 @@ enum Cmd {
         /// backup's first snapshot. Without it, an empty backup for a new node is made.
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
-        /// [LIGHTNING_DIR] BACKEND_URL: the backup's place, file:///path/to/backup (the
-        /// lightning dir may also come first, as the Python backup-cli accepted).
-        #[arg(num_args = 1..=2, required = true, value_name = "BACKEND_URL")]
+        /// [LIGHTNING_DIR] URL [URL...]: the backup's places, e.g. file:///mnt/usb/node.bkp
+        /// file:///mnt/nas/node.bkp. Each gets the same snapshot; every write goes to all. (The
+        /// lightning dir may also come first, as the Python backup-cli accepted.)
+        #[arg(num_args = 1.., required = true, value_name = "URL")]
+        args: Vec<String>,
+        /// How many destinations must hold every write for lightningd to go on (0 = all);
+        /// recorded in backup.lock for the writes before lightningd's init. The plugin's
+        /// option backup-min-destinations sets it from then on.
+        #[arg(long)]
+        min_destinations: Option<usize>,
+    },
+    /// Rebuild lightningd.sqlite3 from a backup: from URL, or with --lightning-dir from the
+    /// most advanced of the destinations in its backup.lock. DEST is a new file, or a directory.
+    Restore {
+        /// Read backup.lock here and restore from the most advanced destination.
+        #[arg(long)]
+        lightning_dir: Option<PathBuf>,
+        /// [URL] DEST
+        #[arg(num_args = 1..=2, required = true, value_name = "URL] [DEST")]
         args: Vec<String>,
     },
-    /// Rebuild lightningd.sqlite3 from a backup. DEST is a new file, or a directory.
-    Restore { backend_url: String, restore_destination: PathBuf },
     /// Read the whole backup and check every checksum and the version chain. Writes nothing.
-    Verify { backend_url: String },
+    /// With --lightning-dir, every destination in its backup.lock.
+    Verify {
+        #[arg(long)]
+        lightning_dir: Option<PathBuf>,
+        backend_url: Option<String>,
+    },
+    /// Add a destination to a node's backup, seeded from the most advanced existing one.
+    /// Run with lightningd stopped.
+    AddDestination {
+        #[arg(long)]
+        lightning_dir: PathBuf,
+        url: String,
+    },
+    /// Remove a destination from a node's backup.lock (its files are left as they are).
+    /// Run with lightningd stopped.
+    RemoveDestination {
+        #[arg(long)]
+        lightning_dir: PathBuf,
+        url: String,
+    },
     /// Fold the journal into a new compressed snapshot, offline (lightningd stopped, or on a
     /// backup server). With the plugin running, use `lightning-cli backup-compact`.
     Compact { backend_url: String },
@@ -117,30 +151,66 @@ fn run(cmd: Cmd) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let url_path = |u: &str| layout::parse_url(u, &cwd).map_err(|e| anyhow!(e));
     match cmd {
-        Cmd::Init { lightning_dir, mut args } => {
-            let backend_url = args.pop().unwrap_or_default();
-            let ldir = match (lightning_dir, args.pop()) {
+        Cmd::Init { lightning_dir, mut args, min_destinations } => {
+            // The Python backup-cli took the lightning dir first, as a plain path.
+            let positional_dir = (args.len() > 1 && !is_url(&args[0])).then(|| PathBuf::from(args.remove(0)));
+            let ldir = match (lightning_dir, positional_dir) {
                 (Some(_), Some(_)) => {
                     bail!("give the lightning dir once: either --lightning-dir DIR or as the first argument")
                 }
-                (l, p) => l.or(p.map(PathBuf::from)),
+                (l, p) => l.or(p),
             };
-            init(ldir.as_deref(), &url_path(&backend_url)?)
+            init(ldir.as_deref(), &args, min_destinations, &cwd)
         }
-        Cmd::Restore { backend_url, restore_destination } => {
-            let (dest, s) =
-                restore::restore(&url_path(&backend_url)?, &restore_destination, &mut progress_bar("Restoring"))?;
+        Cmd::Restore { lightning_dir, mut args } => {
+            let dest = PathBuf::from(args.pop().unwrap_or_default());
+            let url = match (args.pop(), &lightning_dir) {
+                (Some(u), None) => u,
+                (None, Some(ldir)) => pick_most_advanced(ldir)?,
+                (Some(_), Some(_)) => bail!("give either a URL or --lightning-dir, not both"),
+                (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
+            };
+            let root = url_path(&url)?;
+            let (dest, s) = restore::restore(&root, &dest, &mut progress_bar("Restoring"))?;
             finish_progress();
             print_summary("Restored", &s);
+            print_last_write(&root);
             println!("Wrote {}", dest.display());
             Ok(())
         }
-        Cmd::Verify { backend_url } => {
-            let s = restore::verify(&url_path(&backend_url)?, &mut progress_bar("Verifying"))?;
-            finish_progress();
-            print_summary("Verified", &s);
+        Cmd::Verify { lightning_dir, backend_url } => {
+            let urls = match (backend_url, &lightning_dir) {
+                (Some(u), None) => vec![u],
+                (None, Some(ldir)) => read_lock(ldir)?.urls,
+                _ => bail!("give either a URL or --lightning-dir DIR"),
+            };
+            let mut failed = 0;
+            for u in &urls {
+                if urls.len() > 1 {
+                    println!("== {u}");
+                }
+                let root = url_path(u)?;
+                match restore::verify(&root, &mut progress_bar("Verifying")) {
+                    Ok(s) => {
+                        finish_progress();
+                        print_summary("Verified", &s);
+                        print_last_write(&root);
+                    }
+                    Err(e) if urls.len() > 1 => {
+                        finish_progress();
+                        failed += 1;
+                        println!("FAILED: {}", e.explain());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} destinations failed to verify", urls.len());
+            }
             Ok(())
         }
+        Cmd::AddDestination { lightning_dir, url } => add_destination(&lightning_dir, &url),
+        Cmd::RemoveDestination { lightning_dir, url } => remove_destination(&lightning_dir, &url),
         Cmd::Migrate { old_url, new_url, lightning_dir } => {
             migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref())
         }
@@ -149,12 +219,38 @@ fn run(cmd: Cmd) -> Result<()> {
     }
 }
 
-fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
-    let url = layout::url_for(root);
+/// A destination URL rather than a path: it has a scheme.
+fn is_url(arg: &str) -> bool {
+    arg.split_once(':').is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: &Path) -> Result<()> {
+    let targets = destination::check_distinct(urls, cwd).map_err(|e| anyhow!(e))?;
+    let roots: Vec<PathBuf> = targets.into_iter().map(|destination::Target::File(p)| p).collect();
+    let abs: Vec<String> = roots.iter().map(|r| layout::url_for(r)).collect();
+    if let Some(m) = min.filter(|m| *m > urls.len()) {
+        bail!("--min-destinations {m} is more than the {} destination(s) given", urls.len());
+    }
+    // Check every place before creating any, so a refusal leaves nothing behind.
+    for r in &roots {
+        if !fsutil::parent_of(r).is_dir() {
+            return Err(StoreError::Invalid {
+                path: fsutil::parent_of(r).into(),
+                what: "the backup's parent directory does not exist (is the backup disk mounted?)".into(),
+            }
+            .into());
+        }
+        if fs::symlink_metadata(r).is_ok() {
+            return Err(StoreError::Exists { path: r.clone() }.into());
+        }
+    }
     let Some(ldir) = lightning_dir else {
-        writer::create(root, None)?;
-        println!("Created an empty backup at {url} for a new node.");
-        println!("Put {{\"backend_url\": \"{url}\"}} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.");
+        create_all(&roots, None)?;
+        for url in &abs {
+            println!("Created an empty backup at {url} for a new node.");
+        }
+        let lf = destination::LockFile { urls: abs.clone(), min_destinations: min };
+        println!("Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.", lf.to_json());
         return Ok(());
     };
     if !ldir.is_dir() {
@@ -176,24 +272,149 @@ fn init(lightning_dir: Option<&Path>, root: &Path) -> Result<()> {
     }
     let db = ldir.join(restore::DB_NAME);
     if db.exists() {
-        let tmp = fsutil::tmp_path(&root.with_extension("snapshot-source"));
+        let tmp = fsutil::tmp_path(&roots[0].with_extension("snapshot-source"));
         let _ = fs::remove_file(&tmp);
         let result = (|| -> Result<()> {
             let dv = snapshot::copy_live_database(&db, &tmp)?;
             println!("Found an existing database with data_version {dv} at {}", db.display());
-            writer::create(root, Some((&tmp, dv)))?;
-            println!("Successfully written initial snapshot to {url}");
+            create_all(&roots, Some((&tmp, dv)))?;
+            for url in &abs {
+                println!("Successfully written initial snapshot to {url}");
+            }
             Ok(())
         })();
         let _ = fs::remove_file(&tmp);
         result?;
     } else {
-        writer::create(root, None)?;
-        println!("No database in {} yet: created an empty backup at {url}", ldir.display());
+        create_all(&roots, None)?;
+        for url in &abs {
+            println!("No database in {} yet: created an empty backup at {url}", ldir.display());
+        }
     }
-    let body = serde_json::to_vec(&serde_json::json!({ "backend_url": url }))?;
-    fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    let body = destination::LockFile { urls: abs, min_destinations: min }.to_json();
+    fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    Ok(())
+}
+
+/// Creates every destination from the same database image, or none of them.
+fn create_all(roots: &[PathBuf], base: Option<(&Path, u32)>) -> Result<()> {
+    for (i, r) in roots.iter().enumerate() {
+        if let Err(e) = writer::create(r, base) {
+            for done in &roots[..i] {
+                let _ = fs::remove_dir_all(done);
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+fn read_lock(ldir: &Path) -> Result<destination::LockFile> {
+    let path = ldir.join(LOCK_NAME);
+    let text = fs::read_to_string(&path)
+        .with_context(|| format!("read {} (is this the node's lightning dir, with a backup made by init?)", path.display()))?;
+    destination::LockFile::parse(&text, &path).map_err(|e| anyhow!(e))
+}
+
+fn write_lock(ldir: &Path, lf: &destination::LockFile) -> Result<()> {
+    let body = lf.to_json();
+    let lock = ldir.join(LOCK_NAME);
+    fsutil::write_atomic(&lock, true, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
+    Ok(())
+}
+
+/// Reads every destination of a node's backup.lock; says which is the most advanced and why.
+fn pick_most_advanced(ldir: &Path) -> Result<String> {
+    let lf = read_lock(ldir)?;
+    let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
+    for c in &copies {
+        match c {
+            Ok(c) => println!(
+                "  {}: data_version {}, generation {}, last write {}",
+                c.url,
+                c.tip.position.version,
+                c.tip.generation,
+                c.last_write.map_or("unknown".into(), crate::clock::fmt_time)
+            ),
+            Err(e) => println!("  unreadable: {e}"),
+        }
+    }
+    let Some((best, why)) = inspect::most_advanced(&copies) else {
+        bail!("none of the {} destinations in {LOCK_NAME} can be read: see above", lf.urls.len());
+    };
+    println!("Restoring from {}: {why}", best.url);
+    Ok(best.url.clone())
+}
+
+/// data_version and the time of the last write: a stale copy is toxic on Lightning.
+fn print_last_write(root: &Path) {
+    if let Ok(c) = inspect::inspect(&layout::url_for(root), root) {
+        println!(
+            "The backup holds data_version {}, last written {}. Check it is the node's latest before starting lightningd on it.",
+            c.tip.position.version,
+            c.last_write.map_or("at an unknown time".into(), crate::clock::fmt_time)
+        );
+    }
+}
+
+fn add_destination(ldir: &Path, url: &str) -> Result<()> {
+    if lightningd_running(ldir) {
+        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then add the destination", ldir.display());
+    }
+    let mut lf = read_lock(ldir)?;
+    let mut all = lf.urls.clone();
+    all.push(url.to_string());
+    let targets = destination::check_distinct(&all, ldir).map_err(|e| anyhow!(e))?;
+    let Some(destination::Target::File(root)) = targets.last().cloned() else { bail!("no destination") };
+    let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
+    let Some((best, why)) = inspect::most_advanced(&copies) else {
+        bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
+    };
+    println!("Seeding {url} from {}: {why}", best.url);
+    writer::create(&root, None)?;
+    if let Err(e) = writer::install_generation(&root, &best.files) {
+        let _ = fs::remove_dir_all(&root);
+        return Err(e.into());
+    }
+    let check = restore::verify(&root, &mut |_, _| {})?;
+    if check.version != best.tip.position.version {
+        let _ = fs::remove_dir_all(&root);
+        bail!("the copy at {url} holds data_version {}, not {}: not added", check.version, best.tip.position.version);
+    }
+    lf.urls.push(layout::url_for(&root));
+    write_lock(ldir, &lf)?;
+    println!(
+        "Added {url} at data_version {} ({} destinations). Start lightningd: every write now goes to all of them.",
+        check.version,
+        lf.urls.len()
+    );
+    Ok(())
+}
+
+fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
+    if lightningd_running(ldir) {
+        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then remove the destination", ldir.display());
+    }
+    let mut lf = read_lock(ldir)?;
+    let target = destination::parse(url, ldir).map_err(|e| anyhow!(e))?;
+    let Some(i) = lf.urls.iter().position(|u| destination::parse(u, ldir).ok().as_ref() == Some(&target)) else {
+        bail!("{url} is not one of this node's destinations: {}", lf.urls.join(", "));
+    };
+    if lf.urls.len() == 1 {
+        bail!("{url} is the node's only destination: add another first (a node without a backup is not allowed to run)");
+    }
+    let removed = lf.urls.remove(i);
+    if let Some(m) = lf.min_destinations.filter(|m| *m > lf.urls.len()) {
+        println!("backup-min-destinations was {m}: lowered to {}", lf.urls.len());
+        lf.min_destinations = Some(lf.urls.len());
+    }
+    write_lock(ldir, &lf)?;
+    println!(
+        "Removed {removed} from {LOCK_NAME} ({} destination(s) left; backend_url is {}). Its files are untouched: delete them when you no longer want that copy.",
+        lf.urls.len(),
+        lf.urls[0]
+    );
     Ok(())
 }
 
@@ -409,7 +630,7 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let root = tmp.join("node.bkp");
     println!("== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)", trace.len());
     println!("   lightning dir {}, backup {}", ldir.display(), layout::url_for(&root));
-    init(Some(&ldir), &root)?;
+    init(Some(&ldir), &[layout::url_for(&root)], None, tmp)?;
     let bin = std::env::current_exe().context("find own binary")?;
     let mut node = sim::Node::new(&bin, &ldir)?;
     let t0 = Instant::now();

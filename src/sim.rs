@@ -72,6 +72,8 @@ pub struct PluginProc {
     child: Child,
     stdin: Option<ChildStdin>,
     responses: Receiver<(Value, Instant)>,
+    /// Answers that arrived while waiting for another one.
+    early: Vec<(Value, Instant)>,
     /// When the last awaited response was read off the plugin's stdout.
     pub answered_at: Instant,
     logs: Arc<Mutex<Vec<(String, String)>>>,
@@ -143,6 +145,7 @@ impl PluginProc {
             child,
             stdin,
             responses: rx,
+            early: Vec::new(),
             answered_at: Instant::now(),
             logs,
             next_id: 20,
@@ -171,6 +174,11 @@ impl PluginProc {
     }
 
     fn wait_for(&mut self, id: &str) -> Result<Value> {
+        if let Some(i) = self.early.iter().position(|(v, _)| v["id"] == id) {
+            let (v, at) = self.early.remove(i);
+            self.answered_at = at;
+            return Ok(v);
+        }
         let deadline = Instant::now() + self.timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -179,7 +187,8 @@ impl PluginProc {
                     self.answered_at = at;
                     return Ok(v);
                 }
-                Ok(_) => continue,
+                // an answer to another request, read before its turn: kept for it
+                Ok(other) => self.early.push(other),
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.child.kill();
                     bail!("plugin did not answer {id} within {:?}", self.timeout)

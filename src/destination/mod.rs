@@ -10,6 +10,7 @@
 //! A new kind is one module here and one arm in `parse`.
 
 pub mod file;
+pub mod inspect;
 pub mod replicas;
 
 use std::path::{Path, PathBuf};

@@ -342,7 +342,7 @@ impl Replicas {
 }
 
 /// Whether `a` holds more than `b`: a later version, or the same version with more after it.
-fn ahead(a: &Tip, b: &Tip) -> bool {
+pub fn ahead(a: &Tip, b: &Tip) -> bool {
     let d = a.position.version.wrapping_sub(b.position.version);
     if d == 0 {
         a.generation > b.generation || (a.generation == b.generation && a.journal_len > b.journal_len)

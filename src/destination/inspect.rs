@@ -1,0 +1,78 @@
+//! What a copy of the backup holds, read without the writer's lock: for choosing the most
+//! advanced copy to restore from, and for `add-destination` to seed from it.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use super::{GenerationFiles, Target, Tip};
+use crate::journal::Kind;
+use crate::reader::View;
+use crate::versions::Position;
+
+#[derive(Debug, Clone)]
+pub struct Copy {
+    pub url: String,
+    pub tip: Tip,
+    /// When its journal was last written (the file's mtime).
+    pub last_write: Option<SystemTime>,
+    pub files: GenerationFiles,
+}
+
+/// Reads a copy's current generation to its end (checksums included).
+pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
+    let Target::File(root) = super::parse(url, base)?;
+    inspect_dir(url, &root)
+}
+
+fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
+    let why = |e: crate::error::StoreError| format!("{url}: {}", e.explain());
+    let mut view = View::open(root).map_err(why)?;
+    let journal: PathBuf = view.journal.path().to_path_buf();
+    let mut position = Position { version: view.header.base.version(), droppable: false };
+    let mut last_crc = 0;
+    let mut end = crate::journal::HEADER_LEN;
+    while let Some(rec) = view.journal.next_record().map_err(why)? {
+        if rec.kind == Kind::Transaction {
+            position = Position { version: rec.data_version, droppable: true };
+        }
+        last_crc = rec.payload_crc;
+        end = rec.end();
+    }
+    let last_write = std::fs::metadata(&journal).and_then(|m| m.modified()).ok();
+    let generation = view.header.generation;
+    Ok(Copy {
+        url: url.to_string(),
+        tip: Tip { position, generation, journal_len: end, last_crc },
+        last_write,
+        files: GenerationFiles {
+            generation,
+            snapshot: view.snapshot.as_ref().map(|(p, _)| p.clone()),
+            journal,
+            journal_len: end,
+        },
+    })
+}
+
+/// The most advanced of the copies that could be read, and why it was chosen, in words.
+pub fn most_advanced(copies: &[Result<Copy, String>]) -> Option<(&Copy, String)> {
+    let ok: Vec<&Copy> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
+    let best = ok.iter().copied().reduce(|a, b| if super::replicas::ahead(&b.tip, &a.tip) { b } else { a })?;
+    let others: Vec<String> = ok
+        .iter()
+        .filter(|c| c.url != best.url)
+        .map(|c| {
+            if c.tip.same_end(&best.tip) {
+                format!("{} holds the same", c.url)
+            } else {
+                format!("{} holds only up to data_version {}", c.url, c.tip.position.version)
+            }
+        })
+        .chain(copies.iter().filter_map(|c| c.as_ref().err().map(|e| format!("unreadable: {e}"))))
+        .collect();
+    let why = if others.is_empty() {
+        "it is the only copy".to_string()
+    } else {
+        format!("it holds data_version {}, the latest; {}", best.tip.position.version, others.join("; "))
+    };
+    Some((best, why))
+}
