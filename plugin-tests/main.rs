@@ -8,4 +8,5 @@ mod crash;
 mod damage;
 mod legacy;
 mod replay;
+mod replicas;
 mod usage;

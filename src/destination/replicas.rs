@@ -188,7 +188,7 @@ impl Replicas {
     pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> Result<Applied, Refusal> {
         let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
         let Some(tip) = self.reference() else {
-            return Err(Refusal::Versions(self.not_enough("no destination holds the backup's latest state")));
+            return Err(Refusal::Versions(self.not_enough("no destination holds the backup's latest state", 0)));
         };
         let decision = versions::decide(tip.position, data_version, kind);
         if let Some(m) = decision.halt_message() {
@@ -258,18 +258,17 @@ impl Replicas {
         }
         if held < self.required() {
             let (i, why) = failures.first().cloned().unwrap_or((0, "not written".into()));
-            return Err(Refusal::Versions(self.not_enough(&format!("{} failed: {why}", self.slots[i].url))));
+            return Err(Refusal::Versions(self.not_enough(&format!("{} failed: {why}", self.slots[i].url), held)));
         }
         Ok(if replace { Applied::Replaced } else { Applied::Appended })
     }
 
-    fn not_enough(&self, why: &str) -> String {
-        let in_sync = self.slots.iter().filter(|s| s.state == State::InSync).count();
+    fn not_enough(&self, why: &str, held: usize) -> String {
         if self.slots.len() == 1 {
             return why.to_string();
         }
         format!(
-            "Backup destination {why}. {in_sync} of {} destinations hold every write, {} required \
+            "Backup destination {why}. {held} of {} destinations hold every write, {} required \
              (backup-min-destinations={}); refusing to let lightningd go on. Fix the destination, or set \
              backup-min-destinations lower to go on while it is brought up to date",
             self.slots.len(),
