@@ -66,17 +66,28 @@ fn hook_restore_and_compaction(base: &Path) {
     let ldir = base.join("regtest");
     let root = base.join("node.bkp");
     let other = std::env::var_os("CLN_BACKUP_BENCH_COMPARE").map(PathBuf::from);
-    let mut plugins = vec![("this build", PathBuf::from(BIN), ldir.clone(), root.clone())];
+    // Two destinations on two filesystems against each alone: the disk under test and a
+    // tmpfs (/dev/shm), in the same loop.
+    let shm = Path::new("/dev/shm").join(format!("cln-backup-bench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&shm);
+    fs::create_dir_all(&shm).unwrap();
+    let mut plugins = vec![("one destination", PathBuf::from(BIN), ldir.clone(), vec![root.clone()])];
     if let Some(o) = &other {
-        plugins.push(("compared", o.clone(), base.join("other/regtest"), base.join("other.bkp")));
+        plugins.push(("compared build", o.clone(), base.join("other/regtest"), vec![base.join("other.bkp")]));
     }
+    plugins.push(("tmpfs alone", PathBuf::from(BIN), base.join("shm/regtest"), vec![shm.join("alone.bkp")]));
+    plugins.push((
+        "disk + tmpfs",
+        PathBuf::from(BIN),
+        base.join("two/regtest"),
+        vec![base.join("two.bkp"), shm.join("two.bkp")],
+    ));
     let mut nodes = Vec::new();
-    for (_, bin, ldir, root) in &plugins {
+    for (_, bin, ldir, roots) in &plugins {
         fs::create_dir_all(ldir).unwrap();
-        let o = std::process::Command::new(CLI)
-            .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &format!("file://{}", root.display())])
-            .output()
-            .unwrap();
+        let mut args = vec!["init".to_string(), "--lightning-dir".into(), ldir.to_str().unwrap().into()];
+        args.extend(roots.iter().map(|r| format!("file://{}", r.display())));
+        let o = std::process::Command::new(CLI).args(&args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         nodes.push(Node::new(bin, ldir).unwrap());
     }
@@ -110,6 +121,7 @@ fn hook_restore_and_compaction(base: &Path) {
         trace.len()
     );
     let mut h50 = 0.0;
+    let mut p50s = Vec::new();
     for (node, (name, bin, _, _)) in nodes.iter_mut().zip(&plugins) {
         let pid = node.plugin().unwrap().pid();
         let (rss, hwm) = rss_kb(pid);
@@ -119,6 +131,7 @@ fn hook_restore_and_compaction(base: &Path) {
         if h50 == 0.0 {
             h50 = p50;
         }
+        p50s.push((*name, p50, p99));
         let size = fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
         println!("  {name}: {} ({:.2} MB)", bin.display(), size as f64 / 1e6);
         println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "plugin µs", "baseline µs", "ratio");
@@ -132,6 +145,15 @@ fn hook_restore_and_compaction(base: &Path) {
         );
     }
 
+    let get = |n: &str| p50s.iter().find(|(m, _, _)| *m == n).map(|&(_, a, b)| (a, b));
+    if let (Some(disk), Some(shm1), Some(two)) = (get("one destination"), get("tmpfs alone"), get("disk + tmpfs")) {
+        let slower = if disk.0 >= shm1.0 { disk } else { shm1 };
+        println!(
+            "  two destinations (disk + tmpfs) against the slower one alone: p50 {:.0} vs {:.0} µs = {:.2}x (target <= 1.1), p99 {:.0} vs {:.0} µs = {:.2}x",
+            two.0, slower.0, two.0 / slower.0, two.1, slower.1, two.1 / slower.1
+        );
+    }
+    let _ = fs::remove_dir_all(&shm);
     if only_hook {
         return;
     }
