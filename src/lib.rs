@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod compact;
+pub mod destination;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
