@@ -6,5 +6,6 @@ mod compaction;
 mod crash;
 mod damage;
 mod legacy;
+mod postgres;
 mod replay;
 mod usage;

@@ -43,6 +43,8 @@ pub use url::is_postgres_url;
 pub const SCHEMA: &str = "cln_backup";
 /// Snapshot files are stored in chunks of this size, so no single value is huge.
 pub const CHUNK: usize = 1 << 20;
+/// How long open waits for a just-dead writer's advisory lock before refusing.
+const LOCK_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -362,6 +364,11 @@ impl PgDestination {
         self.state.generation as u64
     }
 
+    /// The bound for reconnecting and for a commit that does not return.
+    pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     pub fn reconnects(&self) -> u64 {
         self.reconnects
     }
@@ -559,6 +566,9 @@ impl PgDestination {
         }
         let mut last = String::from("no attempt finished");
         let mut pause = Duration::from_millis(50);
+        // A writer that just died (killed plugin) may hold the lock until the server sees
+        // its socket close: wait that long, then say who holds it.
+        let lock_grace = Instant::now() + LOCK_GRACE.min(self.timeout);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -604,6 +614,7 @@ impl PgDestination {
                 }
                 // Our own old session may still hold the lock on a half-open connection.
                 Err(PgError::Locked { .. }) if !first => last = "the advisory lock is still held".into(),
+                Err(PgError::Locked { .. }) if Instant::now() < lock_grace => {}
                 Err(e) if e.retryable() => last = e.to_string(),
                 Err(e) => return Err(e),
             }
