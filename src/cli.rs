@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::destination::postgres as pg;
 use crate::error::StoreError;
 use crate::layout;
 use crate::plugin::LOCK_NAME;
@@ -98,7 +99,28 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
                 (l, p) => l.or(p.map(PathBuf::from)),
             };
+            if pg::is_postgres_url(&backend_url) {
+                return pg::init::init(ldir.as_deref(), &backend_url).map(|_| ());
+            }
             init(ldir.as_deref(), &url_path(&backend_url)?)
+        }
+        Cmd::Restore { backend_url, restore_destination } if pg::is_postgres_url(&backend_url) => {
+            let (dest, s) = pg::init::restore(
+                &backend_url,
+                &restore_destination,
+                &mut progress_bar("Downloading"),
+                &mut progress_bar("Restoring"),
+            )?;
+            finish_progress();
+            print_summary("Restored", &s);
+            println!("Wrote {}", dest.display());
+            Ok(())
+        }
+        Cmd::Verify { backend_url } if pg::is_postgres_url(&backend_url) => {
+            let s = pg::init::verify(&backend_url, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
+            finish_progress();
+            print_summary("Verified", &s);
+            Ok(())
         }
         Cmd::Restore { backend_url, restore_destination } => {
             let (dest, s) =

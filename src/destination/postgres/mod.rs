@@ -17,6 +17,7 @@
 //! The API is synchronous (the hook path is); it runs tokio-postgres on a private
 //! current-thread runtime, so call it from a plain thread, never from inside a tokio task.
 
+pub mod init;
 mod tls;
 mod transfer;
 pub mod url;
