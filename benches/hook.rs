@@ -443,12 +443,21 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
                 Decision::ReplaceLast => true,
                 d => panic!("{d:?}"),
             };
+            // alternate who goes first, so neither always follows the other's flush
+            let mut bare = || {
+                let t = Instant::now();
+                rt.block_on(client.execute(&insert, &[&seq, &buf])).unwrap();
+                base.push(t.elapsed());
+            };
+            if seq % 2 == 1 {
+                bare();
+            }
             let t = Instant::now();
             dest.append(rec.data_version, kind, replace, &buf).unwrap();
             ours.push(t.elapsed());
-            let t = Instant::now();
-            rt.block_on(client.execute(&insert, &[&seq, &buf])).unwrap();
-            base.push(t.elapsed());
+            if seq % 2 == 0 {
+                bare();
+            }
             seq += 1;
         }
         let (o50, o99, b50, b99) = (pct(&mut ours, 0.5), pct(&mut ours, 0.99), pct(&mut base, 0.5), pct(&mut base, 0.99));

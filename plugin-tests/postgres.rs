@@ -369,3 +369,67 @@ fn pg_cli_init_from_a_node_restore_and_verify() {
     assert!(stderr(&o).contains("no backup named 'nope'") && stderr(&o).contains("regtest"), "{}", stderr(&o));
     assert!(!stderr(&o).contains(pgharness::PASSWORD), "{}", stderr(&o));
 }
+
+/// A CA and a server certificate for `localhost`, made with the openssl tool.
+fn make_certs(dir: &Path) {
+    let sh = |script: &str| {
+        let o = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    for ca in ["ca", "other-ca"] {
+        sh(&format!(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={ca} -keyout {ca}.key -out {ca}.crt 2>/dev/null"
+        ));
+    }
+    sh("openssl req -new -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr 2>/dev/null");
+    sh("printf 'subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext && \
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out server.crt 2>/dev/null");
+}
+
+#[test]
+fn pg_tls_require_encrypts_and_verify_full_checks_the_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path());
+    let c = pgharness::private();
+    for f in ["server.crt", "server.key"] {
+        let to = c.data.join(f);
+        std::fs::copy(tmp.path().join(f), &to).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(std::process::Command::new("chown").arg("postgres:postgres").arg(&to).status().unwrap().success());
+        }
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    c.psql("postgres", "ALTER SYSTEM SET ssl = on");
+    c.psql("postgres", "SELECT pg_reload_conf()");
+    let plain = c.create_db("node");
+    new_backup(&plain, "n");
+    let base = plain.split('?').next().unwrap().replace("127.0.0.1", "localhost");
+    let ca = tmp.path().join("ca.crt");
+    // require: encrypted, certificate not checked (libpq's meaning)
+    let mut d = PgDestination::open(&format!("{base}?sslmode=require"), "n", BOUND).unwrap();
+    feed(&mut d, &trace("small")[..5]);
+    let ssl = c.psql(
+        "postgres",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'cln-backup'",
+    );
+    assert_eq!(ssl, "t");
+    drop(d);
+    // verify-full with the right CA and host name
+    let mut d = PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display()), "n", BOUND)
+        .unwrap_or_else(|e| panic!("{}", e.explain()));
+    feed(&mut d, &trace("small")[5..10]);
+    drop(d);
+    // another CA: refused at once, saying why
+    let other = tmp.path().join("other-ca.crt");
+    let started = Instant::now();
+    let e = err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", other.display()), "n", BOUND));
+    assert!(e.contains("invalid peer certificate") && e.contains("UnknownIssuer"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "a bad certificate is not retried");
+    // the host name not in the certificate
+    let by_ip = format!("{}?sslmode=verify-full&sslrootcert={}", base.replace("localhost", "127.0.0.1"), ca.display());
+    let e = err_of(PgDestination::open(&by_ip, "n", BOUND));
+    assert!(e.contains("invalid peer certificate") && e.contains("NotValidForName"), "{e}");
+    // a missing root file
+    let e = err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent.pem"), "n", BOUND));
+    assert!(e.contains("cannot read sslrootcert /nonexistent.pem"), "{e}");
+}

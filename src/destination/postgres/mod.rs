@@ -189,7 +189,10 @@ pub(crate) async fn connect(pg: &url::PgUrl, tls: &MakeRustlsConnect) -> Result<
                 || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
                 || *c == SqlState::INVALID_CATALOG_NAME
         );
-        PgError::Connect { url: pg.display.clone(), what: describe(&e), retryable: !permanent }
+        let what = describe(&e);
+        // a certificate that does not verify will not verify on the next try either
+        let permanent = permanent || what.contains("invalid peer certificate");
+        PgError::Connect { url: pg.display.clone(), what, retryable: !permanent }
     })?;
     let task = tokio::spawn(async move {
         let _ = connection.await;
