@@ -80,6 +80,10 @@ impl PgError {
         match self {
             PgError::Url { .. } => "write postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=require&backup=NAME]",
             PgError::Tls { .. } => "check sslmode and sslrootcert (a PEM file with the server's CA)",
+            PgError::Connect { what, .. } if what.contains("certificate") => {
+                "the server's certificate did not verify: check sslrootcert (the CA that signed it) and that the \
+                 URL's host name is in the certificate"
+            }
             PgError::Connect { .. } => {
                 "check that PostgreSQL runs and accepts this user from this host (pg_hba.conf), the password \
                  (URL, PGPASSWORD or PGPASSFILE) and that the database exists"
