@@ -460,7 +460,8 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
             }
             seq += 1;
         }
-        let (o50, o99, b50, b99) = (pct(&mut ours, 0.5), pct(&mut ours, 0.99), pct(&mut base, 0.5), pct(&mut base, 0.99));
+        let (o50, o99, b50, b99) =
+            (pct(&mut ours, 0.5), pct(&mut ours, 0.99), pct(&mut base, 0.5), pct(&mut base, 0.99));
         println!(
             "postgres append {label}: {} calls, p50 {o50:.0} us p99 {o99:.0} us; bare INSERT+COMMIT p50 {b50:.0} us \
              p99 {b99:.0} us; ratio p50 {:.2}x p99 {:.2}x",

@@ -205,9 +205,16 @@ impl Cluster {
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let b = bindir().unwrap();
         let mut c = Command::new(b.join("psql"));
-        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(&self.root)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql]);
+        c.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h"]).arg(&self.root).args([
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
         let o = run(c, &format!("psql {sql}")).unwrap();
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     }
@@ -226,7 +233,10 @@ impl Cluster {
         chown_to_postgres(&root)?;
         let data = root.join("data");
         let mut c = as_pg(&b.join("pg_basebackup"));
-        c.arg("-h").arg(&self.root).args(["-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "-D"]).arg(&data);
+        c.arg("-h")
+            .arg(&self.root)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream", "-c", "fast", "-D"])
+            .arg(&data);
         run(c, "pg_basebackup")?;
         let sb = Cluster { root, data, port: free_port(), shared: false };
         sb.configure(&["cluster_name = 'standby1'"])?;

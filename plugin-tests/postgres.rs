@@ -422,7 +422,8 @@ fn pg_tls_require_encrypts_and_verify_full_checks_the_certificate() {
     // another CA: refused at once, saying why
     let other = tmp.path().join("other-ca.crt");
     let started = Instant::now();
-    let e = err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", other.display()), "n", BOUND));
+    let e =
+        err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", other.display()), "n", BOUND));
     assert!(e.contains("invalid peer certificate") && e.contains("UnknownIssuer"), "{e}");
     assert!(started.elapsed() < Duration::from_secs(5), "a bad certificate is not retried");
     // the host name not in the certificate
@@ -430,6 +431,7 @@ fn pg_tls_require_encrypts_and_verify_full_checks_the_certificate() {
     let e = err_of(PgDestination::open(&by_ip, "n", BOUND));
     assert!(e.contains("certificate not valid for name \"127.0.0.1\"") && e.contains("sslrootcert"), "{e}");
     // a missing root file
-    let e = err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent.pem"), "n", BOUND));
+    let e =
+        err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent.pem"), "n", BOUND));
     assert!(e.contains("cannot read sslrootcert /nonexistent.pem"), "{e}");
 }

@@ -42,9 +42,8 @@ pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
     let pg = url::parse(url_str).map_err(explain)?;
     let name = match (&pg.backup, lightning_dir) {
         (Some(n), _) => n.clone(),
-        (None, Some(l)) => default_name(l).ok_or_else(|| {
-            anyhow!("cannot make a backup name from {}: add ?backup=NAME to the URL", l.display())
-        })?,
+        (None, Some(l)) => default_name(l)
+            .ok_or_else(|| anyhow!("cannot make a backup name from {}: add ?backup=NAME to the URL", l.display()))?,
         (None, None) => bail!("name the backup: add ?backup=NAME to the URL (or give --lightning-dir)"),
     };
     let backend_url = with_backup_name(url_str, &name);
@@ -63,10 +62,16 @@ pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
             return Ok(());
         };
         if !ldir.is_dir() {
-            bail!("lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin", ldir.display());
+            bail!(
+                "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
+                ldir.display()
+            );
         }
         if rpc::lightningd_running(ldir) {
-            bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
+            bail!(
+                "lightningd is running on {}: stop it first (lightning-cli stop), then run init again",
+                ldir.display()
+            );
         }
         let lock = ldir.join(LOCK_NAME);
         if lock.exists() {
@@ -105,12 +110,24 @@ pub fn restore(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Summary)> {
     let (p, s, d) = transfer::restore_from(url_str, None, dest, fetched, progress).map_err(explain)?;
-    println!("Downloaded backup '{}': generation {}, {} records, {:.1} MB", d.name, d.generation, d.records, d.bytes as f64 / 1e6);
+    println!(
+        "Downloaded backup '{}': generation {}, {} records, {:.1} MB",
+        d.name,
+        d.generation,
+        d.records,
+        d.bytes as f64 / 1e6
+    );
     Ok((p, s))
 }
 
 pub fn verify(url_str: &str, fetched: &mut dyn FnMut(u64, u64), progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
     let (s, d) = transfer::verify_from(url_str, None, &std::env::temp_dir(), fetched, progress).map_err(explain)?;
-    println!("Downloaded backup '{}': generation {}, {} records, {:.1} MB", d.name, d.generation, d.records, d.bytes as f64 / 1e6);
+    println!(
+        "Downloaded backup '{}': generation {}, {} records, {:.1} MB",
+        d.name,
+        d.generation,
+        d.records,
+        d.bytes as f64 / 1e6
+    );
     Ok(s)
 }

@@ -479,7 +479,7 @@ impl PgDestination {
                     last = describe(&e);
                     self.uncertain = true;
                     self.drop_connection();
-                    if !self.resolve_uncertain(before, after, data_version, kind, record, deadline, &mut last)? {
+                    if !self.resolve_uncertain(before, after, data_version, kind, record, deadline)? {
                         continue;
                     }
                     self.latency.record(started.elapsed().as_micros() as u64);
@@ -499,7 +499,11 @@ impl PgDestination {
                         url: self.pg.display.clone(),
                         op: "committing a record",
                         secs: self.timeout.as_secs_f64(),
-                        last: if last.is_empty() { "the commit did not return (a synchronous standby down?)".into() } else { last },
+                        last: if last.is_empty() {
+                            "the commit did not return (a synchronous standby down?)".into()
+                        } else {
+                            last
+                        },
                     };
                     self.last_error = Some(e.to_string());
                     return Err(e);
@@ -519,14 +523,9 @@ impl PgDestination {
         kind: Kind,
         record: &[u8],
         deadline: Instant,
-        last: &mut String,
     ) -> Result<bool, PgError> {
         std::thread::sleep(Duration::from_millis(50).min(deadline.saturating_duration_since(Instant::now())));
         if let Err(e) = self.ensure_connected(deadline, false) {
-            let e = match e {
-                PgError::Timeout { url, op, secs, .. } => PgError::Timeout { url, op, secs, last: last.clone() },
-                e => e,
-            };
             self.last_error = Some(e.to_string());
             return Err(e);
         }
@@ -670,10 +669,12 @@ impl PgDestination {
     /// Per-destination fields for backup-status.
     pub fn status(&self) -> serde_json::Value {
         let r = &self.replication;
-        let waits = !r.standby_names.trim().is_empty() && matches!(r.synchronous_commit.as_str(), "on" | "remote_apply");
+        let waits =
+            !r.standby_names.trim().is_empty() && matches!(r.synchronous_commit.as_str(), "on" | "remote_apply");
         json!({
             "kind": "postgres",
             "url": self.pg.display,
+            "host": if r.server.is_empty() { url::hosts(&self.pg.config).join(",") } else { r.server.clone() },
             "hosts": url::hosts(&self.pg.config),
             "server": r.server,
             "database": self.pg.config.get_dbname(),
@@ -710,7 +711,11 @@ impl PgDestination {
         let deadline = Instant::now() + self.timeout;
         self.ensure_connected(deadline, false)?;
         let Some(conn) = self.conn.as_ref() else {
-            return Err(PgError::Connect { url: self.pg.display.clone(), what: "not connected".into(), retryable: true });
+            return Err(PgError::Connect {
+                url: self.pg.display.clone(),
+                what: "not connected".into(),
+                retryable: true,
+            });
         };
         let url = self.pg.display.clone();
         let remaining = deadline.saturating_duration_since(Instant::now());

@@ -32,9 +32,9 @@ pub fn connector(tls: &Tls, url: &str) -> Result<MakeRustlsConnect, PgError> {
                     let certs = CertificateDer::pem_file_iter(&path)
                         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
                         .map_err(|e| PgError::Tls {
-                            url: url.into(),
-                            what: format!("cannot read sslrootcert {}: {e}", path.display()),
-                        })?;
+                        url: url.into(),
+                        what: format!("cannot read sslrootcert {}: {e}", path.display()),
+                    })?;
                     roots.add_parsable_certificates(certs);
                 }
                 None => {

@@ -196,7 +196,12 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Creates backup `name` (the URL's `backup=` wins) from a local file-layout directory
 /// made by `writer::create`, creating the schema if needed. Refuses a name in use.
-pub fn create(url_str: &str, name: &str, from_dir: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<String, PgError> {
+pub fn create(
+    url_str: &str,
+    name: &str,
+    from_dir: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<String, PgError> {
     let o = one_off(url_str)?;
     let name = name_of(&o.pg, Some(name))?.unwrap_or_default();
     let url = o.pg.display.as_str();
@@ -424,7 +429,7 @@ async fn download_in(
             out.write_all(bytes).map_err(StoreError::io("write journal", &path))?;
             done += bytes.len() as u64;
             records += 1;
-            if records % 256 == 0 {
+            if records.is_multiple_of(256) {
                 progress(done, total);
             }
         }
@@ -569,7 +574,10 @@ pub fn build_generation(
     o.rt.block_on(async {
         // leftovers of an interrupted compaction (never current) go first
         client
-            .execute("DELETE FROM cln_backup.snapshot_chunks WHERE name = $1 AND generation >= $2", &[&name, &generation])
+            .execute(
+                "DELETE FROM cln_backup.snapshot_chunks WHERE name = $1 AND generation >= $2",
+                &[&name, &generation],
+            )
             .await
             .map_err(db_err(url, "remove an unfinished generation"))?;
         client
@@ -627,7 +635,10 @@ pub(super) async fn switch(
             .await
             .map_err(db_err(url, "copy the records after the fold"))?;
         client
-            .execute("UPDATE cln_backup.backups SET generation = $2, updated = now() WHERE name = $1", &[&name, &next.generation])
+            .execute(
+                "UPDATE cln_backup.backups SET generation = $2, updated = now() WHERE name = $1",
+                &[&name, &next.generation],
+            )
             .await
             .map_err(db_err(url, "switch generations"))?;
         client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the switch"))
@@ -660,7 +671,8 @@ pub fn remove_old_generations(url_str: &str, name: &str, progress: &mut dyn FnMu
                      SELECT ctid FROM cln_backup.{table} WHERE name = $1 AND generation < $2 LIMIT $3))"
             );
             loop {
-                let n = client.execute(&sql, &[&name, &current, &step]).await.map_err(db_err(url, "remove old rows"))?;
+                let n =
+                    client.execute(&sql, &[&name, &current, &step]).await.map_err(db_err(url, "remove old rows"))?;
                 if n == 0 {
                     break;
                 }

@@ -100,7 +100,8 @@ pub fn parse(url: &str) -> Result<PgUrl, PgError> {
     let mut root_cert = None;
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
         let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("query parameter '{kv}' has no '='")))?;
-        let value = percent_decode(v).ok_or_else(|| bad(format!("query parameter '{k}' is not valid percent-encoding")))?;
+        let value =
+            percent_decode(v).ok_or_else(|| bad(format!("query parameter '{k}' is not valid percent-encoding")))?;
         match k {
             "backup" => {
                 check_name(&value).map_err(bad)?;
@@ -117,7 +118,9 @@ pub fn parse(url: &str) -> Result<PgUrl, PgError> {
         "require" => Tls::Unverified { required: true },
         "verify-full" => Tls::VerifyFull { root_cert },
         "verify-ca" => {
-            return Err(bad("sslmode=verify-ca is not supported: use sslmode=verify-full (checks the host name too)".into()))
+            return Err(bad(
+                "sslmode=verify-ca is not supported: use sslmode=verify-full (checks the host name too)".into()
+            ))
         }
         m => return Err(bad(format!("unknown sslmode '{m}': use disable, prefer, require or verify-full"))),
     };
@@ -216,13 +219,15 @@ fn split_passfile_line(line: &str) -> Vec<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => {
-                if let Some(n) = chars.next() {
-                    out.last_mut().map(|s| s.push(n));
+                if let (Some(n), Some(s)) = (chars.next(), out.last_mut()) {
+                    s.push(n);
                 }
             }
             ':' if out.len() < 5 => out.push(String::new()),
             c => {
-                out.last_mut().map(|s| s.push(c));
+                if let Some(s) = out.last_mut() {
+                    s.push(c);
+                }
             }
         }
     }
@@ -235,8 +240,10 @@ mod tests {
 
     #[test]
     fn parses_libpq_urls() {
-        let u = parse("postgres://alice:s3cret@db1:5433,db2/lnd?target_session_attrs=read-write&backup=node-1&sslmode=require")
-            .unwrap();
+        let u = parse(
+            "postgres://alice:s3cret@db1:5433,db2/lnd?target_session_attrs=read-write&backup=node-1&sslmode=require",
+        )
+        .unwrap();
         assert_eq!(u.backup.as_deref(), Some("node-1"));
         assert_eq!(u.tls, Tls::Unverified { required: true });
         assert_eq!(hosts(&u.config), vec!["db1:5433", "db2:5432"]);
