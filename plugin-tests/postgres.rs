@@ -435,3 +435,68 @@ fn pg_tls_require_encrypts_and_verify_full_checks_the_certificate() {
         err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent.pem"), "n", BOUND));
     assert!(e.contains("cannot read sslrootcert /nonexistent.pem"), "{e}");
 }
+
+/// The trace's first records applied to a fresh SQLite, as the node's database would be.
+fn reference(trace: &[TraceRecord], dir: &Path, file: &str) -> std::path::PathBuf {
+    let p = dir.join(file);
+    let conn = rusqlite::Connection::open(&p).unwrap();
+    conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+    let mut a = cln_backup::restore::Applier::new(&conn);
+    for r in trace {
+        a.apply(r.kind(), &r.writes).unwrap();
+    }
+    a.commit().unwrap();
+    p
+}
+
+const CHILD_URL: &str = "CLN_BACKUP_PG_CHILD_URL";
+
+/// Run by `pg_sigkill_mid_write_...` as a child process, to be killed mid-write.
+#[test]
+#[ignore = "a helper: pg_sigkill_mid_write_leaves_a_consistent_prefix runs it as a child process and SIGKILLs it"]
+fn pg_child_writer() {
+    let url = std::env::var(CHILD_URL).expect("run by pg_sigkill_mid_write_leaves_a_consistent_prefix");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    feed(&mut d, trace("channels"));
+}
+
+#[test]
+fn pg_sigkill_mid_write_leaves_a_consistent_prefix_and_the_lock_free() {
+    let url = pgharness::fresh_db("sigkill");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("channels");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "postgres::pg_child_writer", "--ignored", "--nocapture"])
+        .env(CHILD_URL, &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let c = pgharness::shared();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = c.psql(&db, "SELECT count(*) FROM cln_backup.records").parse().unwrap();
+        if n >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the child wrote only {n} records");
+        assert!(child.try_wait().unwrap().is_none(), "the child writer ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    // the lock went with it; what is there is a prefix of the trace, exactly
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap_or_else(|e| panic!("{}", e.explain()));
+    let (r, dl) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    let n = dl.records as usize;
+    assert!(n >= 300 && n < t.len(), "{n}");
+    let last_tx = t[..n].iter().rev().find(|r| r.kind() == Kind::Transaction).unwrap();
+    assert_eq!(d.position(), versions::Position { version: last_tx.data_version, droppable: true });
+    assert_same(&r, &reference(&t[..n], tmp.path(), "ref.sqlite3"));
+    // and the node goes on from there
+    feed(&mut d, &t[n..]);
+    let (r, _) = restore(&url, "n", tmp.path(), "r2.sqlite3");
+    assert_same(&r, &final_db("channels", tmp.path()));
+}
