@@ -107,6 +107,10 @@ fn chown_to_postgres(p: &Path) -> Result<(), String> {
 fn template() -> Result<PathBuf, String> {
     static T: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     T.get_or_init(|| {
+        static HOOK: std::sync::Once = std::sync::Once::new();
+        HOOK.call_once(|| unsafe {
+            libc::atexit(stop_all_at_exit);
+        });
         let b = bindir()?;
         let root = tempfile::Builder::new().prefix("clnpg-tpl").tempdir().map_err(|e| e.to_string())?.keep();
         RUNNING.lock().map_err(|e| e.to_string())?.push((root.join("none"), root.clone()));
@@ -274,7 +278,6 @@ impl Drop for Cluster {
 pub fn shared() -> &'static Cluster {
     static C: OnceLock<Result<Cluster, String>> = OnceLock::new();
     let r = C.get_or_init(|| {
-        unsafe { libc::atexit(stop_all_at_exit) };
         let mut c = Cluster::start_new()?;
         c.shared = true;
         Ok(c)
@@ -287,7 +290,6 @@ pub fn shared() -> &'static Cluster {
 
 /// A private cluster, or a failing test with the reason.
 pub fn private() -> Cluster {
-    shared(); // registers the exit hook
     Cluster::start_new().unwrap_or_else(|e| panic!("cannot start a private PostgreSQL: {e}"))
 }
 
