@@ -197,6 +197,14 @@ impl Cluster {
         run(c, "pg_ctl stop").unwrap();
     }
 
+    /// Makes a standby the primary (failover).
+    pub fn promote(&self) {
+        let b = bindir().unwrap();
+        let mut c = as_pg(&b.join("pg_ctl"));
+        c.args(["promote", "-w", "-D"]).arg(&self.data);
+        run(c, "pg_ctl promote").unwrap();
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("log")).unwrap_or_default()
     }

@@ -500,3 +500,36 @@ fn pg_sigkill_mid_write_leaves_a_consistent_prefix_and_the_lock_free() {
     let (r, _) = restore(&url, "n", tmp.path(), "r2.sqlite3");
     assert_same(&r, &final_db("channels", tmp.path()));
 }
+
+#[test]
+fn pg_failover_to_the_promoted_synchronous_standby_within_the_bound_loses_nothing() {
+    let primary = pgharness::private();
+    let url = primary.create_db("node");
+    new_backup(&url, "n");
+    let standby = primary.add_sync_standby().unwrap_or_else(|e| panic!("{e}"));
+    let multi = format!(
+        "postgres://postgres:{}@127.0.0.1:{},127.0.0.1:{}/node?target_session_attrs=read-write&sslmode=disable",
+        pgharness::PASSWORD,
+        primary.port,
+        standby.port
+    );
+    let t = trace("channels");
+    let mut d = PgDestination::open(&multi, "n", BOUND).unwrap();
+    assert_eq!(d.status()["host"], format!("127.0.0.1:{}", primary.port));
+    feed(&mut d, &t[..400]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            primary.stop("immediate");
+            std::thread::sleep(Duration::from_millis(300));
+            standby.promote();
+        });
+        feed(&mut d, &t[400..]);
+    });
+    assert!(d.reconnects() >= 1);
+    assert_eq!(d.status()["host"], format!("127.0.0.1:{}", standby.port));
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, dl) = restore(&multi, "n", tmp.path(), "r.sqlite3");
+    assert_eq!(dl.records, t.len() as u64, "records lost or doubled");
+    assert_same(&r, &final_db("channels", tmp.path()));
+}
