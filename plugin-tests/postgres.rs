@@ -199,6 +199,12 @@ fn pg_second_writer_refused_and_hook_then_crash_replaces_the_last_transaction() 
     assert!(e.contains("refusing a transaction at data_version"), "{e}");
     let e = err_of(d.append(at + 1, Kind::Transaction, true, b"x"));
     assert!(e.contains("refusing"), "{e}");
+    // called from inside a tokio task (an async hook handler), it works, without panicking
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pragma = vec!["PRAGMA foreign_keys = ON;".to_string()];
+    rt.block_on(async { d.append(at, Kind::Outside, false, &framed(at, Kind::Outside, &pragma)) }).unwrap();
+    // sequence numbers are never reused: the trace, the replaced record, this one
+    assert_eq!(d.status()["next_seq"], t.len() as u64 + 2);
 }
 
 #[test]

@@ -15,7 +15,8 @@
 //! one restore engine on it. One writer per backup: a session-level advisory lock.
 //!
 //! The API is synchronous (the hook path is); it runs tokio-postgres on a private
-//! current-thread runtime, so call it from a plain thread, never from inside a tokio task.
+//! current-thread runtime. Call it from a plain thread or `spawn_blocking`; called from
+//! inside a tokio task it still works, on a scoped thread, at the cost of a thread spawn.
 
 pub mod init;
 mod tls;
@@ -159,6 +160,22 @@ pub(crate) fn db_err<'a>(url: &'a str, op: &'static str) -> impl Fn(tokio_postgr
 pub(crate) fn runtime() -> Result<Runtime, PgError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
         PgError::Store(StoreError::Io { op: "start the PostgreSQL client runtime", path: "tokio".into(), source: e })
+    })
+}
+
+/// Runs `f` on our runtime. Called from inside another tokio runtime (an async hook
+/// handler that forgot `spawn_blocking`), it runs on a scoped thread instead of panicking.
+fn block_on<F>(rt: &Runtime, f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_err() {
+        return rt.block_on(f);
+    }
+    std::thread::scope(|s| match s.spawn(|| rt.block_on(f)).join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
     })
 }
 
@@ -443,7 +460,7 @@ impl PgDestination {
                     &record,
                 ];
                 let tls = self.tls.clone();
-                self.rt.block_on(async {
+                block_on(&self.rt, async {
                     match tokio::time::timeout(remaining, client.execute(&stmt, &params)).await {
                         Ok(r) => Some(r),
                         Err(_) => {
@@ -536,7 +553,7 @@ impl PgDestination {
             let conn = self.conn.as_ref().map(|c| &c.session.client);
             let Some(client) = conn else { return Ok(false) };
             let seq = before.next_seq;
-            let same = self.rt.block_on(client.query_opt(
+            let same = block_on(&self.rt, client.query_opt(
                 "SELECT data_version = $3 AND kind = $4 AND data = $5 FROM cln_backup.records
                   WHERE name = $1 AND generation = $2 AND seq = $6",
                 &[&self.name, &after.generation, &(dv as i64), &(kind as i16), &record, &seq],
@@ -587,7 +604,7 @@ impl PgDestination {
                 });
             }
             self.conn = None;
-            let attempt = self.rt.block_on(async {
+            let attempt = block_on(&self.rt, async {
                 match tokio::time::timeout(remaining, self.connect_and_lock()).await {
                     Ok(r) => r,
                     Err(_) => Err(PgError::Connect {
@@ -682,7 +699,7 @@ impl PgDestination {
             "connected": self.conn.is_some(),
             "generation": self.state.generation,
             "latest_version": self.state.version,
-            "records": self.state.next_seq,
+            "next_seq": self.state.next_seq,
             "commit_latency": {
                 "count": self.latency.count,
                 "p50_us": self.latency.quantile(0.5),
@@ -719,7 +736,7 @@ impl PgDestination {
         };
         let url = self.pg.display.clone();
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let r = self.rt.block_on(async {
+        let r = block_on(&self.rt, async {
             tokio::time::timeout(remaining, transfer::switch(&conn.session.client, &url, &self.name, self.state, next))
                 .await
         });
