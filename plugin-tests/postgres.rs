@@ -539,3 +539,35 @@ fn pg_failover_to_the_promoted_synchronous_standby_within_the_bound_loses_nothin
     assert_eq!(dl.records, t.len() as u64, "records lost or doubled");
     assert_same(&r, &final_db("channels", tmp.path()));
 }
+
+#[test]
+fn pg_restore_while_the_writer_writes_gives_a_consistent_prefix() {
+    let url = pgharness::fresh_db("live");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("channels");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    feed(&mut d, &t[..50]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let restores = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut out = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || out.len() < 3 {
+                let (p, dl) = restore(&url, "n", tmp.path(), &format!("live-{}.sqlite3", out.len()));
+                out.push((p, dl.records));
+            }
+            out
+        });
+        feed(&mut d, &t[50..]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(restores.len() >= 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, (p, records)) in restores.iter().enumerate().step_by((restores.len() / 4).max(1)) {
+        let reference = reference(&t[..*records as usize], tmp.path(), &format!("ref-{i}.sqlite3"));
+        assert_same(p, &reference);
+        seen.insert(*records);
+    }
+    assert!(seen.len() >= 2, "every restore saw the same records: {seen:?}");
+}
