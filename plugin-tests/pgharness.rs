@@ -50,7 +50,15 @@ pub fn bindir() -> Result<PathBuf, String> {
                 return Ok(b);
             }
         }
-        Err("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin nor from pg_config): \
+        let on_path = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths).map(|d| d.join("initdb")).find(|p| p.exists())
+        });
+        if let Some(initdb) = on_path.and_then(|p| std::fs::canonicalize(p).ok()) {
+            if let Some(dir) = initdb.parent() {
+                return Ok(dir.to_path_buf());
+            }
+        }
+        Err("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin, from pg_config or on PATH): \
              install it with `apt-get install -y postgresql` (.ci/run does)"
             .into())
     })
