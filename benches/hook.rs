@@ -7,6 +7,8 @@
 //! 2. Restore speed (statements/s) against SQLite executing the same statements in one
 //!    transaction with the same settings.
 //! 3. The plugin's RSS after the whole trace, and its binary's size.
+//! 4. The postgres:// destination's append against a bare INSERT + COMMIT (also with a
+//!    synchronous standby). CLN_BACKUP_BENCH_ONLY=postgres runs only this one.
 //!
 //! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
 //! by call, against the same baseline (e.g. the commit before a change).
@@ -233,8 +235,13 @@ fn main() {
     fs::create_dir_all(&base).unwrap();
     if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "stall") {
         compaction_stall(&base);
+    } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "postgres") {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+        postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     } else {
         hook_restore_and_compaction(&base);
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+        postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     }
     let _ = fs::remove_dir_all(&base);
 }
@@ -443,4 +450,84 @@ fn compaction_stall(base: &Path) {
         rsec2 / csec
     );
     let _ = fs::remove_dir_all(&dir);
+}
+
+#[path = "../plugin-tests/pgharness.rs"]
+#[allow(dead_code)]
+mod pgharness;
+
+/// 4. The postgres:// destination: append p50/p99 against a local PostgreSQL, next to a bare
+///    single-row INSERT + COMMIT of the same bytes from the same process (interleaved call
+///    by call), then the same with a synchronous standby the primary waits for.
+fn postgres_appends(trace: &[sim::TraceRecord]) {
+    use cln_backup::destination::postgres::{self as pg, PgDestination};
+    use cln_backup::versions::{self, Decision};
+    let cluster = match pgharness::Cluster::start_new() {
+        Ok(c) => c,
+        Err(e) => panic!("postgres benchmark: cannot start PostgreSQL: {e}"),
+    };
+    let url = cluster.create_db("bench");
+    cluster.psql("bench", "CREATE TABLE baseline (seq bigint PRIMARY KEY, data bytea NOT NULL)");
+    let tmp = tempfile::tempdir().unwrap();
+    let local = tmp.path().join("b");
+    cln_backup::writer::create(&local, None).unwrap();
+    pg::create(&url, "bench", &local, &mut |_, _| {}).unwrap();
+    let mut dest = PgDestination::open(&url, "bench", Duration::from_secs(60)).unwrap();
+    // the baseline: its own connection, same client crate, same runtime kind
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let cfg: tokio_postgres::Config = url.split('?').next().unwrap().parse().unwrap();
+    let (client, conn) = rt.block_on(cfg.connect(tokio_postgres::NoTls)).unwrap();
+    rt.spawn(async move {
+        let _ = conn.await;
+    });
+    let insert = rt.block_on(client.prepare("INSERT INTO baseline (seq, data) VALUES ($1, $2)")).unwrap();
+    let mut seq = 0i64;
+    let mut run = |dest: &mut PgDestination, recs: &[sim::TraceRecord], label: &str| {
+        let (mut ours, mut base) = (Vec::with_capacity(recs.len()), Vec::with_capacity(recs.len()));
+        let mut buf = Vec::new();
+        for rec in recs {
+            let kind = rec.kind();
+            buf.clear();
+            journal::encode_record(&mut buf, rec.data_version, kind, &rec.writes);
+            let replace = match versions::decide(dest.position(), rec.data_version, kind) {
+                Decision::Append => false,
+                Decision::ReplaceLast => true,
+                d => panic!("{d:?}"),
+            };
+            // alternate who goes first, so neither always follows the other's flush
+            let mut bare = || {
+                let t = Instant::now();
+                rt.block_on(client.execute(&insert, &[&seq, &buf])).unwrap();
+                base.push(t.elapsed());
+            };
+            if seq % 2 == 1 {
+                bare();
+            }
+            let t = Instant::now();
+            dest.append(rec.data_version, kind, replace, &buf).unwrap();
+            ours.push(t.elapsed());
+            if seq % 2 == 0 {
+                bare();
+            }
+            seq += 1;
+        }
+        let (o50, o99, b50, b99) =
+            (pct(&mut ours, 0.5), pct(&mut ours, 0.99), pct(&mut base, 0.5), pct(&mut base, 0.99));
+        println!(
+            "postgres append {label}: {} calls, p50 {o50:.0} us p99 {o99:.0} us; bare INSERT+COMMIT p50 {b50:.0} us \
+             p99 {b99:.0} us; ratio p50 {:.2}x p99 {:.2}x",
+            recs.len(),
+            o50 / b50,
+            o99 / b99
+        );
+    };
+    let half = trace.len() / 2;
+    run(&mut dest, &trace[..half], "(local, synchronous_commit=on)");
+    let standby = cluster.add_sync_standby().unwrap();
+    // new sessions see synchronous_standby_names; both sides reconnect alike
+    drop(dest);
+    let mut dest = PgDestination::open(&url, "bench", Duration::from_secs(60)).unwrap();
+    assert_eq!(dest.status()["synchronous_replication"], true);
+    run(&mut dest, &trace[half..], "(synchronous standby)");
+    drop(standby);
 }

@@ -7,6 +7,7 @@ mod compaction;
 mod crash;
 mod damage;
 mod legacy;
+mod postgres;
 mod replay;
 mod replicas;
 mod usage;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::destination::postgres as pg;
 use crate::error::StoreError;
 use crate::layout;
 use crate::plugin::LOCK_NAME;
@@ -124,7 +125,7 @@ pub fn entry() -> ExitCode {
 }
 
 /// True when something answers on the RPC socket: lightningd is running on that dir.
-fn lightningd_running(lightning_dir: &Path) -> bool {
+pub fn lightningd_running(lightning_dir: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(lightning_dir.join("lightning-rpc")).is_ok()
 }
 
@@ -160,6 +161,12 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
                 (l, p) => l.or(p),
             };
+            if args.iter().any(|u| pg::is_postgres_url(u)) {
+                if args.len() > 1 {
+                    bail!("a postgres:// destination is created on its own: init it, then add file destinations with add-destination");
+                }
+                return pg::init::init(ldir.as_deref(), &args[0]).map(|_| ());
+            }
             init(ldir.as_deref(), &args, min_destinations, &cwd)
         }
         Cmd::Restore { lightning_dir, mut args } => {
@@ -170,6 +177,14 @@ fn run(cmd: Cmd) -> Result<()> {
                 (Some(_), Some(_)) => bail!("give either a URL or --lightning-dir, not both"),
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
+            if pg::is_postgres_url(&url) {
+                let (dest, s) =
+                    pg::init::restore(&url, &dest, &mut progress_bar("Downloading"), &mut progress_bar("Restoring"))?;
+                finish_progress();
+                print_summary("Restored", &s);
+                println!("Wrote {}", dest.display());
+                return Ok(());
+            }
             let root = url_path(&url)?;
             let (dest, s) = restore::restore(&root, &dest, &mut progress_bar("Restoring"))?;
             finish_progress();
@@ -188,6 +203,12 @@ fn run(cmd: Cmd) -> Result<()> {
             for u in &urls {
                 if urls.len() > 1 {
                     println!("== {u}");
+                }
+                if pg::is_postgres_url(u) {
+                    let s = pg::init::verify(u, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
+                    finish_progress();
+                    print_summary("Verified", &s);
+                    continue;
                 }
                 let root = url_path(u)?;
                 match restore::verify(&root, &mut progress_bar("Verifying")) {
@@ -226,7 +247,13 @@ fn is_url(arg: &str) -> bool {
 
 fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: &Path) -> Result<()> {
     let targets = destination::check_distinct(urls, cwd).map_err(|e| anyhow!(e))?;
-    let roots: Vec<PathBuf> = targets.into_iter().map(|destination::Target::File(p)| p).collect();
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for t in targets {
+        match t {
+            destination::Target::File(p) => roots.push(p),
+            destination::Target::Postgres(u) => bail!("{u}: a postgres:// destination is initialized on its own"),
+        }
+    }
     let abs: Vec<String> = roots.iter().map(|r| layout::url_for(r)).collect();
     if let Some(m) = min.filter(|m| *m > urls.len()) {
         bail!("--min-destinations {m} is more than the {} destination(s) given", urls.len());

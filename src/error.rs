@@ -25,6 +25,9 @@ pub enum StoreError {
     Invalid { path: PathBuf, what: String },
     #[error("{path}: could not apply data_version {version} (offset {offset}): {what}")]
     Apply { path: PathBuf, offset: u64, version: u32, what: String },
+    /// A network destination's failure, already worded by its own error type.
+    #[error("{what}")]
+    Remote { what: String, hint: &'static str, retryable: bool },
 }
 
 impl StoreError {
@@ -54,12 +57,13 @@ impl StoreError {
             StoreError::Apply { .. } => {
                 "SQLite refused statements the backup holds: keep the backup and report this message as a bug"
             }
+            StoreError::Remote { hint, .. } => hint,
         }
     }
 
     /// Whether the same operation may succeed later without anyone repairing data.
     pub fn retryable(&self) -> bool {
-        matches!(self, StoreError::Io { .. } | StoreError::Locked { .. })
+        matches!(self, StoreError::Io { .. } | StoreError::Locked { .. } | StoreError::Remote { retryable: true, .. })
     }
 
     /// The message with its hint, for logs and the command line.

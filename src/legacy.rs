@@ -372,7 +372,7 @@ pub fn migrate(old: &Path, new_root: &Path, progress: &mut dyn FnMut(u64, u64)) 
     }
     let tmp = fsutil::tmp_path(&new_root.with_extension("migrate-db"));
     let _ = fs::remove_file(&tmp);
-    let result = (|| {
+    let result = (|| -> Result<Summary> {
         let built = build(old, Some(&tmp), true, progress)?;
         let base = built.has_db.then_some((tmp.as_path(), built.db_version));
         crate::writer::create_with_records(new_root, base, &built.tail)?;

@@ -20,8 +20,19 @@ pub struct Copy {
 
 /// Reads a copy's current generation to its end (checksums included).
 pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
-    let Target::File(root) = super::parse(url, base)?;
-    inspect_dir(url, &root)
+    match super::parse(url, base)? {
+        Target::File(root) => inspect_dir(url, &root),
+        // A remote copy is read through a local download.
+        Target::Postgres(u) => {
+            let dir = std::env::temp_dir().join(format!("cln-backup-inspect-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let got = super::postgres::transfer::download(&u, None, &dir, &mut |_, _| {})
+                .map_err(|e| e.explain())
+                .and_then(|_| inspect_dir(url, &dir));
+            let _ = std::fs::remove_dir_all(&dir);
+            got
+        }
+    }
 }
 
 fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {

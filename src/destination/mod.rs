@@ -11,6 +11,7 @@
 
 pub mod file;
 pub mod inspect;
+pub mod postgres;
 pub mod replicas;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +70,8 @@ pub trait Destination: Send {
     fn writer(&self) -> Option<Arc<Mutex<Writer>>> {
         None
     }
+    /// The bound on a network destination's reconnects and stalled commits.
+    fn set_reconnect_timeout(&mut self, _timeout: std::time::Duration) {}
     /// Replaces what the destination holds with `from`, a whole generation (catch-up when
     /// it is far behind, and `add-destination`).
     fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError>;
@@ -78,12 +81,21 @@ pub trait Destination: Send {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     File(PathBuf),
+    /// A libpq URL (`?backup=NAME` names the backup among others in the database).
+    Postgres(String),
 }
 
 /// Parses a destination URL; relative file paths are taken from `base`.
 pub fn parse(url: &str, base: &Path) -> Result<Target, String> {
+    if postgres::is_postgres_url(url) {
+        return postgres::url::parse(url).map(|_| Target::Postgres(url.to_string())).map_err(|e| e.explain());
+    }
     crate::layout::parse_url(url, base).map(Target::File)
 }
+
+/// How long a network destination may take to reconnect or commit before it counts as
+/// failed (`backup-reconnect-timeout`); before init, its default.
+pub const DEFAULT_RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Opens a destination for writing (the one writer), with what opening repaired, in words.
 pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>), String> {
@@ -91,6 +103,12 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
         Target::File(root) => {
             let (d, notes) = file::FileDestination::open(url, &root)?;
             Ok((Box::new(d), notes))
+        }
+        Target::Postgres(u) => {
+            let name = postgres::init::default_name(base).unwrap_or_default();
+            let d = postgres::PgDestination::open(&u, &name, DEFAULT_RECONNECT_TIMEOUT)
+                .map_err(|e| format!("Cannot open the backup at {}: {}", postgres::url::redact(&u), e.explain()))?;
+            Ok((Box::new(d), vec![]))
         }
     }
 }
@@ -150,6 +168,7 @@ pub fn check_distinct(urls: &[String], base: &Path) -> Result<Vec<Target>, Strin
         let t = parse(u, base)?;
         let canon = match &t {
             Target::File(p) => crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n)),
+            Target::Postgres(_) => None,
         };
         if let Some((_, _, first)) = seen.iter().find(|(t2, c2, _)| *t2 == t || (canon.is_some() && *c2 == canon)) {
             return Err(format!("'{u}' and '{first}' are the same destination: give each place once"));

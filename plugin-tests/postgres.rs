@@ -1,0 +1,573 @@
+//! The postgres:// destination against a real PostgreSQL (started by `pgharness`): real
+//! traces in, restored row for row; restarts, a server gone for good, a synchronous standby,
+//! a second writer, crashes between hook and commit, compaction, clear errors.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cln_backup::destination::postgres::{self as pg, PgDestination, PgError};
+use cln_backup::journal::{encode_record, Kind};
+use cln_backup::sim::TraceRecord;
+use cln_backup::versions::{self, Decision};
+
+use crate::common::*;
+#[path = "pgharness.rs"]
+mod pgharness;
+
+const BOUND: Duration = Duration::from_secs(20);
+
+fn framed(dv: u32, kind: Kind, writes: &[String]) -> Vec<u8> {
+    let mut b = vec![];
+    encode_record(&mut b, dv, kind, writes);
+    b
+}
+
+/// Makes an empty backup `name` the way init does: a local generation, uploaded.
+fn new_backup(url: &str, name: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("b");
+    cln_backup::writer::create(&dir, None).unwrap();
+    pg::create(url, name, &dir, &mut |_, _| {}).unwrap();
+}
+
+/// What the plugin does per call: the version decision, then the destination.
+fn feed_one(d: &mut PgDestination, r: &TraceRecord) -> Result<(), PgError> {
+    let kind = r.kind();
+    let replace = match versions::decide(d.position(), r.data_version, kind) {
+        Decision::Append => false,
+        Decision::ReplaceLast => true,
+        other => panic!("halt at data_version {}: {other:?}", r.data_version),
+    };
+    d.append(r.data_version, kind, replace, &framed(r.data_version, kind, &r.writes))
+}
+
+fn feed(d: &mut PgDestination, recs: &[TraceRecord]) {
+    for r in recs {
+        if let Err(e) = feed_one(d, r) {
+            panic!("append of data_version {} failed: {}", r.data_version, e.explain());
+        }
+    }
+}
+
+/// Downloads + restores backup `name` and returns the database path.
+fn restore(url: &str, name: &str, dir: &Path, file: &str) -> (std::path::PathBuf, pg::Downloaded) {
+    let dest = dir.join(file);
+    let (p, _, d) = pg::restore_from(url, Some(name), &dest, &mut |_, _| {}, &mut |_, _| {})
+        .unwrap_or_else(|e| panic!("restore failed: {}", e.explain()));
+    (p, d)
+}
+
+fn err_of<T>(r: Result<T, PgError>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.explain(),
+    }
+}
+
+#[test]
+fn pg_replays_real_traces_restores_row_for_row_and_keeps_backups_apart() {
+    let url = pgharness::fresh_db("replay");
+    let tmp = tempfile::tempdir().unwrap();
+    // two nodes' backups in one database
+    new_backup(&url, "node-small");
+    new_backup(&url, "node-channels");
+    let mut a = PgDestination::open(&url, "node-small", BOUND).unwrap();
+    let mut b = PgDestination::open(&url, "node-channels", BOUND).unwrap();
+    let (small, channels) = (trace("small"), trace("channels"));
+    // interleaved, as two nodes would write
+    let n = small.len().max(channels.len());
+    for i in 0..n {
+        if let Some(r) = small.get(i) {
+            feed(&mut a, std::slice::from_ref(r));
+        }
+        if let Some(r) = channels.get(i) {
+            feed(&mut b, std::slice::from_ref(r));
+        }
+    }
+    let st = b.status();
+    assert_eq!(st["kind"], "postgres");
+    assert_eq!(st["backup"], "node-channels");
+    assert_eq!(st["database"], url.rsplit('/').next().unwrap().split('?').next().unwrap());
+    assert_eq!(st["commit_latency"]["count"], channels.len() as u64);
+    assert!(st["commit_latency"]["p99_us"].as_u64().unwrap() >= st["commit_latency"]["p50_us"].as_u64().unwrap());
+    assert_eq!(st["synchronous_replication"], false);
+    assert_eq!(st["reconnects"], 0);
+    assert!(!st["url"].as_str().unwrap().contains(pgharness::PASSWORD), "password shown: {st}");
+    let last_tx = channels.iter().rev().find(|r| r.kind() == Kind::Transaction).unwrap();
+    assert_eq!(b.position().version, last_tx.data_version);
+    let (ra, da) = restore(&url, "node-small", tmp.path(), "a.sqlite3");
+    let (rb, db) = restore(&url, "node-channels", tmp.path(), "b.sqlite3");
+    assert_eq!(da.records, small.len() as u64);
+    assert_eq!(db.records, channels.len() as u64);
+    assert_same(&ra, &final_db("small", tmp.path()));
+    let (tables, rows) = assert_same(&rb, &final_db("channels", tmp.path()));
+    assert!(tables > 30 && rows > 50, "{tables} tables {rows} rows");
+}
+
+#[test]
+fn pg_restart_mid_trace_loses_nothing_and_doubles_nothing_then_gone_for_good_fails_in_bound() {
+    let c = pgharness::private();
+    let url = c.create_db("node");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    let t = trace("channels");
+    let (first, second) = (400, 800);
+    feed(&mut d, &t[..first]);
+    // a crash of the server between two calls
+    c.stop("immediate");
+    c.start().unwrap();
+    feed(&mut d, &t[first..second]);
+    // and one during a call: the server dies while writes go on, and comes back
+    let data = c.data.clone();
+    let restarter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(30));
+        let b = pgharness::bindir().unwrap();
+        let pgctl = b.join("pg_ctl");
+        let run = |args: &[&str]| {
+            let mut cmd = if unsafe { libc::geteuid() } == 0 {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(&pgctl);
+                c
+            } else {
+                std::process::Command::new(&pgctl)
+            };
+            assert!(cmd.args(args).arg("-D").arg(&data).output().unwrap().status.success());
+        };
+        run(&["stop", "-w", "-m", "immediate"]);
+        std::thread::sleep(Duration::from_millis(500));
+        let log = data.parent().unwrap().join("log");
+        run(&["start", "-w", "-l", log.to_str().unwrap()]);
+    });
+    feed(&mut d, &t[second..]);
+    restarter.join().unwrap();
+    assert!(d.reconnects() >= 1, "no reconnect seen: {}", d.status());
+    let (r, dl) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    assert_eq!(dl.records, t.len() as u64, "records lost or doubled");
+    assert_same(&r, &final_db("channels", tmp.path()));
+
+    // gone for good: the write fails within the bound, not later, and says so
+    d.set_reconnect_timeout(Duration::from_millis(1500));
+    c.stop("immediate");
+    let extra = vec!["PRAGMA foreign_keys = ON;".to_string()];
+    let at = d.position().version;
+    let started = Instant::now();
+    let e = err_of(d.append(at, Kind::Outside, false, &framed(at, Kind::Outside, &extra)));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(e.contains("did not complete within 1.5 s"), "{e}");
+    assert!(d.status()["last_error"].as_str().unwrap().contains("1.5 s"));
+}
+
+#[test]
+fn pg_second_writer_refused_and_hook_then_crash_replaces_the_last_transaction() {
+    let url = pgharness::fresh_db("lock");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("small");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    let e = err_of(PgDestination::open(&url, "n", BOUND));
+    assert!(e.contains("in use by another writer") && e.contains("advisory lock"), "{e}");
+    // the same name given in the URL is the same backup
+    let e = err_of(PgDestination::open(&format!("{url}&backup=n"), "other", BOUND));
+    assert!(e.contains("in use by another writer"), "{e}");
+    feed(&mut d, &t[..40]);
+    // the hook for a transaction answered, then lightningd died before its commit
+    let last = t[..40].iter().rev().find(|r| r.kind() == Kind::Transaction).unwrap().data_version;
+    let never = vec![
+        "INSERT INTO vars (name, val) VALUES ('never-committed', 'x');".to_string(),
+        format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {last}"),
+    ];
+    let k = versions::classify(last + 1, &never).unwrap();
+    d.append(last + 1, k, false, &framed(last + 1, k, &never)).unwrap();
+    drop(d); // the plugin is gone with lightningd: its session and lock go too
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    assert_eq!(d.position(), versions::Position { version: last + 1, droppable: true });
+    // lightningd restarts at `last` and replays from there: the first call replaces it
+    let replace = matches!(versions::decide(d.position(), t[40].data_version, t[40].kind()), Decision::ReplaceLast);
+    assert!(replace || t[40].kind() == Kind::Outside, "expected a replacement at {}", t[40].data_version);
+    feed(&mut d, &t[40..]);
+    let (r, dl) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    assert_eq!(dl.records, t.len() as u64);
+    assert_same(&r, &final_db("small", tmp.path()));
+    let conn = rusqlite::Connection::open(&r).unwrap();
+    let n: i64 = conn.query_row("SELECT count(*) FROM vars WHERE name = 'never-committed'", [], |r| r.get(0)).unwrap();
+    assert_eq!(n, 0);
+    // the server refuses what does not follow from what it holds, whatever the caller says
+    let at = d.position().version;
+    let e = err_of(d.append(at + 5, Kind::Transaction, false, b"x"));
+    assert!(e.contains("refusing a transaction at data_version"), "{e}");
+    let e = err_of(d.append(at + 1, Kind::Transaction, true, b"x"));
+    assert!(e.contains("refusing"), "{e}");
+    // called from inside a tokio task (an async hook handler), it works, without panicking
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let pragma = vec!["PRAGMA foreign_keys = ON;".to_string()];
+    rt.block_on(async { d.append(at, Kind::Outside, false, &framed(at, Kind::Outside, &pragma)) }).unwrap();
+    // sequence numbers are never reused: the trace, the replaced record, this one
+    assert_eq!(d.status()["next_seq"], t.len() as u64 + 2);
+}
+
+#[test]
+fn pg_sync_standby_has_what_was_acknowledged_and_a_stopped_standby_bounds_the_write() {
+    let primary = pgharness::private();
+    let url = primary.create_db("node");
+    new_backup(&url, "n");
+    let standby = primary.add_sync_standby().unwrap_or_else(|e| panic!("{e}"));
+    // remote_apply: acknowledged means visible on the standby (at least "on" is kept)
+    let url_apply = format!("{url}&options=-c%20synchronous_commit%3Dremote_apply");
+    let t = trace("small");
+    let mut d = PgDestination::open(&url_apply, "n", Duration::from_secs(2)).unwrap();
+    let st = d.status();
+    assert_eq!(st["synchronous_replication"], true, "{st}");
+    assert_eq!(st["synchronous_commit"], "remote_apply");
+    assert_eq!(st["sync_standbys_connected"], 1);
+    feed(&mut d, &t[..30]);
+    let on_standby = standby.psql("node", "SELECT max(seq) + 1 FROM cln_backup.records WHERE name = 'n'");
+    assert_eq!(on_standby, "30");
+    let last = standby.psql("node", "SELECT last_version FROM cln_backup.backups WHERE name = 'n'");
+    assert_eq!(last, d.position().version.to_string());
+    drop(d);
+    // with plain "on" too (the default the destination sets), the standby has it flushed
+    let mut d = PgDestination::open(&url, "n", Duration::from_secs(2)).unwrap();
+    assert_eq!(d.status()["synchronous_commit"], "on");
+    feed(&mut d, &t[30..60]);
+    // the standby gone: the commit does not return; the write fails within the bound
+    standby.stop("fast");
+    let started = Instant::now();
+    let r = feed_one(&mut d, &t[60]);
+    let took = started.elapsed();
+    let e = err_of(r);
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(5), "took {took:?}");
+    assert!(e.contains("did not complete within 2.0 s"), "{e}");
+    // back: the uncommitted-by-lightningd record is the droppable last one, so a retry of
+    // the same call replaces it and the chain goes on
+    standby.start().unwrap();
+    drop(d);
+    let mut d = PgDestination::open(&url, "n", Duration::from_secs(10)).unwrap();
+    feed(&mut d, &t[60..]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, _) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    assert_same(&r, &final_db("small", tmp.path()));
+    drop(standby);
+}
+
+#[test]
+fn pg_bad_urls_wrong_password_missing_database_or_schema_are_clear_errors() {
+    let c = pgharness::shared();
+    let good = pgharness::fresh_db("errors");
+    for (url, says) in [
+        ("postgres://nobody@/db".to_string(), "no host"),
+        ("postgres://127.0.0.1/db".to_string(), "no user"),
+        (format!("postgres://postgres@127.0.0.1:{}/x?sslmode=verify-ca", c.port), "verify-full"),
+        (format!("postgres://postgres@127.0.0.1:{}/x?backup=two%20words", c.port), "may hold only"),
+    ] {
+        let e = err_of(PgDestination::open(&url, "n", BOUND));
+        assert!(e.contains("bad PostgreSQL URL") && e.contains(says), "{url}: {e}");
+    }
+    // refusals fail at once, not after the reconnect bound
+    let started = Instant::now();
+    let wrong = format!("postgres://postgres:wrong@127.0.0.1:{}/postgres", c.port);
+    let e = err_of(PgDestination::open(&wrong, "n", BOUND));
+    assert!(e.contains("password authentication failed"), "{e}");
+    assert!(!e.contains("wrong"), "password in message: {e}");
+    let e = err_of(PgDestination::open(&c.url("no_such_db"), "n", BOUND));
+    assert!(e.contains("database \"no_such_db\" does not exist"), "{e}");
+    let e = err_of(PgDestination::open(&good, "n", BOUND));
+    assert!(e.contains("no cln_backup schema") && e.contains("backup-cli init"), "{e}");
+    new_backup(&good, "somebody");
+    let e = err_of(PgDestination::open(&good, "n", BOUND));
+    assert!(e.contains("no backup named 'n'") && e.contains("somebody"), "{e}");
+    let e = err_of(pg::create(&good, "somebody", Path::new("/nonexistent"), &mut |_, _| {}));
+    assert!(e.contains("does not exist"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // nobody listening: bounded
+    let closed = format!("postgres://postgres:x@127.0.0.1:{}/db", free_closed_port());
+    let started = Instant::now();
+    let e = err_of(PgDestination::open(&closed, "n", Duration::from_millis(800)));
+    assert!(e.contains("did not complete within 0.8 s") && e.contains("onnection refused"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // the password comes from PGPASSFILE when the URL has none
+    let tmp = tempfile::tempdir().unwrap();
+    let passfile = tmp.path().join("pgpass");
+    std::fs::write(&passfile, format!("127.0.0.1:{}:*:postgres:{}\n", c.port, pgharness::PASSWORD)).unwrap();
+    let nopw = good.replace(&format!(":{}@", pgharness::PASSWORD), "@");
+    let o = std::process::Command::new(CLI)
+        .args(["verify", &format!("{nopw}&backup=somebody")])
+        .env("PGPASSFILE", &passfile)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn free_closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn pg_compaction_builds_beside_the_writer_switches_briefly_and_removes_old_rows() {
+    let url = pgharness::fresh_db("compact");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("channels");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    feed(&mut d, &t[..700]);
+    let plan = d.plan().unwrap();
+    // the new generation is built on its own connection while appends go on
+    let (u2, work) = (url.clone(), tmp.path().to_path_buf());
+    let builder = std::thread::spawn(move || pg::build_generation(&u2, "n", plan, &work, &mut |_, _, _| {}));
+    feed(&mut d, &t[700..900]);
+    let next = builder.join().unwrap().unwrap();
+    assert!(next.snapshot_bytes > 0);
+    d.install_generation(&next).unwrap();
+    assert_eq!(d.generation(), 2);
+    feed(&mut d, &t[900..]);
+    let removed = pg::remove_old_generations(&url, "n", &mut |_| {}).unwrap();
+    assert!(removed >= 700, "removed {removed}");
+    let (r, dl) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    assert_eq!(dl.generation, 2);
+    assert!(dl.records < 600, "{} records after compaction", dl.records);
+    assert_same(&r, &final_db("channels", tmp.path()));
+    // a stale build (from an older generation) is refused
+    let e = err_of(d.install_generation(&next));
+    assert!(e.contains("built from generation 1"), "{e}");
+}
+
+#[test]
+fn pg_cli_init_from_a_node_restore_and_verify() {
+    let url = pgharness::fresh_db("cli");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let t = trace("channels");
+    let half = 500;
+    let node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    for r in &t[..half] {
+        node.run_without_plugin(r).unwrap();
+    }
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Found an existing database"), "{}", stdout(&o));
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let backend = lock["backend_url"].as_str().unwrap().to_string();
+    assert!(backend.contains("backup=regtest"), "{backend}");
+    // init again under the same name is refused
+    std::fs::remove_file(ldir.join("backup.lock")).unwrap();
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("a backup named 'regtest' already exists"), "{}", stderr(&o));
+    let mut d = PgDestination::open(&backend, "ignored", BOUND).unwrap();
+    assert_eq!(d.name(), "regtest");
+    assert_eq!(d.position(), versions::Position { version: t[half - 1].data_version, droppable: false });
+    feed(&mut d, &t[half..]);
+    // restore and verify through the real binary while the writer holds its lock
+    let dest = tmp.path().join("restored.sqlite3");
+    let o = cli(&["restore", &backend, dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Restored data_version"), "{}", stdout(&o));
+    assert_same(&dest, &final_db("channels", tmp.path()));
+    let o = cli(&["verify", &backend]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Verified data_version"), "{}", stdout(&o));
+    // errors from the command line say what and where
+    let o = cli(&["verify", &format!("{url}&backup=nope")]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no backup named 'nope'") && stderr(&o).contains("regtest"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(pgharness::PASSWORD), "{}", stderr(&o));
+}
+
+/// A CA and a server certificate for `localhost`, made with the openssl tool.
+fn make_certs(dir: &Path) {
+    let sh = |script: &str| {
+        let o = std::process::Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+        assert!(o.status.success(), "{script}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    for ca in ["ca", "other-ca"] {
+        sh(&format!(
+            "openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN={ca} -keyout {ca}.key -out {ca}.crt 2>/dev/null"
+        ));
+    }
+    sh("openssl req -new -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server.key -out server.csr 2>/dev/null");
+    sh("printf 'subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext && \
+        openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out server.crt 2>/dev/null");
+}
+
+#[test]
+fn pg_tls_require_encrypts_and_verify_full_checks_the_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    make_certs(tmp.path());
+    let c = pgharness::private();
+    for f in ["server.crt", "server.key"] {
+        let to = c.data.join(f);
+        std::fs::copy(tmp.path().join(f), &to).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(std::process::Command::new("chown").arg("postgres:postgres").arg(&to).status().unwrap().success());
+        }
+        std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    c.psql("postgres", "ALTER SYSTEM SET ssl = on");
+    c.psql("postgres", "SELECT pg_reload_conf()");
+    let plain = c.create_db("node");
+    new_backup(&plain, "n");
+    let base = plain.split('?').next().unwrap().replace("127.0.0.1", "localhost");
+    let ca = tmp.path().join("ca.crt");
+    // require: encrypted, certificate not checked (libpq's meaning)
+    let mut d = PgDestination::open(&format!("{base}?sslmode=require"), "n", BOUND).unwrap();
+    feed(&mut d, &trace("small")[..5]);
+    let ssl = c.psql(
+        "postgres",
+        "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'cln-backup'",
+    );
+    assert_eq!(ssl, "t");
+    drop(d);
+    // verify-full with the right CA and host name
+    let mut d = PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", ca.display()), "n", BOUND)
+        .unwrap_or_else(|e| panic!("{}", e.explain()));
+    feed(&mut d, &trace("small")[5..10]);
+    drop(d);
+    // another CA: refused at once, saying why
+    let other = tmp.path().join("other-ca.crt");
+    let started = Instant::now();
+    let e =
+        err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert={}", other.display()), "n", BOUND));
+    assert!(e.contains("invalid peer certificate") && e.contains("UnknownIssuer"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "a bad certificate is not retried");
+    // the host name not in the certificate
+    let by_ip = format!("{}?sslmode=verify-full&sslrootcert={}", base.replace("localhost", "127.0.0.1"), ca.display());
+    let e = err_of(PgDestination::open(&by_ip, "n", BOUND));
+    assert!(e.contains("certificate not valid for name \"127.0.0.1\"") && e.contains("sslrootcert"), "{e}");
+    // a missing root file
+    let e =
+        err_of(PgDestination::open(&format!("{base}?sslmode=verify-full&sslrootcert=/nonexistent.pem"), "n", BOUND));
+    assert!(e.contains("cannot read sslrootcert /nonexistent.pem"), "{e}");
+}
+
+/// The trace's first records applied to a fresh SQLite, as the node's database would be.
+fn reference(trace: &[TraceRecord], dir: &Path, file: &str) -> std::path::PathBuf {
+    let p = dir.join(file);
+    let conn = rusqlite::Connection::open(&p).unwrap();
+    conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+    let mut a = cln_backup::restore::Applier::new(&conn);
+    for r in trace {
+        a.apply(r.kind(), &r.writes).unwrap();
+    }
+    a.commit().unwrap();
+    p
+}
+
+const CHILD_URL: &str = "CLN_BACKUP_PG_CHILD_URL";
+
+/// Run by `pg_sigkill_mid_write_...` as a child process, to be killed mid-write.
+#[test]
+#[ignore = "a helper: pg_sigkill_mid_write_leaves_a_consistent_prefix runs it as a child process and SIGKILLs it"]
+fn pg_child_writer() {
+    let url = std::env::var(CHILD_URL).expect("run by pg_sigkill_mid_write_leaves_a_consistent_prefix");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    feed(&mut d, trace("channels"));
+}
+
+#[test]
+fn pg_sigkill_mid_write_leaves_a_consistent_prefix_and_the_lock_free() {
+    let url = pgharness::fresh_db("sigkill");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("channels");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "postgres::pg_child_writer", "--ignored", "--nocapture"])
+        .env(CHILD_URL, &url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let c = pgharness::shared();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n: i64 = c.psql(&db, "SELECT count(*) FROM cln_backup.records").parse().unwrap();
+        if n >= 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the child wrote only {n} records");
+        assert!(child.try_wait().unwrap().is_none(), "the child writer ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    // the lock went with it; what is there is a prefix of the trace, exactly
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap_or_else(|e| panic!("{}", e.explain()));
+    let (r, dl) = restore(&url, "n", tmp.path(), "r.sqlite3");
+    let n = dl.records as usize;
+    assert!(n >= 300 && n < t.len(), "{n}");
+    let last_tx = t[..n].iter().rev().find(|r| r.kind() == Kind::Transaction).unwrap();
+    assert_eq!(d.position(), versions::Position { version: last_tx.data_version, droppable: true });
+    assert_same(&r, &reference(&t[..n], tmp.path(), "ref.sqlite3"));
+    // and the node goes on from there
+    feed(&mut d, &t[n..]);
+    let (r, _) = restore(&url, "n", tmp.path(), "r2.sqlite3");
+    assert_same(&r, &final_db("channels", tmp.path()));
+}
+
+#[test]
+fn pg_failover_to_the_promoted_synchronous_standby_within_the_bound_loses_nothing() {
+    let primary = pgharness::private();
+    let url = primary.create_db("node");
+    new_backup(&url, "n");
+    let standby = primary.add_sync_standby().unwrap_or_else(|e| panic!("{e}"));
+    let multi = format!(
+        "postgres://postgres:{}@127.0.0.1:{},127.0.0.1:{}/node?target_session_attrs=read-write&sslmode=disable",
+        pgharness::PASSWORD,
+        primary.port,
+        standby.port
+    );
+    let t = trace("channels");
+    let mut d = PgDestination::open(&multi, "n", BOUND).unwrap();
+    assert_eq!(d.status()["host"], format!("127.0.0.1:{}", primary.port));
+    feed(&mut d, &t[..400]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(50));
+            primary.stop("immediate");
+            std::thread::sleep(Duration::from_millis(300));
+            standby.promote();
+        });
+        feed(&mut d, &t[400..]);
+    });
+    assert!(d.reconnects() >= 1);
+    assert_eq!(d.status()["host"], format!("127.0.0.1:{}", standby.port));
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, dl) = restore(&multi, "n", tmp.path(), "r.sqlite3");
+    assert_eq!(dl.records, t.len() as u64, "records lost or doubled");
+    assert_same(&r, &final_db("channels", tmp.path()));
+}
+
+#[test]
+fn pg_restore_while_the_writer_writes_gives_a_consistent_prefix() {
+    let url = pgharness::fresh_db("live");
+    new_backup(&url, "n");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = trace("channels");
+    let mut d = PgDestination::open(&url, "n", BOUND).unwrap();
+    feed(&mut d, &t[..50]);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let restores = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut out = vec![];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || out.len() < 3 {
+                let (p, dl) = restore(&url, "n", tmp.path(), &format!("live-{}.sqlite3", out.len()));
+                out.push((p, dl.records));
+            }
+            out
+        });
+        feed(&mut d, &t[50..]);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    assert!(restores.len() >= 3);
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, (p, records)) in restores.iter().enumerate().step_by((restores.len() / 4).max(1)) {
+        let reference = reference(&t[..*records as usize], tmp.path(), &format!("ref-{i}.sqlite3"));
+        assert_same(p, &reference);
+        seen.insert(*records);
+    }
+    assert!(seen.len() >= 2, "every restore saw the same records: {seen:?}");
+}
