@@ -10,6 +10,7 @@ pub mod compact;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
+pub mod keys;
 pub mod layout;
 pub mod legacy;
 pub mod options;
