@@ -19,6 +19,7 @@ pub mod protocol;
 pub mod reader;
 pub mod restore;
 pub mod rpc;
+pub mod seal;
 pub mod sim;
 pub mod snapshot;
 pub mod stats;
