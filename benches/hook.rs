@@ -204,7 +204,7 @@ fn copy_synced(from: &Path, to: &Path) {
 /// against a plain copy of the database file.
 fn compaction_size_and_restore(base: &Path, root: &Path, ldir: &Path) {
     let before: u64 = fs::read_dir(root).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    let (w, _) = Writer::open(root).unwrap();
+    let (w, _) = Writer::open(root, &cln_backup::keys::KeySource::default()).unwrap();
     let (writer, status) = (Mutex::new(w), Mutex::new(compact::Status::idle()));
     let (out, cs) = secs(|| compact::compact(&writer, &status, &|_| {}, &mut Throttle::unlimited()).unwrap());
     let Outcome::Done(stats) = out else { panic!("nothing compacted") };
@@ -237,14 +237,14 @@ fn compaction_stall(base: &Path) {
     let ldir = dir.join("regtest");
     fs::create_dir_all(&ldir).unwrap();
     let root = dir.join("big.bkp");
-    cln_backup::writer::create(&root, None).unwrap();
+    cln_backup::writer::create(&root, None, None, None).unwrap();
     fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"file://{}\"}}", root.display())).unwrap();
     // the real schema first: the small trace
     let small = sim::read_trace(
         &fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/small/trace.jsonl.gz")).unwrap(),
     )
     .unwrap();
-    let (mut w, _) = Writer::open(&root).unwrap();
+    let (mut w, _) = Writer::open(&root, &cln_backup::keys::KeySource::default()).unwrap();
     let mut dv = 0;
     for r in &small {
         w.apply(r.data_version, &r.writes).unwrap();
@@ -373,7 +373,7 @@ fn compaction_stall(base: &Path) {
     );
     // Once more offline, so almost nothing follows the snapshot: restore against decompressing
     // the snapshot alone and against copying the database file.
-    let (w, _) = Writer::open(&root).unwrap();
+    let (w, _) = Writer::open(&root, &cln_backup::keys::KeySource::default()).unwrap();
     let (writer, st) = (Mutex::new(w), Mutex::new(compact::Status::idle()));
     compact::compact(&writer, &st, &|_| {}, &mut Throttle::unlimited()).unwrap();
     drop(writer);
@@ -381,7 +381,7 @@ fn compaction_stall(base: &Path) {
     let (sum2, rsec2) = secs(|| restore::restore(&root, &dest2, &mut |_, _| {}).unwrap().1);
     let snap = Layout::new(&root).list().unwrap().snapshot.unwrap();
     let (_, dsec2) = secs(|| {
-        snapshot::extract(&snap, &mut fs::File::open(&snap).unwrap(), &mut std::io::sink(), &mut |_| {}).unwrap()
+        snapshot::extract(&snap, &mut fs::File::open(&snap).unwrap(), &mut std::io::sink(), &mut |_| {}, None).unwrap()
     });
     let (_, csec) = secs(|| copy_synced(&dest2, &dir.join("copied.sqlite3")));
     println!(

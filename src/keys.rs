@@ -164,17 +164,10 @@ pub fn read_or_create_key_file(path: &Path) -> Result<(Key, bool), KeyError> {
     let mut k = Zeroizing::new([0u8; 32]);
     random(&mut k[..]).map_err(io)?;
     let line = Zeroizing::new(format!("{KEY_FILE_TAG} {}\n", hex(&k[..])));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode_0600()
-        .open(path)
-        .map_err(io)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode_0600().open(path).map_err(io)?;
     f.write_all(line.as_bytes()).and_then(|_| f.sync_all()).map_err(io)?;
-    crate::fsutil::fsync_dir(crate::fsutil::parent_of(path)).map_err(|e| KeyError::Format {
-        path: path.into(),
-        what: e.to_string(),
-    })?;
+    crate::fsutil::fsync_dir(crate::fsutil::parent_of(path))
+        .map_err(|e| KeyError::Format { path: path.into(), what: e.to_string() })?;
     Ok((Key::from_bytes(*k, path.display().to_string()), true))
 }
 
@@ -276,7 +269,10 @@ mod tests {
         let mut hsm = b"lightning-1".to_vec();
         hsm.resize(32, 0);
         let secret = node_secret_from_hsm_secret(&hsm).unwrap();
-        assert_eq!(hex(&makesecret(&secret, LABEL)), "1184b49ee56f7823c642e19e8db783b9c1a9f61a0cbc46044f0cf47e5f6bdefb");
+        assert_eq!(
+            hex(&makesecret(&secret, LABEL)),
+            "1184b49ee56f7823c642e19e8db783b9c1a9f61a0cbc46044f0cf47e5f6bdefb"
+        );
     }
 
     #[test]
@@ -285,14 +281,19 @@ mod tests {
         hsm.extend_from_slice(b"hockey enroll sure trip track rescue original plate abandon abandon abandon account");
         let secret = node_secret_from_hsm_secret(&hsm).unwrap();
         assert_eq!(secret.len(), 64);
-        assert_eq!(hex(&makesecret(&secret, LABEL)), "f2dc78f604fed97ec979e67293ce63b9252acdd2be51221d93e8069b30c807d7");
+        assert_eq!(
+            hex(&makesecret(&secret, LABEL)),
+            "f2dc78f604fed97ec979e67293ce63b9252acdd2be51221d93e8069b30c807d7"
+        );
     }
 
     #[test]
     fn formats_refused_and_files() {
         assert_eq!(node_secret_from_hsm_secret(&[1u8; 73]).unwrap_err(), "passphrase");
         let mut p = vec![1u8; 32];
-        p.extend_from_slice(b"abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about");
+        p.extend_from_slice(
+            b"abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon abandon about",
+        );
         assert_eq!(node_secret_from_hsm_secret(&p).unwrap_err(), "passphrase");
         assert!(node_secret_from_hsm_secret(&[0u8; 40]).is_err());
         let d = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@ pub mod journal;
 pub mod keys;
 pub mod layout;
 pub mod legacy;
+pub mod meta;
 pub mod options;
 pub mod plugin;
 pub mod protocol;

@@ -187,7 +187,7 @@ impl Plugin {
                 self.lightning_dir.display()
             ));
         }
-        let (w, report) = Writer::open(&root)
+        let (w, report) = Writer::open(&root, &crate::keys::KeySource::lightning_dir(&self.lightning_dir))
             .map_err(|e| format!("Cannot open the backup at {}: {}", bl.backend_url, e.explain()))?;
         if !report.removed.is_empty() {
             let names: Vec<_> =

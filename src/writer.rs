@@ -9,12 +9,16 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::error::{Result, StoreError};
 use crate::fsutil;
-use crate::journal::{self, Base, Header, JournalReader, Kind};
+use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
+use crate::keys::KeySource;
 use crate::layout::{GenName, Layout};
+use crate::meta::{key_err, Meta};
+use crate::seal::Sealer;
 use crate::snapshot;
 use crate::versions::{self, Decision, Position};
 
@@ -51,8 +55,22 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// How the writer stores records. Follows the journal's header: a sealed journal never
+/// gets a plaintext record.
+enum Sealing {
+    Plain,
+    Ready(Arc<Sealer>),
+    /// Sealed, the key not read yet (a new node has no hsm_secret before lightningd's
+    /// first start): read at the first write.
+    Pending {
+        meta: Meta,
+        keys: KeySource,
+    },
+}
+
 pub struct Writer {
     layout: Layout,
+    sealing: Sealing,
     _lock: File,
     file: File,
     path: PathBuf,
@@ -82,6 +100,9 @@ pub struct Plan {
     pub snapshot: Option<PathBuf>,
     pub fold_end: u64,
     pub truncations: u64,
+    /// The sealer of a sealed journal (None: plaintext, or the key is not read yet).
+    pub sealer: Option<Arc<Sealer>>,
+    pub sealed: bool,
 }
 
 /// A new generation, built and pre-copied outside the writer's lock.
@@ -116,13 +137,31 @@ pub fn lock(layout: &Layout) -> Result<File> {
 }
 
 /// Creates a new backup at `root`, from a database image at `base` (path, data_version) or
-/// empty. All or nothing: built in a temp directory, then renamed into place.
-pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
-    create_with_records(root, base, &[])
+/// empty. All or nothing: built in a temp directory, then renamed into place. With `meta`
+/// it records it (backup.json); a sealed `meta` makes a sealed backup, for which `sealer`
+/// is needed when there is a base or records to seal (else the key is read at the first
+/// write).
+pub fn create(root: &Path, base: Option<(&Path, u32)>, meta: Option<&Meta>, sealer: Option<&Sealer>) -> Result<Layout> {
+    create_with_records(root, base, &[], meta, sealer)
 }
 
-/// As `create`, with a journal that already holds `records` (framed, after the base).
-pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u8]) -> Result<Layout> {
+/// As `create`, with a journal that already holds `records` (framed plaintext, after the
+/// base); they are sealed when the backup is.
+pub fn create_with_records(
+    root: &Path,
+    base: Option<(&Path, u32)>,
+    records: &[u8],
+    meta: Option<&Meta>,
+    sealer: Option<&Sealer>,
+) -> Result<Layout> {
+    let sealed = meta.is_some_and(|m| m.sealed);
+    let sealer = if sealed { sealer } else { None };
+    if sealed && sealer.is_none() && (base.is_some() || !records.is_empty()) {
+        return Err(StoreError::Invalid {
+            path: root.into(),
+            what: "a sealed backup of an existing database needs its key now".into(),
+        });
+    }
     let parent = fsutil::parent_of(root);
     if !parent.is_dir() {
         return Err(StoreError::Invalid {
@@ -141,12 +180,28 @@ pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u
         let g = GenName { generation: 1, base_version: base.map_or(0, |b| b.1) };
         let header = match base {
             Some((db, v)) => {
-                snapshot::write(&staging.snapshot_path(g), 1, v, db, &mut crate::fsutil::Throttle::unlimited())?;
-                Header { generation: 1, base: Base::Snapshot(v) }
+                let mut t = crate::fsutil::Throttle::unlimited();
+                snapshot::write(&staging.snapshot_path(g), 1, v, db, &mut t, sealer)?;
+                Header { generation: 1, base: Base::Snapshot(v), sealed }
             }
-            None => Header { generation: 1, base: Base::Empty },
+            None => Header { generation: 1, base: Base::Empty, sealed },
         };
-        write_journal(&staging.journal_path(g), &header, records)?;
+        let jpath = staging.journal_path(g);
+        let records = match sealer {
+            Some(s) => std::borrow::Cow::Owned(journal::transcode(
+                &jpath,
+                records,
+                journal::HEADER_LEN,
+                Payloads::Plain,
+                journal::HEADER_LEN,
+                Payloads::Sealed { sealer: s, generation: 1 },
+            )?),
+            None => std::borrow::Cow::Borrowed(records),
+        };
+        if let Some(m) = meta {
+            m.store(&tmp)?;
+        }
+        write_journal(&jpath, &header, &records)?;
         fsutil::fsync_dir(&tmp)?;
         fs::rename(&tmp, root).map_err(StoreError::io("rename into place", root))?;
         fsutil::fsync_dir(parent)
@@ -169,10 +224,19 @@ pub fn write_journal(path: &Path, header: &Header, records: &[u8]) -> Result<()>
 impl Writer {
     /// Opens an existing backup for writing: takes the lock, removes leftovers of interrupted
     /// compactions, checks every record and cuts a torn tail.
-    pub fn open(root: &Path) -> Result<(Writer, OpenReport)> {
+    /// A sealed backup's key is looked for in `keys` (plus the key file or lightning dir
+    /// recorded at init); if it is not there yet, it is read at the first write.
+    pub fn open(root: &Path, keys: &KeySource) -> Result<(Writer, OpenReport)> {
+        Writer::open_with(root, keys, false)
+    }
+
+    /// As `open`; `converting` allows the plaintext journal of a backup whose metadata
+    /// already says sealed (an interrupted `backup-cli encrypt`, which calls this).
+    pub fn open_with(root: &Path, keys: &KeySource, converting: bool) -> Result<(Writer, OpenReport)> {
         let layout = Layout::new(root);
         layout.list()?; // says clearly what is wrong before we create a lock file in it
         let lock = lock(&layout)?;
+        let meta = Meta::load(root)?;
         let listing = layout.list()?;
         let mut report = OpenReport::default();
         for p in &listing.leftovers {
@@ -204,6 +268,37 @@ impl Writer {
                 });
             }
         }
+        let sealing = match (header.sealed, meta) {
+            (false, Some(m)) if m.sealed && !converting => {
+                return Err(StoreError::Invalid {
+                    path: path.clone(),
+                    what: "backup.json says sealed, but the current journal is plaintext: a conversion \
+                           (`backup-cli encrypt`) was interrupted; run it again with lightningd stopped"
+                        .into(),
+                })
+            }
+            (false, _) => Sealing::Plain,
+            (true, Some(m)) if m.sealed => {
+                let keys = m.source_with_recorded(keys.clone());
+                match m.sealer(&keys).map_err(key_err(root))? {
+                    Some((s, key)) => {
+                        if m.key_fingerprint.is_none() {
+                            Meta { key_fingerprint: Some(key.fingerprint()), ..m }.store(root)?;
+                        }
+                        Sealing::Ready(Arc::new(s))
+                    }
+                    None => Sealing::Pending { meta: m, keys },
+                }
+            }
+            (true, _) => {
+                return Err(StoreError::Invalid {
+                    path: Meta::path(root),
+                    what: "the journal is sealed, but backup.json is missing or says plaintext: put back \
+                           backup.json from a copy of this backup"
+                        .into(),
+                })
+            }
+        };
         let mut position = Position { version: header.base.version(), droppable: false };
         let mut last_tx_offset = None;
         let mut records = 0;
@@ -225,6 +320,7 @@ impl Writer {
         let last_write = fs::metadata(&path).and_then(|m| m.modified()).ok();
         let w = Writer {
             layout,
+            sealing,
             _lock: lock,
             file,
             path,
@@ -270,6 +366,36 @@ impl Writer {
     pub fn records(&self) -> u64 {
         self.records
     }
+    /// Whether records are sealed (format 2).
+    pub fn is_sealed(&self) -> bool {
+        self.header.sealed
+    }
+    /// The fingerprint of the key once it is read.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        match &self.sealing {
+            Sealing::Ready(s) => Some(s.fingerprint()),
+            _ => None,
+        }
+    }
+
+    /// The sealer of a sealed journal, reading the key now if it was not read yet.
+    /// None for a plaintext journal.
+    pub fn sealer(&mut self) -> Result<Option<Arc<Sealer>>> {
+        if let Sealing::Pending { meta, keys } = &self.sealing {
+            let root = &self.layout.root;
+            let Some((s, key)) = meta.sealer(keys).map_err(key_err(root))? else {
+                return Err(key_err(root)(meta.missing(keys)));
+            };
+            if meta.key_fingerprint.is_none() {
+                Meta { key_fingerprint: Some(key.fingerprint()), ..meta.clone() }.store(root)?;
+            }
+            self.sealing = Sealing::Ready(Arc::new(s));
+        }
+        Ok(match &self.sealing {
+            Sealing::Ready(s) => Some(s.clone()),
+            _ => None,
+        })
+    }
 
     /// Applies one db_write call: decides by the version rules, then writes durably.
     pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> std::result::Result<Applied, Refusal> {
@@ -291,9 +417,16 @@ impl Writer {
     /// Appends one record and makes it durable.
     pub fn append<S: AsRef<str>>(&mut self, data_version: u32, kind: Kind, writes: &[S]) -> Result<()> {
         self.check_poisoned()?;
-        self.buf.clear();
-        journal::encode_record(&mut self.buf, data_version, kind, writes);
+        if matches!(self.sealing, Sealing::Pending { .. }) {
+            self.sealer()?;
+        }
         let offset = self.end;
+        let payloads = match &self.sealing {
+            Sealing::Ready(s) => Payloads::Sealed { sealer: s, generation: self.header.generation },
+            _ => Payloads::Plain,
+        };
+        self.buf.clear();
+        journal::encode_record_as(&mut self.buf, offset, data_version, kind, writes, payloads);
         let r = self.file.write_all_at(&self.buf, offset).and_then(|_| self.file.sync_data());
         if let Err(e) = r {
             // Best effort: take the partial record back; the next open cuts it anyway.
@@ -346,7 +479,27 @@ impl Writer {
             snapshot: self.snapshot_path(),
             fold_end,
             truncations: self.truncations,
+            sealer: match &self.sealing {
+                Sealing::Ready(s) => Some(s.clone()),
+                _ => None,
+            },
+            sealed: self.header.sealed,
         })
+    }
+
+    /// Everything an offline rewrite (`compact::seal_offline`) may fold: all before the
+    /// last transaction, or everything when there is none.
+    pub fn plan_all(&self) -> Plan {
+        Plan {
+            generation: self.header.generation,
+            base: self.header.base,
+            journal: self.path.clone(),
+            snapshot: self.snapshot_path(),
+            fold_end: self.last_tx_offset.unwrap_or(self.end),
+            truncations: self.truncations,
+            sealer: None,
+            sealed: self.header.sealed,
+        }
     }
 
     /// Makes `next` the backup: copies what was appended since the pre-copy, fsyncs, renames
@@ -364,6 +517,14 @@ impl Writer {
         let mut buf = vec![0u8; delta as usize];
         self.file.read_exact_at(&mut buf, next.copied_to).map_err(StoreError::io("read journal", &self.path))?;
         let at = journal::HEADER_LEN + (next.copied_to - next.fold_end);
+        if let Sealing::Ready(s) = &self.sealing {
+            // Sealed records are bound to their generation and offset: reseal (same length).
+            let from = Payloads::Sealed { sealer: s, generation: self.header.generation };
+            let to = Payloads::Sealed { sealer: s, generation: next.header.generation };
+            buf = journal::transcode(&self.path, &buf, next.copied_to, from, at, to)?;
+        } else if self.header.sealed {
+            return Err(key_err(&self.layout.root)(crate::keys::KeyError::Missing { looked: vec![] }));
+        }
         next.tmp.write_all_at(&buf, at).map_err(io("write"))?;
         next.tmp.set_len(at + delta).and_then(|_| next.tmp.sync_all()).map_err(io("fsync"))?;
         fs::rename(&next.tmp_path, &next.final_path).map_err(StoreError::io("rename into place", &next.final_path))?;
@@ -442,9 +603,9 @@ mod tests {
     fn create_open_append_replace_reopen() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
-        create(&root, None).unwrap();
-        assert!(matches!(create(&root, None), Err(StoreError::Exists { .. })));
-        let (mut w, rep) = Writer::open(&root).unwrap();
+        create(&root, None, None, None).unwrap();
+        assert!(matches!(create(&root, None, None, None), Err(StoreError::Exists { .. })));
+        let (mut w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
         assert!(rep.torn_tail.is_none() && rep.removed.is_empty());
         assert_eq!(w.apply(1, &tx(1, "A")).unwrap(), Applied::Appended);
         assert_eq!(w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()]).unwrap(), Applied::Appended);
@@ -453,16 +614,16 @@ mod tests {
         assert_eq!(w.records(), 3);
         assert!(matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date")));
         // a second writer is refused while this one lives
-        assert!(matches!(Writer::open(&root), Err(StoreError::Locked { .. })));
+        assert!(matches!(Writer::open(&root, &KeySource::default()), Err(StoreError::Locked { .. })));
         drop(w);
-        let (w, _) = Writer::open(&root).unwrap();
+        let (w, _) = Writer::open(&root, &KeySource::default()).unwrap();
         assert_eq!(w.position(), Position { version: 2, droppable: true });
         assert_eq!(w.records(), 3);
     }
 
     #[test]
     fn create_refuses_missing_parent() {
-        let e = create(Path::new("/nonexistent-xyz/b.bkp"), None).unwrap_err();
+        let e = create(Path::new("/nonexistent-xyz/b.bkp"), None, None, None).unwrap_err();
         assert!(e.to_string().contains("parent directory does not exist"), "{e}");
     }
 
@@ -470,11 +631,11 @@ mod tests {
     fn leftovers_removed_on_open() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
-        create(&root, None).unwrap();
+        create(&root, None, None, None).unwrap();
         let stale = root.join("0000000000000002-00000005.snapshot");
         std::fs::write(&stale, b"x").unwrap();
         std::fs::write(root.join("0000000000000002-00000005.journal.tmp"), b"x").unwrap();
-        let (_w, rep) = Writer::open(&root).unwrap();
+        let (_w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
         assert_eq!(rep.removed.len(), 2);
         assert!(!stale.exists());
     }
