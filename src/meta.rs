@@ -56,7 +56,10 @@ impl Meta {
         let p = Meta::path(root);
         let text = match std::fs::read(&p) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            // No metadata, or `root` is no directory (which the caller reports better).
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                return Ok(None)
+            }
             Err(e) => return Err(StoreError::io("read", &p)(e)),
         };
         let m: Meta = serde_json::from_slice(&text).map_err(|e| StoreError::Damaged {

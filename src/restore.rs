@@ -212,8 +212,11 @@ pub fn restore_with(
     if fs::symlink_metadata(&dest).is_ok() {
         return Err(StoreError::Exists { path: dest });
     }
-    let (meta, sealer, origin) = find_sealer(root, keys, Some(fsutil::parent_of(&dest)), true)?;
     let mut view = View::open(root)?;
+    if view.snapshot.is_none() && view.journal.is_empty() {
+        return Err(empty(root));
+    }
+    let (meta, sealer, origin) = find_sealer(root, keys, Some(fsutil::parent_of(&dest)), true)?;
     let total = view.total_bytes();
     let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
     note_sealing(&mut summary, meta.as_ref(), view.header.sealed, origin);
@@ -231,6 +234,13 @@ pub fn restore_with(
     })?;
     summary.seconds = started.elapsed().as_secs_f64();
     Ok((dest, summary))
+}
+
+fn empty(root: &Path) -> StoreError {
+    StoreError::Invalid {
+        path: root.into(),
+        what: "the backup is empty: no db_write has reached it yet, so there is nothing to restore".into(),
+    }
 }
 
 /// Records in `summary` what sealing the backup has.
@@ -279,10 +289,7 @@ fn build(
         }
     }
     if summary.snapshot_version.is_none() && view.journal.is_empty() {
-        return Err(StoreError::Invalid {
-            path: view.layout.root.clone(),
-            what: "the backup is empty: no db_write has reached it yet, so there is nothing to restore".into(),
-        });
+        return Err(empty(&view.layout.root));
     }
     let file: &fs::File = file;
     std::thread::scope(|s| {

@@ -282,9 +282,7 @@ impl Writer {
                 let keys = m.source_with_recorded(keys.clone());
                 match m.sealer(&keys).map_err(key_err(root))? {
                     Some((s, key)) => {
-                        if m.key_fingerprint.is_none() {
-                            Meta { key_fingerprint: Some(key.fingerprint()), ..m }.store(root)?;
-                        }
+                        record_first_key(root, &m, &keys, &key)?;
                         Sealing::Ready(Arc::new(s))
                     }
                     None => Sealing::Pending { meta: m, keys },
@@ -386,9 +384,7 @@ impl Writer {
             let Some((s, key)) = meta.sealer(keys).map_err(key_err(root))? else {
                 return Err(key_err(root)(meta.missing(keys)));
             };
-            if meta.key_fingerprint.is_none() {
-                Meta { key_fingerprint: Some(key.fingerprint()), ..meta.clone() }.store(root)?;
-            }
+            record_first_key(root, meta, keys, &key)?;
             self.sealing = Sealing::Ready(Arc::new(s));
         }
         Ok(match &self.sealing {
@@ -565,6 +561,22 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The first time a sealed backup's key is read (a backup made before the node had an
+/// hsm_secret), backup.json gets its fingerprint, and the lightning dir it came from, so
+/// that offline tools find it too.
+fn record_first_key(root: &Path, meta: &Meta, keys: &KeySource, key: &crate::keys::Key) -> Result<()> {
+    if meta.key_fingerprint.is_some() {
+        return Ok(());
+    }
+    let ldir = meta.lightning_dir.clone().or_else(|| {
+        (meta.key_file.is_none() && keys.hsm_secret.is_none() && keys.key_file.is_none())
+            .then(|| keys.search.iter().find(|d| d.join(crate::keys::HSM_SECRET).exists()).cloned())
+            .flatten()
+            .map(|d| std::path::absolute(&d).unwrap_or(d))
+    });
+    Meta { key_fingerprint: Some(key.fingerprint()), lightning_dir: ldir, ..meta.clone() }.store(root)
 }
 
 /// Every record must follow from the one before by the version rules (replacements were
