@@ -7,6 +7,9 @@
 //! 2. Restore speed (statements/s) against SQLite executing the same statements in one
 //!    transaction with the same settings.
 //! 3. The plugin's RSS after the whole trace.
+//! 4. Sealing: hook p50/p99 of a sealed backup against a plaintext one (two plugins, the
+//!    same trace, interleaved call by call), restore time sealed against plain, and the
+//!    in-process cost of sealing a record. `CLN_BACKUP_BENCH_ONLY=seal` runs only this.
 //!
 //! Set CLN_BACKUP_BENCH_DIR to measure on another filesystem (default: target/bench-tmp),
 //! and CLN_BACKUP_BENCH_GB to size the compaction-stall journal (default 1; 0 skips it).
@@ -143,7 +146,105 @@ fn hook_restore_and_compaction(base: &Path) {
 
     record_compression(&trace, h50);
     compaction_size_and_restore(&base, &root, &ldir);
+    sealed_vs_plain(&base.join("seal"));
     compaction_stall(&base);
+}
+
+/// Sealed against plaintext on the soak trace: two plugins, each with its own backup on the
+/// same filesystem, fed the same calls alternately (which goes first alternates too).
+fn sealed_vs_plain(base: &Path) {
+    let trace_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+    let trace = sim::read_trace(&fs::read(&trace_path).unwrap()).unwrap();
+    let mk = |name: &str, extra: &[&str]| -> (PathBuf, PathBuf, Node) {
+        let ldir = base.join(name).join("regtest");
+        fs::create_dir_all(&ldir).unwrap();
+        let mut hsm = b"lightning-1".to_vec();
+        hsm.resize(32, 0);
+        fs::write(ldir.join("hsm_secret"), hsm).unwrap();
+        let root = base.join(name).join("node.bkp");
+        let mut args = vec!["init".to_string(), "--lightning-dir".into(), ldir.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("file://{}", root.display()));
+        let o = std::process::Command::new(CLI).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let node = Node::new(Path::new(BIN), &ldir).unwrap();
+        (ldir, root, node)
+    };
+    let (_, sealed_root, mut sealed) = mk("sealed", &[]);
+    let (_, plain_root, mut plain) = mk("plain", &["--no-encryption"]);
+    let t0 = Instant::now();
+    for (i, rec) in trace.iter().enumerate() {
+        let (first, second) = if i % 2 == 0 { (&mut sealed, &mut plain) } else { (&mut plain, &mut sealed) };
+        for n in [first, second] {
+            n.start_if_needed(&trace, i).unwrap();
+            assert_eq!(n.step(rec).unwrap(), Answer::Continue, "call {i}");
+        }
+    }
+    sealed.stop().unwrap();
+    plain.stop().unwrap();
+    let secs_all = t0.elapsed().as_secs_f64();
+    let (mut hs, mut hp) = (sealed.hook_times.clone(), plain.hook_times.clone());
+    let (s50, s99) = (pct(&mut hs, 0.5), pct(&mut hs, 0.99));
+    let (p50, p99) = (pct(&mut hp, 0.5), pct(&mut hp, 0.99));
+    println!();
+    println!(
+        "sealing: db_write round trip, sealed vs plaintext backup, {} calls each, interleaved, {secs_all:.1} s",
+        trace.len()
+    );
+    println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "sealed µs", "plain µs", "ratio");
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.3}  <= 1.05", "p50", s50, p50, s50 / p50);
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.3}", "p99", s99, p99, s99 / p99);
+
+    // the in-process cost of a sealed record against a plain one (no I/O)
+    let key = cln_backup::keys::Key::from_bytes([7; 32], "bench");
+    let sealer = cln_backup::seal::Sealer::new(&key, [1; 16]).unwrap();
+    let mut buf = Vec::with_capacity(1 << 16);
+    let (mut enc_plain, mut enc_sealed) = (Duration::ZERO, Duration::ZERO);
+    let mut bytes = 0usize;
+    for _ in 0..3 {
+        for r in &trace {
+            buf.clear();
+            let t = Instant::now();
+            journal::encode_record(&mut buf, r.data_version, r.kind(), &r.writes);
+            enc_plain += t.elapsed();
+            bytes += buf.len();
+            buf.clear();
+            let t = Instant::now();
+            let p = journal::Payloads::Sealed { sealer: &sealer, generation: 1 };
+            journal::encode_record_as(&mut buf, 32, r.data_version, r.kind(), &r.writes, p);
+            enc_sealed += t.elapsed();
+        }
+    }
+    let n = (3 * trace.len()) as f64;
+    println!(
+        "  encoding a record in process: plain {:.2} µs, sealed {:.2} µs (+{:.2} µs = {:.2}% of the plain hook p50); {:.0} MB/s sealed",
+        enc_plain.as_secs_f64() * 1e6 / n,
+        enc_sealed.as_secs_f64() * 1e6 / n,
+        (enc_sealed - enc_plain).as_secs_f64() * 1e6 / n,
+        100.0 * (enc_sealed - enc_plain).as_secs_f64() * 1e6 / n / p50,
+        bytes as f64 / enc_sealed.as_secs_f64() / 1e6
+    );
+
+    // restore, journal only and after compaction (a sealed snapshot), best of 3 each
+    let restore_best = |root: &Path, tag: &str| -> f64 {
+        (0..3)
+            .map(|i| {
+                let dest = base.join(format!("r-{tag}-{i}.sqlite3"));
+                let (_, t) = secs(|| restore::restore(root, &dest, &mut |_, _| {}).unwrap());
+                fs::remove_file(&dest).unwrap();
+                t
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let (js, jp) = (restore_best(&sealed_root, "sj"), restore_best(&plain_root, "pj"));
+    for root in [&sealed_root, &plain_root] {
+        let o =
+            std::process::Command::new(CLI).args(["compact", &format!("file://{}", root.display())]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (cs, cp) = (restore_best(&sealed_root, "sc"), restore_best(&plain_root, "pc"));
+    println!("  restore from the journal      sealed {js:.3} s, plain {jp:.3} s: {:.3}x the time", js / jp);
+    println!("  restore from a snapshot       sealed {cs:.3} s, plain {cp:.3} s: {:.3}x the time", cs / cp);
 }
 
 /// Would compressing each journal record pay? The bytes it saves against the time it adds
@@ -182,6 +283,8 @@ fn main() {
     fs::create_dir_all(&base).unwrap();
     if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "stall") {
         compaction_stall(&base);
+    } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "seal") {
+        sealed_vs_plain(&base);
     } else {
         hook_restore_and_compaction(&base);
     }
