@@ -222,7 +222,12 @@ pub fn compact(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let (plan, layout, journal_len, records) = {
-        let w = lock(writer);
+        let mut w = lock(writer);
+        // A sealed backup whose key is not read yet (offline, or before the first write):
+        // read it now, or say where it was looked for.
+        if w.is_sealed() {
+            w.sealer()?;
+        }
         (w.plan(), w.layout().clone(), w.journal_len(), w.records())
     };
     let Some(plan) = plan else {

@@ -634,6 +634,34 @@ mod tests {
     }
 
     #[test]
+    fn sealed_backup_never_gets_plaintext() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        create(&root, None, Some(&meta), None).unwrap();
+        let keys = KeySource::lightning_dir(&ldir);
+        // no hsm_secret yet: the key is read at the first write, which fails without it
+        let (mut w, _) = Writer::open(&root, &keys).unwrap();
+        assert!(w.is_sealed() && w.key_fingerprint().is_none());
+        let len = std::fs::metadata(w.journal_path()).unwrap().len();
+        let e = w.apply(1, &tx(1, "INSERT INTO t VALUES ('secret')")).unwrap_err().to_string();
+        assert!(e.contains("no key for this sealed backup") && e.contains("ln/hsm_secret"), "{e}");
+        assert_eq!(std::fs::metadata(w.journal_path()).unwrap().len(), len, "nothing written");
+        std::fs::write(ldir.join("hsm_secret"), [5u8; 32]).unwrap();
+        w.apply(1, &tx(1, "INSERT INTO t VALUES ('secret')")).unwrap();
+        let fp = w.key_fingerprint().unwrap().to_string();
+        assert_eq!(Meta::load(&root).unwrap().unwrap().key_fingerprint.as_deref(), Some(fp.as_str()));
+        let bytes = std::fs::read(w.journal_path()).unwrap();
+        assert!(!bytes.windows(6).any(|x| x == b"secret"));
+        drop(w);
+        // another node's hsm_secret is refused at open, by fingerprint
+        std::fs::write(ldir.join("hsm_secret"), [6u8; 32]).unwrap();
+        let e = Writer::open(&root, &keys).err().unwrap().to_string();
+        assert!(e.contains(&format!("sealed with key {fp}")), "{e}");
+    }
+
+    #[test]
     fn create_refuses_missing_parent() {
         let e = create(Path::new("/nonexistent-xyz/b.bkp"), None, None, None).unwrap_err();
         assert!(e.to_string().contains("parent directory does not exist"), "{e}");
