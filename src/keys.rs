@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use hkdf::Hkdf;
@@ -164,20 +164,11 @@ pub fn read_or_create_key_file(path: &Path) -> Result<(Key, bool), KeyError> {
     let mut k = Zeroizing::new([0u8; 32]);
     random(&mut k[..]).map_err(io)?;
     let line = Zeroizing::new(format!("{KEY_FILE_TAG} {}\n", hex(&k[..])));
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode_0600().open(path).map_err(io)?;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
     f.write_all(line.as_bytes()).and_then(|_| f.sync_all()).map_err(io)?;
     crate::fsutil::fsync_dir(crate::fsutil::parent_of(path))
         .map_err(|e| KeyError::Format { path: path.into(), what: e.to_string() })?;
     Ok((Key::from_bytes(*k, path.display().to_string()), true))
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-impl Mode0600 for fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
 }
 
 /// Warns (as text) when a key file is readable by others.
