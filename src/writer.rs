@@ -417,9 +417,10 @@ impl Writer {
             self.sealer()?;
         }
         let offset = self.end;
-        let payloads = match &self.sealing {
-            Sealing::Ready(s) => Payloads::Sealed { sealer: s, generation: self.header.generation },
-            _ => Payloads::Plain,
+        let payloads = match (&self.sealing, self.header.sealed) {
+            (Sealing::Ready(s), true) => Payloads::Sealed { sealer: s, generation: self.header.generation },
+            (Sealing::Plain, false) => Payloads::Plain,
+            _ => return Err(self.no_key()),
         };
         self.buf.clear();
         journal::encode_record_as(&mut self.buf, offset, data_version, kind, writes, payloads);
@@ -519,7 +520,7 @@ impl Writer {
             let to = Payloads::Sealed { sealer: s, generation: next.header.generation };
             buf = journal::transcode(&self.path, &buf, next.copied_to, from, at, to)?;
         } else if self.header.sealed {
-            return Err(key_err(&self.layout.root)(crate::keys::KeyError::Missing { looked: vec![] }));
+            return Err(self.no_key());
         }
         next.tmp.write_all_at(&buf, at).map_err(io("write"))?;
         next.tmp.set_len(at + delta).and_then(|_| next.tmp.sync_all()).map_err(io("fsync"))?;
@@ -550,6 +551,14 @@ impl Writer {
         self.records_before_last_tx -= next.records_folded;
         self.snapshot_bytes = self.snapshot_path().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len());
         Ok(())
+    }
+
+    /// A sealed journal and no key in hand: nothing may be written, least of all plaintext.
+    fn no_key(&self) -> StoreError {
+        StoreError::Invalid {
+            path: self.path.clone(),
+            what: "the journal is sealed and its key has not been read: nothing is written".into(),
+        }
     }
 
     fn check_poisoned(&self) -> Result<()> {
