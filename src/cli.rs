@@ -546,7 +546,7 @@ fn print_summary(what: &str, s: &Summary) {
             None => println!("Sealed backup, key fingerprint {fp}; not opened (no key)"),
         }
     } else {
-        println!("Plaintext backup (not encrypted): `backup-cli encrypt` seals it");
+        println!("Plaintext backup (not encrypted): `backup-cli encrypt` seals it (`migrate` for a v1 file)");
     }
     for u in &s.unverified {
         println!("Not verifiable: {u}");
