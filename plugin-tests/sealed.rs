@@ -483,3 +483,44 @@ fn migrate_a_v1_backup_into_a_sealed_one() {
     assert!(!o.status.success() && stderr(&o).contains("--lightning-dir"), "{}", stderr(&o));
     assert!(!tmp.path().join("n2.bkp").exists());
 }
+
+#[test]
+fn an_interrupted_encrypt_is_refused_by_the_plugin_and_resumed() {
+    let p = tempfile::tempdir().unwrap();
+    let ldir = p.path().join("regtest");
+    std::fs::create_dir(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let root = p.path().join("plain.bkp");
+    let o = cli(&["init", "--no-encryption", "--lightning-dir", ldir.to_str().unwrap(), &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = Setup { tmp: p, ldir, root };
+    let node = replay_all(&s, "small");
+    // encrypt crashed after recording the sealed metadata, while building the next
+    // generation: its snapshot is there, its journal is not
+    let m = cln_backup::meta::Meta::new_sealed(Some(fp_of(LEGACY_FP_KEY)), None, Some(s.ldir.clone())).unwrap();
+    m.store(&s.root).unwrap();
+    let stray = s.root.join("0000000000000002-00000001.snapshot");
+    std::fs::write(&stray, b"half a snapshot").unwrap();
+    // the plugin will not append plaintext to a backup marked sealed
+    let mut n2 = s.node();
+    n2.start().unwrap();
+    let rec = TraceRecord { data_version: 1, writes: vec!["SELECT 1".into()], before_init: true };
+    match n2.step(&rec).unwrap() {
+        cln_backup::sim::Answer::Halt(v) => assert!(v.to_string().contains("backup-cli encrypt"), "{v}"),
+        a => panic!("{a:?}"),
+    }
+    n2.stop().unwrap();
+    // readers still restore it, and say so
+    let dest = s.tmp.path().join("mid.sqlite3");
+    let o = restore_args(&s, &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("a `backup-cli encrypt` was interrupted"), "{}", stdout(&o));
+    assert_same(&dest, &node.db_path());
+    // running encrypt again finishes the job, with the id it recorded
+    let o = cli(&["encrypt", &url(&s.root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stray.exists());
+    assert_eq!(meta(&s.root)["backup_id"], serde_json::json!(m.backup_id));
+    assert!(readable(&s.root, &needles("small")).is_empty());
+    assert_same(&s.restore("after.sqlite3"), &node.db_path());
+}
