@@ -418,6 +418,11 @@ fn key_file_no_encryption_and_encrypt() {
     compact_offline(&s.root);
     assert!(!readable(&s.root, &needles("small")).is_empty(), "the plaintext snapshot is readable");
     assert!(stdout(&verify_out(&s, &[])).contains("Plaintext backup"));
+    // a key given for a plaintext backup: not the backup the operator means, perhaps replaced
+    let hsm = s.ldir.join("hsm_secret");
+    let o = restore_args(&s, &s.tmp.path().join("p.sqlite3"), &["--hsm-secret", hsm.to_str().unwrap()]);
+    assert!(stderr(&o).contains("you gave a key, but this backup is not sealed"), "{}", stderr(&o));
+    assert!(!s.tmp.path().join("p.sqlite3").exists());
     // encrypt converts it offline into a new, sealed generation
     let gen_before = Layout::new(&s.root).list().unwrap().current.generation;
     let o = cli(&["encrypt", &url(&s.root), "--lightning-dir", s.ldir.to_str().unwrap()]);
@@ -510,12 +515,13 @@ fn an_interrupted_encrypt_is_refused_by_the_plugin_and_resumed() {
         a => panic!("{a:?}"),
     }
     n2.stop().unwrap();
-    // readers still restore it, and say so
+    // nor does restore trust a plaintext generation in a backup marked sealed (it could
+    // be anyone's): it says why, and writes nothing
     let dest = s.tmp.path().join("mid.sqlite3");
     let o = restore_args(&s, &dest, &[]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("a `backup-cli encrypt` was interrupted"), "{}", stdout(&o));
-    assert_same(&dest, &node.db_path());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("a `backup-cli encrypt` was interrupted (run it again"), "{}", stderr(&o));
+    assert!(!dest.exists());
     // running encrypt again finishes the job, with the id it recorded
     let o = cli(&["encrypt", &url(&s.root)]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -219,10 +219,8 @@ pub fn restore_with(
     let (meta, sealer, origin) = find_sealer(root, keys, Some(fsutil::parent_of(&dest)), true)?;
     let total = view.total_bytes();
     let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
-    note_sealing(&mut summary, meta.as_ref(), view.header.sealed, origin);
-    if view.header.sealed && sealer.is_none() {
-        return Err(key_err(root)(crate::keys::KeyError::Missing { looked: vec![] }));
-    }
+    let key_given = keys.hsm_secret.is_some() || keys.key_file.is_some();
+    note_sealing(root, &mut summary, meta.as_ref(), view.header.sealed, origin, key_given)?;
     fsutil::write_atomic(&dest, false, |file, tmp| {
         let result = build(&mut view, file, tmp, &mut summary, total, sealer.as_ref(), progress);
         for side in ["-journal", "-wal", "-shm"] {
@@ -244,17 +242,37 @@ fn empty(root: &Path) -> StoreError {
 }
 
 /// Records in `summary` what sealing the backup has.
-fn note_sealing(summary: &mut Summary, meta: Option<&Meta>, journal_sealed: bool, origin: Option<String>) {
-    summary.sealed = journal_sealed || meta.is_some_and(|m| m.sealed);
+fn note_sealing(
+    root: &Path,
+    summary: &mut Summary,
+    meta: Option<&Meta>,
+    journal_sealed: bool,
+    origin: Option<String>,
+    key_given: bool,
+) -> Result<()> {
+    let meta_sealed = meta.is_some_and(|m| m.sealed);
+    summary.sealed = journal_sealed || meta_sealed;
     summary.key_fingerprint = meta.and_then(|m| m.key_fingerprint.clone());
     summary.key_origin = origin;
-    if meta.is_some_and(|m| m.sealed) && !journal_sealed {
-        summary.unverified.push(
-            "backup.json says sealed, but the current generation is plaintext: a `backup-cli encrypt` was \
-             interrupted; run it again"
-                .into(),
+    let refuse = |what: &str| Err(StoreError::Key { path: root.into(), what: what.into() });
+    // A plaintext generation where sealed data is expected could be anyone's: not restored.
+    if meta_sealed && !journal_sealed {
+        return refuse(
+            "backup.json says sealed, but the current generation is plaintext: either a `backup-cli encrypt` was \
+             interrupted (run it again, with lightningd stopped), or the files were replaced",
         );
     }
+    if journal_sealed && !meta_sealed {
+        return refuse("the journal is sealed, but backup.json is missing or says plaintext: put it back from a copy");
+    }
+    if key_given && !summary.sealed {
+        return refuse(
+            "you gave a key, but this backup is not sealed (made with --no-encryption, or before encryption \
+             existed, or replaced): check that it is the backup you mean; without the key option it is read as \
+             plaintext",
+        );
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -375,7 +393,7 @@ pub fn verify_with(root: &Path, keys: &KeySource, progress: &mut dyn FnMut(u64, 
     let mut view = View::open(root)?;
     let total = view.total_bytes();
     let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
-    note_sealing(&mut summary, meta.as_ref(), view.header.sealed, origin);
+    note_sealing(root, &mut summary, meta.as_ref(), view.header.sealed, origin, given)?;
     let journal_sealed = view.header.sealed;
     if journal_sealed && sealer.is_none() {
         summary.unverified.push(
