@@ -395,7 +395,8 @@ pub fn verify_with(root: &Path, keys: &KeySource, progress: &mut dyn FnMut(u64, 
     let mut summary = Summary { generation: view.header.generation, bytes: total, ..Default::default() };
     note_sealing(root, &mut summary, meta.as_ref(), view.header.sealed, origin, given)?;
     let journal_sealed = view.header.sealed;
-    if journal_sealed && sealer.is_none() {
+    let has_data = view.snapshot.is_some() || !view.journal.is_empty();
+    if journal_sealed && sealer.is_none() && has_data {
         summary.unverified.push(
             "no key given or found: the sealed records and snapshot were checked by framing, checksums and \
              version chain, but not opened (authenticity, statements, and the snapshot's database were not \
