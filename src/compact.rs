@@ -465,3 +465,60 @@ pub fn run_tracked(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{Key, KeySource};
+    use crate::meta::Meta;
+
+    fn tx(v: u32, stmts: &[&str]) -> Vec<String> {
+        let mut w: Vec<String> = stmts.iter().map(|s| s.to_string()).collect();
+        w.push(format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1));
+        w
+    }
+
+    #[test]
+    fn sealed_compaction_reseals_a_tail_record_larger_than_a_copy_step() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        std::fs::write(ldir.join("hsm_secret"), [3u8; 32]).unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        crate::writer::create(&root, None, Some(&meta), None).unwrap();
+        let (mut w, _) = Writer::open(&root, &KeySource::lightning_dir(&ldir)).unwrap();
+        w.apply(
+            1,
+            &tx(
+                1,
+                &[
+                    "CREATE TABLE vars (name TEXT, val TEXT, intval INTEGER, PRIMARY KEY (name))",
+                    "INSERT INTO vars VALUES ('data_version', NULL, 0)",
+                    "CREATE TABLE t (x)",
+                ],
+            ),
+        )
+        .unwrap();
+        let big = format!("INSERT INTO t VALUES ('{}')", "z".repeat((4 << 20) + 1000));
+        assert!(big.len() as u64 > Throttle::STEP);
+        w.apply(2, &tx(2, &[&big])).unwrap();
+        let writer = Mutex::new(w);
+        let status = Mutex::new(Status::idle());
+        let out = compact(&writer, &status, &|_| {}, &mut Throttle::unlimited()).unwrap();
+        assert!(matches!(out, Outcome::Done(ref s) if s.records_folded == 1), "{out:?}");
+        lock(&writer).apply(3, &tx(3, &["INSERT INTO t VALUES ('after')"])).unwrap();
+        drop(writer);
+        let bytes: Vec<u8> =
+            std::fs::read_dir(&root).unwrap().flat_map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+        assert!(!bytes.windows(8).any(|x| x == b"zzzzzzzz"), "plaintext in the sealed backup");
+        let dest = d.path().join("r.sqlite3");
+        let (_, sum) = crate::restore::restore(&root, &dest, &mut |_, _| {}).unwrap();
+        assert_eq!((sum.version, sum.records), (3, 2));
+        let c = rusqlite::Connection::open(&dest).unwrap();
+        let n: i64 = c.query_row("SELECT SUM(LENGTH(x)) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, (4 << 20) + 1000 + 5);
+        // the key was read at the first write and recorded by its fingerprint
+        let k = Key::from_bytes(crate::keys::makesecret(&[3u8; 32], crate::keys::LABEL), "t");
+        assert_eq!(Meta::load(&root).unwrap().unwrap().key_fingerprint, Some(k.fingerprint()));
+    }
+}
