@@ -9,6 +9,9 @@
 //! 3. The plugin's RSS after the whole trace, and its binary's size.
 //! 4. The postgres:// destination's append against a bare INSERT + COMMIT (also with a
 //!    synchronous standby). CLN_BACKUP_BENCH_ONLY=postgres runs only this one.
+//! 5. Sealing: hook p50/p99 of a sealed backup against a plaintext one (two plugins, the
+//!    same trace, interleaved call by call), restore time sealed against plain, and the
+//!    in-process cost of sealing a record. `CLN_BACKUP_BENCH_ONLY=seal` runs only this.
 //!
 //! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
 //! by call, against the same baseline (e.g. the commit before a change).
@@ -196,7 +199,122 @@ fn hook_restore_and_compaction(base: &Path) {
 
     record_compression(&trace, h50);
     compaction_size_and_restore(&base, &root, &ldir);
+    sealed_vs_plain(&base.join("seal"));
     compaction_stall(&base);
+}
+
+/// Sealed against plaintext on the soak trace: two plugins, each with its own backup on the
+/// same filesystem, fed the same calls alternately (which goes first alternates too).
+fn sealed_vs_plain(base: &Path) {
+    let trace_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+    let trace = sim::read_trace(&fs::read(&trace_path).unwrap()).unwrap();
+    let mk = |name: &str, extra: &[&str]| -> (PathBuf, PathBuf, Node) {
+        let ldir = base.join(name).join("regtest");
+        fs::create_dir_all(&ldir).unwrap();
+        let mut hsm = b"lightning-1".to_vec();
+        hsm.resize(32, 0);
+        fs::write(ldir.join("hsm_secret"), hsm).unwrap();
+        let root = base.join(name).join("node.bkp");
+        let mut args = vec!["init".to_string(), "--lightning-dir".into(), ldir.display().to_string()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("file://{}", root.display()));
+        let o = std::process::Command::new(CLI).args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let node = Node::new(Path::new(BIN), &ldir).unwrap();
+        (ldir, root, node)
+    };
+    let (_, sealed_root, mut sealed) = mk("sealed", &[]);
+    let (_, plain_root, mut plain) = mk("plain", &["--no-encryption"]);
+    let t0 = Instant::now();
+    for (i, rec) in trace.iter().enumerate() {
+        let (first, second) = if i % 2 == 0 { (&mut sealed, &mut plain) } else { (&mut plain, &mut sealed) };
+        for n in [first, second] {
+            n.start_if_needed(&trace, i).unwrap();
+            assert_eq!(n.step(rec).unwrap(), Answer::Continue, "call {i}");
+        }
+    }
+    sealed.stop().unwrap();
+    plain.stop().unwrap();
+    let secs_all = t0.elapsed().as_secs_f64();
+    // Paired: the same call on both, one right after the other, so the disk's swings
+    // (which dwarf sealing on a busy machine) cancel out.
+    let mut diffs: Vec<f64> = sealed
+        .hook_times
+        .iter()
+        .zip(&plain.hook_times)
+        .map(|(a, b)| a.as_secs_f64() * 1e6 - b.as_secs_f64() * 1e6)
+        .collect();
+    diffs.sort_unstable_by(f64::total_cmp);
+    let median_diff = diffs[diffs.len() / 2];
+    let (mut hs, mut hp) = (sealed.hook_times.clone(), plain.hook_times.clone());
+    let (s50, s99) = (pct(&mut hs, 0.5), pct(&mut hs, 0.99));
+    let (p50, p99) = (pct(&mut hp, 0.5), pct(&mut hp, 0.99));
+    println!();
+    println!(
+        "sealing: db_write round trip, sealed vs plaintext backup, {} calls each, interleaved, {secs_all:.1} s",
+        trace.len()
+    );
+    println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "sealed µs", "plain µs", "ratio");
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.3}  <= 1.05", "p50", s50, p50, s50 / p50);
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.3}", "p99", s99, p99, s99 / p99);
+    println!(
+        "  paired: median of (sealed - plain) per call {median_diff:+.1} µs = {:.3}x the plain p50",
+        (p50 + median_diff) / p50
+    );
+
+    // the in-process cost of a sealed record against a plain one (no I/O), in this
+    // thread's CPU time, so a busy machine's preemptions do not count
+    let key = cln_backup::keys::Key::from_bytes([7; 32], "bench");
+    let sealer = cln_backup::seal::Sealer::new(&key, [1; 16]).unwrap();
+    let mut buf = Vec::with_capacity(1 << 16);
+    let (mut enc_plain, mut enc_sealed) = (Duration::ZERO, Duration::ZERO);
+    let mut bytes = 0usize;
+    for _ in 0..3 {
+        for r in &trace {
+            buf.clear();
+            let t = thread_cpu();
+            journal::encode_record(&mut buf, r.data_version, r.kind(), &r.writes);
+            enc_plain += thread_cpu() - t;
+            bytes += buf.len();
+            buf.clear();
+            let t = thread_cpu();
+            let p = journal::Payloads::Sealed { sealer: &sealer, generation: 1 };
+            journal::encode_record_as(&mut buf, 32, r.data_version, r.kind(), &r.writes, p);
+            enc_sealed += thread_cpu() - t;
+        }
+    }
+    let n = (3 * trace.len()) as f64;
+    let extra = (enc_sealed - enc_plain).as_secs_f64() * 1e6 / n;
+    println!(
+        "  encoding a record in process (CPU time): plain {:.2} µs, sealed {:.2} µs (+{extra:.2} µs = {:.2}% of the \
+         plain hook p50); sealing {:.0} MB/s; records average {:.0} bytes",
+        enc_plain.as_secs_f64() * 1e6 / n,
+        enc_sealed.as_secs_f64() * 1e6 / n,
+        100.0 * extra / p50,
+        bytes as f64 / (enc_sealed - enc_plain).as_secs_f64() / 1e6,
+        bytes as f64 / n
+    );
+
+    // restore, journal only and after compaction (a sealed snapshot), best of 3 each
+    let restore_best = |root: &Path, tag: &str| -> f64 {
+        (0..3)
+            .map(|i| {
+                let dest = base.join(format!("r-{tag}-{i}.sqlite3"));
+                let (_, t) = secs(|| restore::restore(root, &dest, &mut |_, _| {}).unwrap());
+                fs::remove_file(&dest).unwrap();
+                t
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let (js, jp) = (restore_best(&sealed_root, "sj"), restore_best(&plain_root, "pj"));
+    for root in [&sealed_root, &plain_root] {
+        let o =
+            std::process::Command::new(CLI).args(["compact", &format!("file://{}", root.display())]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (cs, cp) = (restore_best(&sealed_root, "sc"), restore_best(&plain_root, "pc"));
+    println!("  restore from the journal      sealed {js:.3} s, plain {jp:.3} s: {:.3}x the time", js / jp);
+    println!("  restore from a snapshot       sealed {cs:.3} s, plain {cp:.3} s: {:.3}x the time", cs / cp);
 }
 
 /// Would compressing each journal record pay? The bytes it saves against the time it adds
@@ -238,12 +356,22 @@ fn main() {
     } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "postgres") {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
         postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
+    } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "seal") {
+        sealed_vs_plain(&base);
     } else {
         hook_restore_and_compaction(&base);
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
         postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     }
     let _ = fs::remove_dir_all(&base);
+}
+
+/// This thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 fn secs<T>(f: impl FnOnce() -> T) -> (T, f64) {
@@ -262,7 +390,7 @@ fn copy_synced(from: &Path, to: &Path) {
 /// against a plain copy of the database file.
 fn compaction_size_and_restore(base: &Path, root: &Path, ldir: &Path) {
     let before: u64 = fs::read_dir(root).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
-    let (w, _) = Writer::open(root).unwrap();
+    let (w, _) = Writer::open(root, &cln_backup::keys::KeySource::default()).unwrap();
     let (writer, status) = (Mutex::new(w), Mutex::new(compact::Status::idle()));
     let (out, cs) = secs(|| compact::compact(&writer, &status, &|_| {}, &mut Throttle::unlimited()).unwrap());
     let Outcome::Done(stats) = out else { panic!("nothing compacted") };
@@ -295,14 +423,14 @@ fn compaction_stall(base: &Path) {
     let ldir = dir.join("regtest");
     fs::create_dir_all(&ldir).unwrap();
     let root = dir.join("big.bkp");
-    cln_backup::writer::create(&root, None).unwrap();
+    cln_backup::writer::create(&root, None, None, None).unwrap();
     fs::write(ldir.join("backup.lock"), format!("{{\"backend_url\": \"file://{}\"}}", root.display())).unwrap();
     // the real schema first: the small trace
     let small = sim::read_trace(
         &fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/small/trace.jsonl.gz")).unwrap(),
     )
     .unwrap();
-    let (mut w, _) = Writer::open(&root).unwrap();
+    let (mut w, _) = Writer::open(&root, &cln_backup::keys::KeySource::default()).unwrap();
     let mut dv = 0;
     for r in &small {
         w.apply(r.data_version, &r.writes).unwrap();
@@ -431,7 +559,7 @@ fn compaction_stall(base: &Path) {
     );
     // Once more offline, so almost nothing follows the snapshot: restore against decompressing
     // the snapshot alone and against copying the database file.
-    let (w, _) = Writer::open(&root).unwrap();
+    let (w, _) = Writer::open(&root, &cln_backup::keys::KeySource::default()).unwrap();
     let (writer, st) = (Mutex::new(w), Mutex::new(compact::Status::idle()));
     compact::compact(&writer, &st, &|_| {}, &mut Throttle::unlimited()).unwrap();
     drop(writer);
@@ -439,7 +567,7 @@ fn compaction_stall(base: &Path) {
     let (sum2, rsec2) = secs(|| restore::restore(&root, &dest2, &mut |_, _| {}).unwrap().1);
     let snap = Layout::new(&root).list().unwrap().snapshot.unwrap();
     let (_, dsec2) = secs(|| {
-        snapshot::extract(&snap, &mut fs::File::open(&snap).unwrap(), &mut std::io::sink(), &mut |_| {}).unwrap()
+        snapshot::extract(&snap, &mut fs::File::open(&snap).unwrap(), &mut std::io::sink(), &mut |_| {}, None).unwrap()
     });
     let (_, csec) = secs(|| copy_synced(&dest2, &dir.join("copied.sqlite3")));
     println!(

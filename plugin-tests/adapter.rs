@@ -18,6 +18,13 @@ fn init_params(ldir: &Path, options: Value) -> Value {
     })
 }
 
+/// A lightning dir with a backup and the hsm_secret that lightningd makes at its first start.
+fn setup() -> Setup {
+    let s = Setup::new();
+    std::fs::write(s.ldir.join("hsm_secret"), [7u8; 32]).unwrap();
+    s
+}
+
 fn msg(id: &str, method: &str, params: Value) -> String {
     json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string() + "\n\n"
 }
@@ -72,7 +79,7 @@ fn backup_destination_is_accepted_with_the_python_warning() {
 /// the log line before the answer, and the answer carries the id byte for byte.
 #[test]
 fn a_log_line_while_a_pre_init_db_write_is_answered() {
-    let s = Setup::new();
+    let s = setup();
     let mut p = PluginProc::spawn(Path::new(BIN), &s.ldir, &[]).unwrap();
     p.getmanifest().unwrap();
     let t = &trace("small")[0];
@@ -96,7 +103,7 @@ fn a_log_line_while_a_pre_init_db_write_is_answered() {
 /// cln-plugin; setconfig changes the dynamic option.
 #[test]
 fn init_and_db_write_in_one_read_then_calls_through_cln_plugin() {
-    let s = Setup::new();
+    let s = setup();
     let mut p = PluginProc::spawn(Path::new(BIN), &s.ldir, &[]).unwrap();
     p.getmanifest().unwrap();
     let tr = trace("small");

@@ -10,4 +10,5 @@ mod legacy;
 mod postgres;
 mod replay;
 mod replicas;
+mod sealed;
 mod usage;

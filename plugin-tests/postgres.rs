@@ -26,7 +26,7 @@ fn framed(dv: u32, kind: Kind, writes: &[String]) -> Vec<u8> {
 fn new_backup(url: &str, name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("b");
-    cln_backup::writer::create(&dir, None).unwrap();
+    cln_backup::writer::create(&dir, None, None, None).unwrap();
     pg::create(url, name, &dir, &mut |_, _| {}).unwrap();
 }
 

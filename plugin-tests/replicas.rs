@@ -67,6 +67,18 @@ fn three_destinations_each_restore_alone() {
         assert!(d["bytes"].as_u64().unwrap() > 0 && d["hook_p50_us"].as_u64().is_some(), "{d}");
     }
     node.stop().unwrap();
+    // sealed once: every copy holds the same bytes, and none of them plaintext
+    let journals: Vec<Vec<u8>> = roots
+        .iter()
+        .map(|r| {
+            let j = std::fs::read_dir(r).unwrap().map(|e| e.unwrap().path()).find(|p| {
+                p.extension().is_some_and(|x| x == "journal")
+            });
+            std::fs::read(j.unwrap()).unwrap()
+        })
+        .collect();
+    assert!(journals.iter().all(|j| j == &journals[0]), "the copies' journals differ");
+    assert!(!journals[0].windows(11).any(|w| w == b"UPDATE vars"), "plaintext in a sealed journal");
     let fin = final_db("channels", tmp.path());
     for (i, r) in roots.iter().enumerate() {
         let dest = tmp.path().join(format!("restored-{i}.sqlite3"));

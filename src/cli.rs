@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 
 use crate::destination::postgres as pg;
 use crate::error::StoreError;
+use crate::keys::{self, KeySource};
 use crate::layout;
+use crate::meta::Meta;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
 use crate::destination::{self, inspect};
@@ -46,6 +48,16 @@ enum Cmd {
         /// option backup-min-destinations sets it from then on.
         #[arg(long)]
         min_destinations: Option<usize>,
+        /// Store the backup in plaintext. Anyone who can read the backup's storage can then
+        /// read every channel, peer and payment of the node. By default the backup is sealed
+        /// with a key derived from the node's hsm_secret.
+        #[arg(long, conflicts_with = "key_file")]
+        no_encryption: bool,
+        /// Seal with the key in this file instead of one derived from hsm_secret (needed when
+        /// hsm_secret is passphrase-protected). Created (mode 0600) if it does not exist.
+        /// Back it up like hsm_secret: without it the backup cannot be restored.
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Rebuild lightningd.sqlite3 from a backup: from URL, or with --lightning-dir from the
     /// most advanced of the destinations in its backup.lock. DEST is a new file, or a directory.
@@ -56,6 +68,8 @@ enum Cmd {
         /// [URL] DEST
         #[arg(num_args = 1..=2, required = true, value_name = "URL] [DEST")]
         args: Vec<String>,
+        #[command(flatten)]
+        key: KeyArgs,
     },
     /// Read the whole backup and check every checksum and the version chain. Writes nothing.
     /// With --lightning-dir, every destination in its backup.lock.
@@ -63,6 +77,8 @@ enum Cmd {
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
         backend_url: Option<String>,
+        #[command(flatten)]
+        key: KeyArgs,
     },
     /// Add a destination to a node's backup, seeded from the most advanced existing one.
     /// Run with lightningd stopped.
@@ -78,6 +94,16 @@ enum Cmd {
         lightning_dir: PathBuf,
         url: String,
     },
+    /// Convert a plaintext backup into a sealed one, offline (lightningd stopped): writes a
+    /// new, sealed generation and removes the plaintext one.
+    Encrypt {
+        backend_url: String,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// The node's lightning dir: its hsm_secret keys the backup.
+        #[arg(long)]
+        lightning_dir: Option<PathBuf>,
+    },
     /// Fold the journal into a new compressed snapshot, offline (lightningd stopped, or on a
     /// backup server). With the plugin running, use `lightning-cli backup-compact`.
     Compact { backend_url: String },
@@ -86,9 +112,16 @@ enum Cmd {
     Migrate {
         old_url: String,
         new_url: String,
-        /// Also point this lightning dir's backup.lock at the new backup.
+        /// Also point this lightning dir's backup.lock at the new backup; its hsm_secret
+        /// keys the new (sealed) backup.
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
+        /// Make the new backup plaintext (see `init --no-encryption`).
+        #[arg(long, conflicts_with = "key_file")]
+        no_encryption: bool,
+        /// Seal the new backup with the key in this file (see `init --key-file`).
+        #[arg(long, value_name = "PATH")]
+        key_file: Option<PathBuf>,
     },
     /// Show the main job on a bundled real trace, with no lightningd needed.
     Demo {
@@ -96,6 +129,24 @@ enum Cmd {
         #[arg(long, default_value = "channels")]
         trace: String,
     },
+}
+
+/// The key of a sealed backup. Without either, restore looks for hsm_secret in the
+/// destination's directory, then in the lightning dir recorded at init.
+#[derive(clap::Args, Default)]
+struct KeyArgs {
+    /// The node's hsm_secret (32-byte or mnemonic format).
+    #[arg(long, value_name = "PATH", conflicts_with = "key_file")]
+    hsm_secret: Option<PathBuf>,
+    /// The key file given to `backup-cli init --key-file`.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    fn source(self) -> KeySource {
+        KeySource { hsm_secret: self.hsm_secret, key_file: self.key_file, search: vec![] }
+    }
 }
 
 /// Both binaries: the plugin when lightningd runs them (it sets LIGHTNINGD_PLUGIN=1 and may
@@ -152,7 +203,7 @@ fn run(cmd: Cmd) -> Result<()> {
     let cwd = std::env::current_dir()?;
     let url_path = |u: &str| layout::parse_url(u, &cwd).map_err(|e| anyhow!(e));
     match cmd {
-        Cmd::Init { lightning_dir, mut args, min_destinations } => {
+        Cmd::Init { lightning_dir, mut args, min_destinations, no_encryption, key_file } => {
             // The Python backup-cli took the lightning dir first, as a plain path.
             let positional_dir = (args.len() > 1 && !is_url(&args[0])).then(|| PathBuf::from(args.remove(0)));
             let ldir = match (lightning_dir, positional_dir) {
@@ -167,9 +218,10 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
                 return pg::init::init(ldir.as_deref(), &args[0]).map(|_| ());
             }
-            init(ldir.as_deref(), &args, min_destinations, &cwd)
+            let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
+            init(ldir.as_deref(), &args, min_destinations, &cwd, sealing)
         }
-        Cmd::Restore { lightning_dir, mut args } => {
+        Cmd::Restore { lightning_dir, mut args, key } => {
             let dest = PathBuf::from(args.pop().unwrap_or_default());
             let url = match (args.pop(), &lightning_dir) {
                 (Some(u), None) => u,
@@ -186,14 +238,15 @@ fn run(cmd: Cmd) -> Result<()> {
                 return Ok(());
             }
             let root = url_path(&url)?;
-            let (dest, s) = restore::restore(&root, &dest, &mut progress_bar("Restoring"))?;
+            let (dest, s) = restore::restore_with(&root, &dest, &key.source(), &mut progress_bar("Restoring"))?;
             finish_progress();
             print_summary("Restored", &s);
             print_last_write(&root);
             println!("Wrote {}", dest.display());
             Ok(())
         }
-        Cmd::Verify { lightning_dir, backend_url } => {
+        Cmd::Verify { lightning_dir, backend_url, key } => {
+            let keys = key.source();
             let urls = match (backend_url, &lightning_dir) {
                 (Some(u), None) => vec![u],
                 (None, Some(ldir)) => read_lock(ldir)?.urls,
@@ -211,7 +264,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     continue;
                 }
                 let root = url_path(u)?;
-                match restore::verify(&root, &mut progress_bar("Verifying")) {
+                match restore::verify_with(&root, &keys, &mut progress_bar("Verifying")) {
                     Ok(s) => {
                         finish_progress();
                         print_summary("Verified", &s);
@@ -232,8 +285,14 @@ fn run(cmd: Cmd) -> Result<()> {
         }
         Cmd::AddDestination { lightning_dir, url } => add_destination(&lightning_dir, &url),
         Cmd::RemoveDestination { lightning_dir, url } => remove_destination(&lightning_dir, &url),
-        Cmd::Migrate { old_url, new_url, lightning_dir } => {
-            migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref())
+        Cmd::Encrypt { backend_url, key, lightning_dir } => {
+            let mut src = key.source();
+            src.search.extend(lightning_dir);
+            encrypt(&url_path(&backend_url)?, src)
+        }
+        Cmd::Migrate { old_url, new_url, lightning_dir, no_encryption, key_file } => {
+            let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
+            migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref(), sealing)
         }
         Cmd::Compact { backend_url } => compact_offline(&url_path(&backend_url)?),
         Cmd::Demo { trace } => demo(&trace),
@@ -245,7 +304,95 @@ fn is_url(arg: &str) -> bool {
     arg.split_once(':').is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
-fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: &Path) -> Result<()> {
+/// How a new backup is sealed.
+enum Sealing {
+    /// Plaintext (`--no-encryption`).
+    None,
+    /// With the node's hsm_secret (now, or at lightningd's first start).
+    HsmSecret,
+    /// With a key file.
+    KeyFile(PathBuf),
+}
+
+impl Sealing {
+    fn from_key_file(key_file: Option<PathBuf>) -> Sealing {
+        key_file.map_or(Sealing::HsmSecret, Sealing::KeyFile)
+    }
+
+    /// The new backup's metadata and, when the key is at hand, its key. `has_data`: there is
+    /// a database to seal now, so the key must be at hand.
+    fn prepare(&self, ldir: Option<&Path>, has_data: bool) -> Result<(Meta, Option<keys::Key>)> {
+        let abs_ldir = ldir.map(|d| std::path::absolute(d).unwrap_or_else(|_| d.to_path_buf()));
+        match self {
+            Sealing::None => {
+                println!(
+                    "Encryption is OFF (--no-encryption): the backup holds every channel, peer and payment of this \
+                     node in plaintext. Anyone who can read its storage can read them. Keep it on storage only you \
+                     control; `backup-cli encrypt` converts it later."
+                );
+                Ok((Meta::new_plain(abs_ldir), None))
+            }
+            Sealing::KeyFile(p) => {
+                let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                let (key, created) = keys::read_or_create_key_file(&p)?;
+                if created {
+                    println!(
+                        "Created key file {} (mode 0600). Back it up like hsm_secret: without it this backup \
+                         cannot be restored.",
+                        p.display()
+                    );
+                }
+                if let Some(w) = keys::key_file_mode_warning(&p) {
+                    println!("Warning: {w}");
+                }
+                let fp = key.fingerprint();
+                Ok((Meta::new_sealed(Some(fp), Some(p), abs_ldir)?, Some(key)))
+            }
+            Sealing::HsmSecret => {
+                let hsm = ldir.map(|d| d.join(keys::HSM_SECRET));
+                let key = match &hsm {
+                    Some(h) if h.exists() => Some(keys::key_from_hsm_secret(h)?),
+                    _ => None,
+                };
+                if key.is_none() && has_data {
+                    bail!(
+                        "{} has a database but no hsm_secret, so the backup cannot be sealed: put the node's \
+                         hsm_secret back first, or give --key-file PATH (or --no-encryption)",
+                        ldir.map_or("the lightning dir".into(), |d| d.display().to_string())
+                    );
+                }
+                let fp = key.as_ref().map(|k| k.fingerprint());
+                Ok((Meta::new_sealed(fp, None, abs_ldir)?, key))
+            }
+        }
+    }
+}
+
+/// Says how the new backup is sealed.
+fn print_sealing(meta: &Meta, ldir: Option<&Path>) {
+    if !meta.sealed {
+        return;
+    }
+    match (&meta.key_fingerprint, &meta.key_file) {
+        (Some(fp), Some(kf)) => {
+            println!("The backup is encrypted with the key in {} (fingerprint {fp}).", kf.display())
+        }
+        (Some(fp), None) => println!(
+            "The backup is encrypted with a key derived from the node's hsm_secret (fingerprint {fp}). To restore, \
+             you need hsm_secret (which you keep anyway) and the backup."
+        ),
+        (None, _) => println!(
+            "The backup is encrypted; the node has no hsm_secret yet, so its key is read from {} at lightningd's \
+             first start, before the first write.",
+            ldir.map_or("hsm_secret in the node's lightning dir".into(), |d| d
+                .join(keys::HSM_SECRET)
+                .display()
+                .to_string())
+        ),
+    }
+}
+
+fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: &Path, sealing: Sealing) -> Result<()> {
     let targets = destination::check_distinct(urls, cwd).map_err(|e| anyhow!(e))?;
     let mut roots: Vec<PathBuf> = Vec::new();
     for t in targets {
@@ -272,10 +419,13 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         }
     }
     let Some(ldir) = lightning_dir else {
-        create_all(&roots, None)?;
+        let (meta, key) = sealing.prepare(None, false)?;
+        let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
+        create_all(&roots, None, &meta, sealer.as_ref())?;
         for url in &abs {
             println!("Created an empty backup at {url} for a new node.");
         }
+        print_sealing(&meta, None);
         let lf = destination::LockFile { urls: abs.clone(), min_destinations: min };
         println!("Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.", lf.to_json());
         return Ok(());
@@ -298,13 +448,15 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         );
     }
     let db = ldir.join(restore::DB_NAME);
+    let (meta, key) = sealing.prepare(Some(ldir), db.exists())?;
+    let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
     if db.exists() {
         let tmp = fsutil::tmp_path(&roots[0].with_extension("snapshot-source"));
         let _ = fs::remove_file(&tmp);
         let result = (|| -> Result<()> {
             let dv = snapshot::copy_live_database(&db, &tmp)?;
             println!("Found an existing database with data_version {dv} at {}", db.display());
-            create_all(&roots, Some((&tmp, dv)))?;
+            create_all(&roots, Some((&tmp, dv)), &meta, sealer.as_ref())?;
             for url in &abs {
                 println!("Successfully written initial snapshot to {url}");
             }
@@ -313,21 +465,28 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         let _ = fs::remove_file(&tmp);
         result?;
     } else {
-        create_all(&roots, None)?;
+        create_all(&roots, None, &meta, sealer.as_ref())?;
         for url in &abs {
             println!("No database in {} yet: created an empty backup at {url}", ldir.display());
         }
     }
+    print_sealing(&meta, Some(ldir));
     let body = destination::LockFile { urls: abs, min_destinations: min }.to_json();
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
 }
 
-/// Creates every destination from the same database image, or none of them.
-fn create_all(roots: &[PathBuf], base: Option<(&Path, u32)>) -> Result<()> {
+/// Creates every destination from the same database image, with the same metadata (one
+/// backup id, which sealed records are bound to), or none of them.
+fn create_all(
+    roots: &[PathBuf],
+    base: Option<(&Path, u32)>,
+    meta: &Meta,
+    sealer: Option<&crate::seal::Sealer>,
+) -> Result<()> {
     for (i, r) in roots.iter().enumerate() {
-        if let Err(e) = writer::create(r, base) {
+        if let Err(e) = writer::create(r, base, Some(meta), sealer) {
             for done in &roots[..i] {
                 let _ = fs::remove_dir_all(done);
             }
@@ -399,12 +558,12 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
         bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
     };
     println!("Seeding {url} from {}: {why}", best.url);
-    writer::create(&root, None)?;
+    writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {
         let _ = fs::remove_dir_all(&root);
         return Err(e.into());
     }
-    let check = restore::verify(&root, &mut |_, _| {})?;
+    let check = restore::verify_with(&root, &KeySource::lightning_dir(ldir), &mut |_, _| {})?;
     if check.version != best.tip.position.version {
         let _ = fs::remove_dir_all(&root);
         bail!("the copy at {url} holds data_version {}, not {}: not added", check.version, best.tip.position.version);
@@ -446,7 +605,7 @@ fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
 }
 
 fn compact_offline(root: &Path) -> Result<()> {
-    let (w, report) = match writer::Writer::open(root) {
+    let (w, report) = match writer::Writer::open(root, &KeySource::default()) {
         Err(StoreError::Locked { path }) => bail!(
             "{} is in use by a running cln-backup plugin: compact it there, with `lightning-cli backup-compact`",
             path.display()
@@ -499,7 +658,7 @@ fn compact_offline(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
+fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>, sealing: Sealing) -> Result<()> {
     if !crate::legacy::is_v1_file(old) {
         if old.is_dir() {
             bail!("{} is already a cln-backup backup: nothing to migrate", old.display());
@@ -524,9 +683,22 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
             );
         }
     }
-    let s = crate::legacy::migrate(old, new, &mut progress_bar("Migrating"))?;
+    if matches!(sealing, Sealing::HsmSecret) && lightning_dir.is_none() {
+        bail!(
+            "the new backup is sealed with the node's key: give --lightning-dir DIR (its hsm_secret), or \
+             --key-file PATH, or --no-encryption"
+        );
+    }
+    let (meta, key) = sealing.prepare(lightning_dir, true)?;
+    let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
+    let s = crate::legacy::migrate_to(old, new, Some(&meta), sealer.as_ref(), &mut progress_bar("Migrating"))?;
+    print_sealing(&meta, lightning_dir);
     finish_progress();
-    let check = restore::verify(new, &mut |_, _| {})?;
+    let check = restore::verify_with(
+        new,
+        &KeySource { search: lightning_dir.into_iter().map(Into::into).collect(), ..Default::default() },
+        &mut |_, _| {},
+    )?;
     if check.version != s.version {
         bail!("the new backup ends at {}, the old one at {}: not switching", check.version, s.version);
     }
@@ -552,6 +724,75 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Converts a plaintext backup into a sealed one (offline).
+fn encrypt(root: &Path, src: KeySource) -> Result<()> {
+    if crate::legacy::is_v1_file(root) {
+        bail!(
+            "{} is a backup of the Python plugin (v1): convert it with `backup-cli migrate`, which seals it",
+            root.display()
+        );
+    }
+    let old = Meta::load(root)?;
+    let listing = layout::Layout::new(root).list()?;
+    let journal = crate::journal::JournalReader::open(&listing.journal)?;
+    if journal.header.sealed {
+        println!(
+            "{} is sealed already (key fingerprint {})",
+            root.display(),
+            old.and_then(|m| m.key_fingerprint).unwrap_or_else(|| "not read yet".into())
+        );
+        return Ok(());
+    }
+    drop(journal);
+    let src = match &old {
+        Some(m) => m.source_with_recorded(src),
+        None => src,
+    };
+    let Some(key) = src.find(None)? else {
+        bail!(
+            "no key to seal with: looked for {}. Give --lightning-dir DIR (the node's hsm_secret), --hsm-secret PATH or --key-file PATH",
+            if src.places(None).is_empty() { "nothing (no lightning dir recorded in the backup)".into() } else { src.places(None).join(", ") }
+        );
+    };
+    // An interrupted conversion left its metadata: keep its id, and its key.
+    let meta = match old {
+        Some(m) if m.sealed => {
+            m.check(&key)?;
+            m
+        }
+        old => {
+            let key_file = src.key_file.as_ref().map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()));
+            let ldir = old.and_then(|m| m.lightning_dir).or_else(|| src.search.first().cloned());
+            Meta::new_sealed(Some(key.fingerprint()), key_file, ldir)?
+        }
+    };
+    let (w, _) = match writer::Writer::open_with(root, &KeySource::default(), true) {
+        Err(StoreError::Locked { path }) => {
+            bail!("{} is in use by a running cln-backup plugin: stop lightningd first", path.display())
+        }
+        r => r?,
+    };
+    meta.store(root)?;
+    let sealer = crate::seal::Sealer::new(&key, meta.id().unwrap_or_default())?;
+    let s = crate::compact::seal_offline(w, &sealer, &mut |_| {})?;
+    let check = restore::verify_with(
+        root,
+        &KeySource { key_file: src.key_file.clone(), hsm_secret: src.hsm_secret.clone(), search: src.search.clone() },
+        &mut |_, _| {},
+    )?;
+    println!(
+        "Sealed {}: generation {} at data_version {} ({} records folded into a sealed snapshot), key fingerprint {}; \
+         verified {} record(s) after it. The plaintext generation is removed; copies of it elsewhere are still plaintext.",
+        root.display(),
+        s.generation,
+        check.version,
+        s.records_folded,
+        key.fingerprint(),
+        check.records
+    );
+    Ok(())
+}
+
 fn print_summary(what: &str, s: &Summary) {
     let snap = s.snapshot_version.map_or("none (empty base)".to_string(), |v| v.to_string());
     println!(
@@ -568,6 +809,16 @@ fn print_summary(what: &str, s: &Summary) {
         println!(
             "Note: the journal ends with {len} bytes of an incomplete record at offset {off} (a write in progress, or cut by a crash); it was never acknowledged and is not part of the backup."
         );
+    }
+    if s.sealed {
+        let fp =
+            s.key_fingerprint.as_deref().unwrap_or("not recorded yet (the plugin reads the key at its first write)");
+        match &s.key_origin {
+            Some(o) => println!("Sealed backup, key fingerprint {fp}; opened with the key from {o}"),
+            None => println!("Sealed backup, key fingerprint {fp}; not opened (no key)"),
+        }
+    } else {
+        println!("Plaintext backup (not encrypted): `backup-cli encrypt` seals it (`migrate` for a v1 file)");
     }
     for u in &s.unverified {
         println!("Not verifiable: {u}");
@@ -657,7 +908,11 @@ fn demo_in(tmp: &Path, name: &str, trace: &[sim::TraceRecord], final_gz: &[u8]) 
     let root = tmp.join("node.bkp");
     println!("== cln-backup demo: a real lightningd v26.06 trace ('{name}', {} db_write calls)", trace.len());
     println!("   lightning dir {}, backup {}", ldir.display(), layout::url_for(&root));
-    init(Some(&ldir), &[layout::url_for(&root)], None, tmp)?;
+    // lightningd makes hsm_secret at its first start; the demo's node has one from the outset.
+    let mut secret = [0u8; 32];
+    keys::random(&mut secret)?;
+    fs::write(ldir.join(keys::HSM_SECRET), secret)?;
+    init(Some(&ldir), &[layout::url_for(&root)], None, tmp, Sealing::HsmSecret)?;
     let bin = std::env::current_exe().context("find own binary")?;
     let mut node = sim::Node::new(&bin, &ldir)?;
     let t0 = Instant::now();

@@ -23,6 +23,9 @@ pub enum StoreError {
     Exists { path: PathBuf },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
+    /// The key of a sealed backup is missing, wrong or unreadable.
+    #[error("{path}: {what}")]
+    Key { path: PathBuf, what: String },
     #[error("{path}: could not apply data_version {version} (offset {offset}): {what}")]
     Apply { path: PathBuf, offset: u64, version: u32, what: String },
     /// A network destination's failure, already worded by its own error type.
@@ -54,6 +57,10 @@ impl StoreError {
             StoreError::Locked { .. } => "stop the other writer first (only one plugin or backup-cli may write a backup)",
             StoreError::Exists { .. } => "choose another path, or move the existing one away",
             StoreError::Invalid { .. } => "check the arguments and the backup",
+            StoreError::Key { .. } => {
+                "restore and verify take --hsm-secret PATH (the node's hsm_secret) or --key-file PATH; the plugin \
+                 reads hsm_secret in its lightning dir, or the key file given to `backup-cli init --key-file`"
+            }
             StoreError::Apply { .. } => {
                 "SQLite refused statements the backup holds: keep the backup and report this message as a bug"
             }

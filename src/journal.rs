@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! 0   8  magic "CLNBKJNL"
-//! 8   4  format version (1), little-endian like every integer here
+//! 8   4  format version: 1 = plaintext records, 2 = sealed records (see `seal`);
+//!        little-endian like every integer here
 //! 12  8  generation (the backup's compaction count; also in the file name)
 //! 20  1  base kind: 0 = empty database (a fresh node), 1 = the generation's snapshot
 //! 21  3  zero
@@ -36,9 +37,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Result, StoreError};
+use crate::seal::{RecordPlace, Sealer, NONCE_LEN};
 
 pub const MAGIC: &[u8; 8] = b"CLNBKJNL";
-pub const FORMAT: u32 = 1;
+/// Plaintext records (every backup made before sealing existed).
+pub const FORMAT_PLAIN: u32 = 1;
+/// Sealed records.
+pub const FORMAT_SEALED: u32 = 2;
 pub const HEADER_LEN: u64 = 32;
 pub const RECORD_HEADER_LEN: usize = 17;
 /// No hook call comes near this; a larger length is damage.
@@ -79,13 +84,16 @@ impl Base {
 pub struct Header {
     pub generation: u64,
     pub base: Base,
+    /// Format 2: every record is sealed.
+    pub sealed: bool,
 }
 
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN as usize] {
         let mut h = [0u8; HEADER_LEN as usize];
         h[0..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        let format = if self.sealed { FORMAT_SEALED } else { FORMAT_PLAIN };
+        h[8..12].copy_from_slice(&format.to_le_bytes());
         h[12..20].copy_from_slice(&self.generation.to_le_bytes());
         let (kind, v) = match self.base {
             Base::Empty => (0u8, 0u32),
@@ -111,8 +119,10 @@ impl Header {
             });
         }
         let format = u32le(&h[8..12]);
-        if format != FORMAT {
-            return Err(bad(&format!("journal format {format}, this build reads {FORMAT}: upgrade cln-backup")));
+        if format != FORMAT_PLAIN && format != FORMAT_SEALED {
+            return Err(bad(&format!(
+                "journal format {format}, this build reads {FORMAT_PLAIN} and {FORMAT_SEALED}: upgrade cln-backup"
+            )));
         }
         let generation = u64::from_le_bytes(h[12..20].try_into().unwrap_or_default());
         let base = match h[20] {
@@ -120,7 +130,7 @@ impl Header {
             1 => Base::Snapshot(u32le(&h[24..28])),
             k => return Err(bad(&format!("unknown base kind {k}"))),
         };
-        Ok(Header { generation, base })
+        Ok(Header { generation, base, sealed: format == FORMAT_SEALED })
     }
 }
 
@@ -128,20 +138,52 @@ fn u32le(b: &[u8]) -> u32 {
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// Appends one framed record to `out`.
+/// How a journal's payloads are stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Payloads<'s> {
+    Plain,
+    /// Sealed for this generation (`Header::sealed`).
+    Sealed {
+        sealer: &'s Sealer,
+        generation: u64,
+    },
+}
+
+/// Appends one framed plaintext record to `out`.
 pub fn encode_record<S: AsRef<str>>(out: &mut Vec<u8>, data_version: u32, kind: Kind, writes: &[S]) {
+    encode_record_as(out, 0, data_version, kind, writes, Payloads::Plain)
+}
+
+/// Appends one framed record to `out`, whose first byte goes to file offset `file_offset`
+/// (a sealed record is bound to the offset of its own start). Sealing happens in place.
+pub fn encode_record_as<S: AsRef<str>>(
+    out: &mut Vec<u8>,
+    file_offset: u64,
+    data_version: u32,
+    kind: Kind,
+    writes: &[S],
+    payloads: Payloads,
+) {
     let start = out.len();
-    out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
+    let front = match payloads {
+        Payloads::Plain => RECORD_HEADER_LEN,
+        Payloads::Sealed { .. } => RECORD_HEADER_LEN + NONCE_LEN,
+    };
+    out.resize(start + front, 0);
     for w in writes {
         let w = w.as_ref().as_bytes();
         out.extend_from_slice(&(w.len() as u32).to_le_bytes());
         out.extend_from_slice(w);
     }
+    if let Payloads::Sealed { sealer, generation } = payloads {
+        let place = RecordPlace { generation, offset: file_offset, data_version, kind: kind as u8 };
+        sealer.seal_record(out, start + RECORD_HEADER_LEN, place);
+    }
     fill_header(&mut out[start..], data_version, kind);
 }
 
-/// Appends one framed record around a payload that is already encoded (a record read
-/// back, copied to another destination).
+/// Appends one framed record around a payload that is already encoded (and sealed, if it
+/// is): a record read back, copied to another copy of the same backup.
 pub fn frame_payload(out: &mut Vec<u8>, data_version: u32, kind: Kind, payload: &[u8]) {
     let start = out.len();
     out.extend_from_slice(&[0u8; RECORD_HEADER_LEN]);
@@ -221,6 +263,75 @@ impl Record {
     pub fn end(&self) -> u64 {
         self.offset + RECORD_HEADER_LEN as u64 + self.payload.len() as u64
     }
+
+    /// The plaintext payload: as stored, or opened when `payloads` is sealed. A seal that
+    /// does not open is damage at this record (the key was checked before by fingerprint).
+    pub fn plaintext<'a>(&'a mut self, path: &Path, payloads: Payloads) -> Result<&'a [u8]> {
+        match payloads {
+            Payloads::Plain => Ok(&self.payload),
+            Payloads::Sealed { sealer, generation } => {
+                let place = RecordPlace {
+                    generation,
+                    offset: self.offset,
+                    data_version: self.data_version,
+                    kind: self.kind as u8,
+                };
+                let offset = self.offset;
+                sealer.open_record(&mut self.payload, place).map(|p| &*p).map_err(|_| StoreError::Damaged {
+                    path: path.into(),
+                    offset,
+                    what: "sealed record fails authentication: moved or swapped, copied from another backup or \
+                           generation, or altered"
+                        .into(),
+                })
+            }
+        }
+    }
+}
+
+/// Re-encodes whole framed records `src` (at file offset `src_at`, stored as `from`) for
+/// file offset `dst_at` in a journal stored as `to`. Sealed to sealed keeps every length,
+/// so offsets shift by `dst_at - src_at` exactly. `path` names the source for errors.
+pub fn transcode(path: &Path, src: &[u8], src_at: u64, from: Payloads, dst_at: u64, to: Payloads) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(src.len() + src.len() / 8);
+    let mut p = 0usize;
+    while p < src.len() {
+        let off = src_at + p as u64;
+        let damaged = |what: &str| StoreError::Damaged { path: path.into(), offset: off, what: what.into() };
+        let rh = src
+            .get(p..p + RECORD_HEADER_LEN)
+            .and_then(parse_record_header)
+            .ok_or_else(|| damaged("record header checksum mismatch"))?;
+        let body = src
+            .get(p + RECORD_HEADER_LEN..p + RECORD_HEADER_LEN + rh.len as usize)
+            .ok_or_else(|| damaged("record runs past the copied range"))?;
+        if crc32c::crc32c(body) != rh.payload_crc {
+            return Err(damaged("record payload checksum mismatch"));
+        }
+        let kind = Kind::from_byte(rh.kind).ok_or_else(|| damaged("unknown record kind"))?;
+        let mut rec =
+            Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload: body.to_vec() };
+        let plain = rec.plaintext(path, from)?;
+        let stmts = decode_statements(plain).map_err(|what| damaged(&what))?;
+        let at = dst_at + out.len() as u64;
+        encode_record_as(&mut out, at, rh.data_version, kind, &stmts, to);
+        p += RECORD_HEADER_LEN + rh.len as usize;
+    }
+    Ok(out)
+}
+
+/// The length of the longest run of whole records at the start of `buf` (by their
+/// headers' lengths; checksums are checked when they are read).
+pub fn whole_records_len(buf: &[u8]) -> usize {
+    let mut p = 0usize;
+    while let Some(h) = buf.get(p..p + RECORD_HEADER_LEN) {
+        let n = RECORD_HEADER_LEN + u32le(&h[0..4]) as usize;
+        if p + n > buf.len() {
+            break;
+        }
+        p += n;
+    }
+    p
 }
 
 /// Reads a journal's records in order, up to the length the file had when opened.
@@ -383,7 +494,7 @@ mod tests {
     fn journal(records: &[(u32, Kind, Vec<&str>)]) -> (tempfile::TempDir, PathBuf, Vec<u64>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let mut bytes = Header { generation: 1, base: Base::Empty }.encode().to_vec();
+        let mut bytes = Header { generation: 1, base: Base::Empty, sealed: false }.encode().to_vec();
         let mut offs = vec![];
         for (v, k, w) in records {
             offs.push(bytes.len() as u64);
@@ -506,7 +617,7 @@ mod tests {
     fn unknown_kind_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let mut bytes = Header { generation: 1, base: Base::Snapshot(7) }.encode().to_vec();
+        let mut bytes = Header { generation: 1, base: Base::Snapshot(7), sealed: false }.encode().to_vec();
         let off = bytes.len();
         encode_record(&mut bytes, 8, Kind::Transaction, &["x"]);
         bytes[off + 8] = 9;

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! lock                                   flock'ed by the one writer; readers never take it
+//! backup.json                            sealed or not, backup id, key fingerprint (`meta`)
 //! 0000000000000003-000004d2.snapshot     generation 3's database at data_version 0x4d2 (zstd)
 //! 0000000000000003-000004d2.journal      generation 3's records after that version
 //! ```
@@ -136,7 +137,7 @@ impl Layout {
         for entry in fs::read_dir(&self.root).map_err(StoreError::io("list", &self.root))? {
             let entry = entry.map_err(StoreError::io("list", &self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name != LOCK_FILE {
+            if name != LOCK_FILE && name != crate::meta::META_FILE {
                 files.push(name);
             }
         }

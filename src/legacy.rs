@@ -365,7 +365,19 @@ pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary
 /// a snapshot of everything before the last transaction, and that transaction (with what
 /// follows it) as the journal. Kept out of the snapshot, it can still be dropped if
 /// lightningd never committed it, exactly as in a backup cln-backup wrote itself.
+/// With a sealed `meta` (and its `sealer`) the new backup is sealed.
 pub fn migrate(old: &Path, new_root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
+    migrate_to(old, new_root, None, None, progress)
+}
+
+/// As `migrate`, recording `meta` in the new backup and sealing it when `meta` says so.
+pub fn migrate_to(
+    old: &Path,
+    new_root: &Path,
+    meta: Option<&crate::meta::Meta>,
+    sealer: Option<&crate::seal::Sealer>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary> {
     let started = Instant::now();
     if fs::symlink_metadata(new_root).is_ok() {
         return Err(StoreError::Exists { path: new_root.into() });
@@ -375,7 +387,7 @@ pub fn migrate(old: &Path, new_root: &Path, progress: &mut dyn FnMut(u64, u64)) 
     let result = (|| -> Result<Summary> {
         let built = build(old, Some(&tmp), true, progress)?;
         let base = built.has_db.then_some((tmp.as_path(), built.db_version));
-        crate::writer::create_with_records(new_root, base, &built.tail)?;
+        crate::writer::create_with_records(new_root, base, &built.tail, meta, sealer)?;
         Ok(built.summary)
     })();
     let _ = fs::remove_file(&tmp);

@@ -330,6 +330,13 @@ pub struct Node {
 
 impl Node {
     pub fn new(bin: &Path, dir: &Path) -> Result<Node> {
+        // lightningd makes its hsm_secret at its first start, before any db_write.
+        let hsm = dir.join(crate::keys::HSM_SECRET);
+        if !hsm.exists() {
+            let mut secret = [0u8; 32];
+            crate::keys::random(&mut secret)?;
+            std::fs::write(&hsm, secret)?;
+        }
         let db = Connection::open(dir.join("lightningd.sqlite3"))?;
         // lightningd's connection has foreign keys on from the start.
         db.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = OFF;")?;

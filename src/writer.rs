@@ -9,12 +9,16 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::error::{Result, StoreError};
 use crate::fsutil;
-use crate::journal::{self, Base, Header, JournalReader, Kind};
+use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
+use crate::keys::KeySource;
 use crate::layout::{GenName, Layout};
+use crate::meta::{key_err, Meta};
+use crate::seal::Sealer;
 use crate::snapshot;
 use crate::versions::{self, Decision, Position};
 
@@ -51,8 +55,22 @@ impl std::fmt::Display for Refusal {
     }
 }
 
+/// How the writer stores records. Follows the journal's header: a sealed journal never
+/// gets a plaintext record.
+enum Sealing {
+    Plain,
+    Ready(Arc<Sealer>),
+    /// Sealed, the key not read yet (a new node has no hsm_secret before lightningd's
+    /// first start): read at the first write.
+    Pending {
+        meta: Meta,
+        keys: KeySource,
+    },
+}
+
 pub struct Writer {
     layout: Layout,
+    sealing: Sealing,
     _lock: File,
     file: File,
     path: PathBuf,
@@ -75,6 +93,8 @@ pub struct Writer {
     last_crc: u32,
     /// The same for the record before the last transaction: the last one once it is dropped.
     crc_before_last_tx: u32,
+    /// Where the key is looked for, kept for `reopen`.
+    keys: KeySource,
 }
 
 /// What a compaction may fold: everything before the last transaction, which stays in the
@@ -87,6 +107,9 @@ pub struct Plan {
     pub snapshot: Option<PathBuf>,
     pub fold_end: u64,
     pub truncations: u64,
+    /// The sealer of a sealed journal (None: plaintext, or the key is not read yet).
+    pub sealer: Option<Arc<Sealer>>,
+    pub sealed: bool,
 }
 
 /// A new generation, built and pre-copied outside the writer's lock.
@@ -121,13 +144,31 @@ pub fn lock(layout: &Layout) -> Result<File> {
 }
 
 /// Creates a new backup at `root`, from a database image at `base` (path, data_version) or
-/// empty. All or nothing: built in a temp directory, then renamed into place.
-pub fn create(root: &Path, base: Option<(&Path, u32)>) -> Result<Layout> {
-    create_with_records(root, base, &[])
+/// empty. All or nothing: built in a temp directory, then renamed into place. With `meta`
+/// it records it (backup.json); a sealed `meta` makes a sealed backup, for which `sealer`
+/// is needed when there is a base or records to seal (else the key is read at the first
+/// write).
+pub fn create(root: &Path, base: Option<(&Path, u32)>, meta: Option<&Meta>, sealer: Option<&Sealer>) -> Result<Layout> {
+    create_with_records(root, base, &[], meta, sealer)
 }
 
-/// As `create`, with a journal that already holds `records` (framed, after the base).
-pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u8]) -> Result<Layout> {
+/// As `create`, with a journal that already holds `records` (framed plaintext, after the
+/// base); they are sealed when the backup is.
+pub fn create_with_records(
+    root: &Path,
+    base: Option<(&Path, u32)>,
+    records: &[u8],
+    meta: Option<&Meta>,
+    sealer: Option<&Sealer>,
+) -> Result<Layout> {
+    let sealed = meta.is_some_and(|m| m.sealed);
+    let sealer = if sealed { sealer } else { None };
+    if sealed && sealer.is_none() && (base.is_some() || !records.is_empty()) {
+        return Err(StoreError::Invalid {
+            path: root.into(),
+            what: "a sealed backup of an existing database needs its key now".into(),
+        });
+    }
     let parent = fsutil::parent_of(root);
     if !parent.is_dir() {
         return Err(StoreError::Invalid {
@@ -146,12 +187,28 @@ pub fn create_with_records(root: &Path, base: Option<(&Path, u32)>, records: &[u
         let g = GenName { generation: 1, base_version: base.map_or(0, |b| b.1) };
         let header = match base {
             Some((db, v)) => {
-                snapshot::write(&staging.snapshot_path(g), 1, v, db, &mut crate::fsutil::Throttle::unlimited())?;
-                Header { generation: 1, base: Base::Snapshot(v) }
+                let mut t = crate::fsutil::Throttle::unlimited();
+                snapshot::write(&staging.snapshot_path(g), 1, v, db, &mut t, sealer)?;
+                Header { generation: 1, base: Base::Snapshot(v), sealed }
             }
-            None => Header { generation: 1, base: Base::Empty },
+            None => Header { generation: 1, base: Base::Empty, sealed },
         };
-        write_journal(&staging.journal_path(g), &header, records)?;
+        let jpath = staging.journal_path(g);
+        let records = match sealer {
+            Some(s) => std::borrow::Cow::Owned(journal::transcode(
+                &jpath,
+                records,
+                journal::HEADER_LEN,
+                Payloads::Plain,
+                journal::HEADER_LEN,
+                Payloads::Sealed { sealer: s, generation: 1 },
+            )?),
+            None => std::borrow::Cow::Borrowed(records),
+        };
+        if let Some(m) = meta {
+            m.store(&tmp)?;
+        }
+        write_journal(&jpath, &header, &records)?;
         fsutil::fsync_dir(&tmp)?;
         fs::rename(&tmp, root).map_err(StoreError::io("rename into place", root))?;
         fsutil::fsync_dir(parent)
@@ -187,6 +244,11 @@ pub fn install_generation(root: &Path, from: &crate::destination::GenerationFile
             }
         })
     };
+    // The backup's metadata (its id binds sealed records) comes along first.
+    let meta = crate::meta::Meta::path(fsutil::parent_of(&from.journal));
+    if meta.exists() {
+        copy(&meta, &crate::meta::Meta::path(root), None)?;
+    }
     if let Some(snap) = &from.snapshot {
         copy(snap, &layout.snapshot_path(g), None)?;
     }
@@ -218,23 +280,35 @@ pub fn write_journal(path: &Path, header: &Header, records: &[u8]) -> Result<()>
 impl Writer {
     /// Opens an existing backup for writing: takes the lock, removes leftovers of interrupted
     /// compactions, checks every record and cuts a torn tail.
-    pub fn open(root: &Path) -> Result<(Writer, OpenReport)> {
+    /// A sealed backup's key is looked for in `keys` (plus the key file or lightning dir
+    /// recorded at init); if it is not there yet, it is read at the first write.
+    pub fn open(root: &Path, keys: &KeySource) -> Result<(Writer, OpenReport)> {
+        Writer::open_with(root, keys, false)
+    }
+
+    /// As `open`; `converting` allows the plaintext journal of a backup whose metadata
+    /// already says sealed (an interrupted `backup-cli encrypt`, which calls this).
+    pub fn open_with(root: &Path, keys: &KeySource, converting: bool) -> Result<(Writer, OpenReport)> {
         let layout = Layout::new(root);
         layout.list()?; // says clearly what is wrong before we create a lock file in it
         let lock = lock(&layout)?;
-        Writer::open_locked(layout, lock)
+        Writer::open_locked(layout, lock, keys, converting)
     }
 
     /// Opens the backup again, keeping the writer's lock: after another generation was
     /// installed under it.
     pub fn reopen(&mut self) -> Result<OpenReport> {
         let lock = self._lock.try_clone().map_err(StoreError::io("lock", self.layout.lock_path()))?;
-        let (w, report) = Writer::open_locked(self.layout.clone(), lock)?;
+        let keys = self.keys.clone();
+        let (w, report) = Writer::open_locked(self.layout.clone(), lock, &keys, false)?;
         *self = w;
         Ok(report)
     }
 
-    fn open_locked(layout: Layout, lock: File) -> Result<(Writer, OpenReport)> {
+    fn open_locked(layout: Layout, lock: File, keys: &KeySource, converting: bool) -> Result<(Writer, OpenReport)> {
+        let root = layout.root.clone();
+        let root = root.as_path();
+        let meta = Meta::load(root)?;
         let listing = layout.list()?;
         let mut report = OpenReport::default();
         for p in &listing.leftovers {
@@ -266,6 +340,35 @@ impl Writer {
                 });
             }
         }
+        let sealing = match (header.sealed, meta) {
+            (false, Some(m)) if m.sealed && !converting => {
+                return Err(StoreError::Invalid {
+                    path: path.clone(),
+                    what: "backup.json says sealed, but the current journal is plaintext: a conversion \
+                           (`backup-cli encrypt`) was interrupted; run it again with lightningd stopped"
+                        .into(),
+                })
+            }
+            (false, _) => Sealing::Plain,
+            (true, Some(m)) if m.sealed => {
+                let keys = m.source_with_recorded(keys.clone());
+                match m.sealer(&keys).map_err(key_err(root))? {
+                    Some((s, key)) => {
+                        record_first_key(root, &m, &keys, &key)?;
+                        Sealing::Ready(Arc::new(s))
+                    }
+                    None => Sealing::Pending { meta: m, keys },
+                }
+            }
+            (true, _) => {
+                return Err(StoreError::Invalid {
+                    path: Meta::path(root),
+                    what: "the journal is sealed, but backup.json is missing or says plaintext: put back \
+                           backup.json from a copy of this backup"
+                        .into(),
+                })
+            }
+        };
         let mut position = Position { version: header.base.version(), droppable: false };
         let mut last_tx_offset = None;
         let mut records = 0;
@@ -290,6 +393,7 @@ impl Writer {
         let last_write = fs::metadata(&path).and_then(|m| m.modified()).ok();
         let w = Writer {
             layout,
+            sealing,
             _lock: lock,
             file,
             path,
@@ -305,6 +409,7 @@ impl Writer {
             records_before_last_tx,
             last_crc,
             crc_before_last_tx,
+            keys: keys.clone(),
             snapshot_bytes: listing.snapshot.as_ref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len()),
         };
         Ok((w, report))
@@ -337,6 +442,34 @@ impl Writer {
     pub fn records(&self) -> u64 {
         self.records
     }
+    /// Whether records are sealed (format 2).
+    pub fn is_sealed(&self) -> bool {
+        self.header.sealed
+    }
+    /// The fingerprint of the key once it is read.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        match &self.sealing {
+            Sealing::Ready(s) => Some(s.fingerprint()),
+            _ => None,
+        }
+    }
+
+    /// The sealer of a sealed journal, reading the key now if it was not read yet.
+    /// None for a plaintext journal.
+    pub fn sealer(&mut self) -> Result<Option<Arc<Sealer>>> {
+        if let Sealing::Pending { meta, keys } = &self.sealing {
+            let root = &self.layout.root;
+            let Some((s, key)) = meta.sealer(keys).map_err(key_err(root))? else {
+                return Err(key_err(root)(meta.missing(keys)));
+            };
+            record_first_key(root, meta, keys, &key)?;
+            self.sealing = Sealing::Ready(Arc::new(s));
+        }
+        Ok(match &self.sealing {
+            Sealing::Ready(s) => Some(s.clone()),
+            _ => None,
+        })
+    }
 
     /// Applies one db_write call: decides by the version rules, then writes durably.
     pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> std::result::Result<Applied, Refusal> {
@@ -355,20 +488,47 @@ impl Writer {
         Ok(applied)
     }
 
-    /// Appends one record and makes it durable.
+    /// Appends one record and makes it durable (sealed, in a sealed backup).
     pub fn append<S: AsRef<str>>(&mut self, data_version: u32, kind: Kind, writes: &[S]) -> Result<()> {
+        self.check_poisoned()?;
+        if matches!(self.sealing, Sealing::Pending { .. }) {
+            self.sealer()?;
+        }
+        let offset = self.end;
+        let payloads = match (&self.sealing, self.header.sealed) {
+            (Sealing::Ready(s), true) => Payloads::Sealed { sealer: s, generation: self.header.generation },
+            (Sealing::Plain, false) => Payloads::Plain,
+            _ => return Err(self.no_key()),
+        };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
-        journal::encode_record(&mut buf, data_version, kind, writes);
-        let r = self.append_framed(data_version, kind, &buf);
+        journal::encode_record_as(&mut buf, offset, data_version, kind, writes, payloads);
+        let r = self.write_record(data_version, kind, &buf);
         self.buf = buf;
         r
     }
 
-    /// Appends one record framed by `journal::encode_record` (once, for every destination)
-    /// with one write, then fdatasyncs it.
+    /// Appends one plaintext record framed by `journal::encode_record` (once, for every
+    /// destination): as it is into a plaintext backup, sealed for its place into a sealed one.
     pub fn append_framed(&mut self, data_version: u32, kind: Kind, record: &[u8]) -> Result<()> {
+        if !self.header.sealed {
+            self.check_poisoned()?;
+            return self.write_record(data_version, kind, record);
+        }
+        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
+            .map_err(|what| StoreError::Invalid { path: self.path.clone(), what })?;
+        self.append(data_version, kind, &statements)
+    }
+
+    /// Appends a record exactly as another copy of this backup holds it at the same place
+    /// (same backup, generation and offset): bringing a lagging copy up to date.
+    pub fn append_copy(&mut self, data_version: u32, kind: Kind, record: &[u8]) -> Result<()> {
         self.check_poisoned()?;
+        self.write_record(data_version, kind, record)
+    }
+
+    /// One write at the journal's end, then fdatasync; the state follows only on success.
+    fn write_record(&mut self, data_version: u32, kind: Kind, record: &[u8]) -> Result<()> {
         let offset = self.end;
         let r = self.file.write_all_at(record, offset).and_then(|_| self.file.sync_data());
         if let Err(e) = r {
@@ -394,6 +554,42 @@ impl Writer {
     /// The payload CRC of the last record (0 for none).
     pub fn last_crc(&self) -> u32 {
         self.last_crc
+    }
+
+    /// Where the last transaction starts, while it can still be dropped.
+    pub fn last_tx_offset(&self) -> Option<u64> {
+        self.last_tx_offset
+    }
+
+    /// Seals a plaintext record framed by `journal::encode_record` for the place it takes
+    /// next here (where the last transaction starts, when it replaces it) into `out`, so that
+    /// every copy of the backup at the same place can store the same bytes. False for a
+    /// plaintext backup (`out` untouched).
+    pub fn seal_for_next(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool> {
+        if !self.header.sealed {
+            return Ok(false);
+        }
+        let Some(sealer) = self.sealer()? else { return Err(self.no_key()) };
+        let offset = match (replace_last, self.last_tx_offset) {
+            (false, _) => self.end,
+            (true, Some(o)) => o,
+            (true, None) => {
+                return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() })
+            }
+        };
+        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
+            .map_err(|what| StoreError::Invalid { path: self.path.clone(), what })?;
+        out.clear();
+        let payloads = Payloads::Sealed { sealer: &sealer, generation: self.header.generation };
+        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        Ok(true)
     }
 
     /// Drops the last transaction record and everything after it.
@@ -432,7 +628,27 @@ impl Writer {
             snapshot: self.snapshot_path(),
             fold_end,
             truncations: self.truncations,
+            sealer: match &self.sealing {
+                Sealing::Ready(s) => Some(s.clone()),
+                _ => None,
+            },
+            sealed: self.header.sealed,
         })
+    }
+
+    /// Everything an offline rewrite (`compact::seal_offline`) may fold: all before the
+    /// last transaction, or everything when there is none.
+    pub fn plan_all(&self) -> Plan {
+        Plan {
+            generation: self.header.generation,
+            base: self.header.base,
+            journal: self.path.clone(),
+            snapshot: self.snapshot_path(),
+            fold_end: self.last_tx_offset.unwrap_or(self.end),
+            truncations: self.truncations,
+            sealer: None,
+            sealed: self.header.sealed,
+        }
     }
 
     /// Makes `next` the backup: copies what was appended since the pre-copy, fsyncs, renames
@@ -450,6 +666,14 @@ impl Writer {
         let mut buf = vec![0u8; delta as usize];
         self.file.read_exact_at(&mut buf, next.copied_to).map_err(StoreError::io("read journal", &self.path))?;
         let at = journal::HEADER_LEN + (next.copied_to - next.fold_end);
+        if let Sealing::Ready(s) = &self.sealing {
+            // Sealed records are bound to their generation and offset: reseal (same length).
+            let from = Payloads::Sealed { sealer: s, generation: self.header.generation };
+            let to = Payloads::Sealed { sealer: s, generation: next.header.generation };
+            buf = journal::transcode(&self.path, &buf, next.copied_to, from, at, to)?;
+        } else if self.header.sealed {
+            return Err(self.no_key());
+        }
         next.tmp.write_all_at(&buf, at).map_err(io("write"))?;
         next.tmp.set_len(at + delta).and_then(|_| next.tmp.sync_all()).map_err(io("fsync"))?;
         fs::rename(&next.tmp_path, &next.final_path).map_err(StoreError::io("rename into place", &next.final_path))?;
@@ -481,6 +705,14 @@ impl Writer {
         Ok(())
     }
 
+    /// A sealed journal and no key in hand: nothing may be written, least of all plaintext.
+    fn no_key(&self) -> StoreError {
+        StoreError::Invalid {
+            path: self.path.clone(),
+            what: "the journal is sealed and its key has not been read: nothing is written".into(),
+        }
+    }
+
     fn check_poisoned(&self) -> Result<()> {
         if self.poisoned {
             return Err(StoreError::Invalid {
@@ -490,6 +722,22 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// The first time a sealed backup's key is read (a backup made before the node had an
+/// hsm_secret), backup.json gets its fingerprint, and the lightning dir it came from, so
+/// that offline tools find it too.
+fn record_first_key(root: &Path, meta: &Meta, keys: &KeySource, key: &crate::keys::Key) -> Result<()> {
+    if meta.key_fingerprint.is_some() {
+        return Ok(());
+    }
+    let ldir = meta.lightning_dir.clone().or_else(|| {
+        (meta.key_file.is_none() && keys.hsm_secret.is_none() && keys.key_file.is_none())
+            .then(|| keys.search.iter().find(|d| d.join(crate::keys::HSM_SECRET).exists()).cloned())
+            .flatten()
+            .map(|d| std::path::absolute(&d).unwrap_or(d))
+    });
+    Meta { key_fingerprint: Some(key.fingerprint()), lightning_dir: ldir, ..meta.clone() }.store(root)
 }
 
 /// Every record must follow from the one before by the version rules (replacements were
@@ -528,9 +776,9 @@ mod tests {
     fn create_open_append_replace_reopen() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
-        create(&root, None).unwrap();
-        assert!(matches!(create(&root, None), Err(StoreError::Exists { .. })));
-        let (mut w, rep) = Writer::open(&root).unwrap();
+        create(&root, None, None, None).unwrap();
+        assert!(matches!(create(&root, None, None, None), Err(StoreError::Exists { .. })));
+        let (mut w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
         assert!(rep.torn_tail.is_none() && rep.removed.is_empty());
         assert_eq!(w.apply(1, &tx(1, "A")).unwrap(), Applied::Appended);
         assert_eq!(w.apply(1, &["PRAGMA foreign_keys = OFF;".to_string()]).unwrap(), Applied::Appended);
@@ -539,16 +787,44 @@ mod tests {
         assert_eq!(w.records(), 3);
         assert!(matches!(w.apply(5, &tx(5, "C")), Err(Refusal::Versions(m)) if m.starts_with("Backup is out of date")));
         // a second writer is refused while this one lives
-        assert!(matches!(Writer::open(&root), Err(StoreError::Locked { .. })));
+        assert!(matches!(Writer::open(&root, &KeySource::default()), Err(StoreError::Locked { .. })));
         drop(w);
-        let (w, _) = Writer::open(&root).unwrap();
+        let (w, _) = Writer::open(&root, &KeySource::default()).unwrap();
         assert_eq!(w.position(), Position { version: 2, droppable: true });
         assert_eq!(w.records(), 3);
     }
 
     #[test]
+    fn sealed_backup_never_gets_plaintext() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        create(&root, None, Some(&meta), None).unwrap();
+        let keys = KeySource::lightning_dir(&ldir);
+        // no hsm_secret yet: the key is read at the first write, which fails without it
+        let (mut w, _) = Writer::open(&root, &keys).unwrap();
+        assert!(w.is_sealed() && w.key_fingerprint().is_none());
+        let len = std::fs::metadata(w.journal_path()).unwrap().len();
+        let e = w.apply(1, &tx(1, "INSERT INTO t VALUES ('secret')")).unwrap_err().to_string();
+        assert!(e.contains("no key for this sealed backup") && e.contains("ln/hsm_secret"), "{e}");
+        assert_eq!(std::fs::metadata(w.journal_path()).unwrap().len(), len, "nothing written");
+        std::fs::write(ldir.join("hsm_secret"), [5u8; 32]).unwrap();
+        w.apply(1, &tx(1, "INSERT INTO t VALUES ('secret')")).unwrap();
+        let fp = w.key_fingerprint().unwrap().to_string();
+        assert_eq!(Meta::load(&root).unwrap().unwrap().key_fingerprint.as_deref(), Some(fp.as_str()));
+        let bytes = std::fs::read(w.journal_path()).unwrap();
+        assert!(!bytes.windows(6).any(|x| x == b"secret"));
+        drop(w);
+        // another node's hsm_secret is refused at open, by fingerprint
+        std::fs::write(ldir.join("hsm_secret"), [6u8; 32]).unwrap();
+        let e = Writer::open(&root, &keys).err().unwrap().to_string();
+        assert!(e.contains(&format!("sealed with key {fp}")), "{e}");
+    }
+
+    #[test]
     fn create_refuses_missing_parent() {
-        let e = create(Path::new("/nonexistent-xyz/b.bkp"), None).unwrap_err();
+        let e = create(Path::new("/nonexistent-xyz/b.bkp"), None, None, None).unwrap_err();
         assert!(e.to_string().contains("parent directory does not exist"), "{e}");
     }
 
@@ -556,11 +832,11 @@ mod tests {
     fn leftovers_removed_on_open() {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("b.bkp");
-        create(&root, None).unwrap();
+        create(&root, None, None, None).unwrap();
         let stale = root.join("0000000000000002-00000005.snapshot");
         std::fs::write(&stale, b"x").unwrap();
         std::fs::write(root.join("0000000000000002-00000005.journal.tmp"), b"x").unwrap();
-        let (_w, rep) = Writer::open(&root).unwrap();
+        let (_w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
         assert_eq!(rep.removed.len(), 2);
         assert!(!stale.exists());
     }

@@ -12,6 +12,7 @@ use super::{Destination, GenerationFiles, Tip};
 use crate::compact::lock;
 use crate::error::StoreError;
 use crate::journal::Kind;
+use crate::keys::KeySource;
 use crate::writer::{self, Writer};
 use crate::{layout, legacy};
 
@@ -24,7 +25,7 @@ pub struct FileDestination {
 impl FileDestination {
     /// Opens the backup at `root` as its one writer. Also gives, in words, what opening
     /// repaired (a torn tail cut, leftovers of a compaction removed).
-    pub fn open(url: &str, root: &Path) -> Result<(FileDestination, Vec<String>), String> {
+    pub fn open(url: &str, root: &Path, keys: &KeySource) -> Result<(FileDestination, Vec<String>), String> {
         if legacy::is_v1_file(root) {
             return Err(format!(
                 "{url} is a backup of the Python backup plugin (format v1); cln-backup does not write into it. \
@@ -32,7 +33,7 @@ impl FileDestination {
                 layout::url_for(&root.with_extension("cln-backup")),
             ));
         }
-        let (w, report) = Writer::open(root).map_err(|e| format!("Cannot open the backup at {url}: {}", e.explain()))?;
+        let (w, report) = Writer::open(root, keys).map_err(|e| format!("Cannot open the backup at {url}: {}", e.explain()))?;
         let mut notes = Vec::new();
         if !report.removed.is_empty() {
             let names: Vec<_> =
@@ -66,7 +67,13 @@ impl FileDestination {
 }
 
 pub fn tip_of(w: &Writer) -> Tip {
-    Tip { position: w.position(), generation: w.header().generation, journal_len: w.journal_len(), last_crc: w.last_crc() }
+    Tip {
+        position: w.position(),
+        generation: w.header().generation,
+        journal_len: w.journal_len(),
+        last_crc: w.last_crc(),
+        last_tx_offset: w.last_tx_offset(),
+    }
 }
 
 impl Destination for FileDestination {
@@ -85,6 +92,23 @@ impl Destination for FileDestination {
             w.drop_last_transaction()?;
         }
         w.append_framed(data_version, kind, record)
+    }
+    fn seal_for_next(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        lock(&self.writer).seal_for_next(data_version, kind, replace_last, record, out)
+    }
+    fn append_copy(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+        let mut w = lock(&self.writer);
+        if replace_last {
+            w.drop_last_transaction()?;
+        }
+        w.append_copy(data_version, kind, record)
     }
     fn bytes(&self) -> u64 {
         let w = lock(&self.writer);

@@ -41,10 +41,12 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
     let journal: PathBuf = view.journal.path().to_path_buf();
     let mut position = Position { version: view.header.base.version(), droppable: false };
     let mut last_crc = 0;
+    let mut last_tx_offset = None;
     let mut end = crate::journal::HEADER_LEN;
     while let Some(rec) = view.journal.next_record().map_err(why)? {
         if rec.kind == Kind::Transaction {
             position = Position { version: rec.data_version, droppable: true };
+            last_tx_offset = Some(rec.offset);
         }
         last_crc = rec.payload_crc;
         end = rec.end();
@@ -53,7 +55,7 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
     let generation = view.header.generation;
     Ok(Copy {
         url: url.to_string(),
-        tip: Tip { position, generation, journal_len: end, last_crc },
+        tip: Tip { position, generation, journal_len: end, last_crc, last_tx_offset },
         last_write,
         files: GenerationFiles {
             generation,

@@ -33,9 +33,18 @@ pub struct Tip {
     pub journal_len: u64,
     /// Payload CRC of its last record (0 when the journal has none).
     pub last_crc: u32,
+    /// Where its last transaction starts, while it can be dropped.
+    pub last_tx_offset: Option<u64>,
 }
 
 impl Tip {
+    /// Both would put the next record at the same place, so can store the same sealed bytes.
+    pub fn same_place(&self, other: &Tip) -> bool {
+        self.generation == other.generation
+            && self.journal_len == other.journal_len
+            && self.last_tx_offset == other.last_tx_offset
+    }
+
     /// Both end with the same record at the same version.
     pub fn same_end(&self, other: &Tip) -> bool {
         self.position.version == other.position.version && self.last_crc == other.last_crc
@@ -61,6 +70,24 @@ pub trait Destination: Send {
     /// committed by lightningd) first; then appends `record`, framed once for every
     /// destination. Returns only when the record is on stable storage.
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError>;
+    /// Seals a plaintext record for the place it takes next here, into `out`, when this copy
+    /// is sealed (false otherwise): the record is sealed once, and copies at the same place
+    /// store the same bytes.
+    fn seal_for_next(
+        &mut self,
+        _data_version: u32,
+        _kind: Kind,
+        _replace_last: bool,
+        _record: &[u8],
+        _out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// As `append`, for a record as another copy of this backup holds it at the same place
+    /// (sealed records are bound to their place): catching a lagging copy up.
+    fn append_copy(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+        self.append(data_version, kind, replace_last, record)
+    }
     /// Bytes the destination holds for this backup.
     fn bytes(&self) -> u64;
     fn last_write(&self) -> Option<SystemTime>;
@@ -101,7 +128,8 @@ pub const DEFAULT_RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::
 pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>), String> {
     match parse(url, base)? {
         Target::File(root) => {
-            let (d, notes) = file::FileDestination::open(url, &root)?;
+            let keys = crate::keys::KeySource::lightning_dir(base);
+            let (d, notes) = file::FileDestination::open(url, &root, &keys)?;
             Ok((Box::new(d), notes))
         }
         Target::Postgres(u) => {

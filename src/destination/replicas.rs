@@ -62,6 +62,8 @@ struct Job {
     slot: usize,
     dest: Shared,
     record: Arc<[u8]>,
+    /// `record` is sealed for this copy's place already: store it as it is.
+    copy: bool,
     data_version: u32,
     kind: Kind,
     replace_last: bool,
@@ -74,6 +76,7 @@ pub struct Replicas {
     /// Destinations that must hold every write (0 = all of them).
     min: usize,
     buf: Vec<u8>,
+    sealed_buf: Vec<u8>,
     done_tx: Sender<Done>,
     done_rx: Receiver<Done>,
 }
@@ -106,7 +109,14 @@ impl Replicas {
                 worker: None,
             });
         }
-        let mut r = Replicas { slots, min, buf: Vec::with_capacity(1 << 16), done_tx, done_rx };
+        let mut r = Replicas {
+            slots,
+            min,
+            buf: Vec::with_capacity(1 << 16),
+            sealed_buf: Vec::with_capacity(1 << 16),
+            done_tx,
+            done_rx,
+        };
         r.classify_at_open();
         r.start_workers();
         r
@@ -131,15 +141,7 @@ impl Replicas {
                 }
             }
         }
-        if self.slots.len() > 1 {
-            for s in self.slots.iter().filter(|s| s.state == State::Behind) {
-                warn!(
-                    "Backup destination {} is behind: {}. It will be brought up to date in the background",
-                    s.url,
-                    s.last_error.as_deref().unwrap_or("unknown")
-                );
-            }
-        }
+        // Said at warn once an attempt to bring them up to date has failed (`catch_up`).
     }
 
     fn start_workers(&mut self) {
@@ -149,7 +151,13 @@ impl Replicas {
             let spawned = std::thread::Builder::new().name("cln-backup-replica".into()).spawn(move || {
                 for job in rx {
                     let t = Instant::now();
-                    let r = lock(&job.dest).append(job.data_version, job.kind, job.replace_last, &job.record);
+                    let mut d = lock(&job.dest);
+                    let r = if job.copy {
+                        d.append_copy(job.data_version, job.kind, job.replace_last, &job.record)
+                    } else {
+                        d.append(job.data_version, job.kind, job.replace_last, &job.record)
+                    };
+                    drop(d);
                     drop(job.record);
                     if done.send((job.slot, r, t.elapsed())).is_err() {
                         return;
@@ -201,24 +209,56 @@ impl Replicas {
             .filter(|&i| self.slots[i].state == State::InSync && self.slots[i].dest.is_some())
             .collect();
         let mut results: Vec<(usize, Result<(), StoreError>, Duration)> = Vec::with_capacity(targets.len());
-        let shared: Option<Arc<[u8]>> = (targets.len() > 1).then(|| Arc::from(&self.buf[..]));
+        // Sealed once, for the first copy's place; every copy at that same place stores the
+        // same bytes, and any other (mid-compaction) seals the record for its own place.
+        let mut sealed = false;
+        let mut place = None;
+        if let Some(d) = targets.first().and_then(|&f| self.slots[f].dest.as_ref()) {
+            let mut d = lock(d);
+            sealed = d
+                .seal_for_next(data_version, kind, replace, &self.buf, &mut self.sealed_buf)
+                .map_err(Refusal::Store)?;
+            place = Some(d.tip());
+        }
+        let copy: Vec<bool> = targets
+            .iter()
+            .map(|&i| {
+                sealed
+                    && self.slots[i].dest.as_ref().is_some_and(|d| place.is_some_and(|p| lock(d).tip().same_place(&p)))
+            })
+            .collect();
+        let many = targets.len() > 1;
+        let plain: Option<Arc<[u8]>> = many.then(|| Arc::from(&self.buf[..]));
+        let sealed_rec: Option<Arc<[u8]>> = (many && sealed).then(|| Arc::from(&self.sealed_buf[..]));
         let mut sent = 0;
-        for &i in &targets[1.min(targets.len())..] {
-            let (Some(rec), Some(w), Some(d)) = (&shared, &self.slots[i].worker, &self.slots[i].dest) else { continue };
-            let job = Job { slot: i, dest: d.clone(), record: rec.clone(), data_version, kind, replace_last: replace };
+        for (k, &i) in targets.iter().enumerate().skip(1) {
+            let rec = if copy[k] { &sealed_rec } else { &plain };
+            let (Some(rec), Some(w), Some(d)) = (rec, &self.slots[i].worker, &self.slots[i].dest) else { continue };
+            let job = Job {
+                slot: i,
+                dest: d.clone(),
+                record: rec.clone(),
+                copy: copy[k],
+                data_version,
+                kind,
+                replace_last: replace,
+            };
             if w.send(job).is_ok() {
                 sent += 1;
             }
         }
         // the first on this thread, and any whose worker is gone
-        for &i in &targets {
-            let has_worker = i != targets[0] && self.slots[i].worker.is_some() && shared.is_some();
-            if has_worker {
+        for (k, &i) in targets.iter().enumerate() {
+            if k > 0 && self.slots[i].worker.is_some() && many {
                 continue;
             }
             if let Some(d) = &self.slots[i].dest {
                 let t = Instant::now();
-                let r = lock(d).append(data_version, kind, replace, &self.buf);
+                let r = if copy[k] {
+                    lock(d).append_copy(data_version, kind, replace, &self.sealed_buf)
+                } else {
+                    lock(d).append(data_version, kind, replace, &self.buf)
+                };
                 results.push((i, r, t.elapsed()));
             }
         }
@@ -284,7 +324,7 @@ impl Replicas {
                 s.last_warned = Some(Instant::now());
                 let since = s.behind_since.map_or(0, |t| t.elapsed().as_secs());
                 warn!(
-                    "Backup destination {} is still behind ({since} s): {}",
+                    "Backup destination {} is behind (for {since} s): {}",
                     s.url,
                     s.last_error.as_deref().unwrap_or("unknown")
                 );
@@ -356,8 +396,7 @@ pub fn ahead(a: &Tip, b: &Tip) -> bool {
 /// marks them in sync. Returns true when none is left behind.
 pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
     let (work, source) = {
-        let mut r = lock(replicas);
-        r.warn_lagging();
+        let r = lock(replicas);
         let work: Vec<(usize, String, Option<Shared>)> = r
             .slots
             .iter()
@@ -376,6 +415,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         return true;
     }
     let Some(source) = source else {
+        lock(replicas).warn_lagging();
         return false; // nothing in sync to copy from: the db_write path halts meanwhile
     };
     for (i, url, dest) in work {
@@ -417,7 +457,9 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
             Err(e) => r.slots[i].last_error = Some(e),
         }
     }
-    !lock(replicas).any_behind()
+    let mut r = lock(replicas);
+    r.warn_lagging();
+    !r.any_behind()
 }
 
 /// Makes `dest` hold what the file destination `source` holds: the records it lacks when
@@ -454,15 +496,19 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
         }
         if found {
             frame(&mut buf, &rec);
-            d.append(rec.data_version, rec.kind, false, &buf).map_err(why)?;
+            d.append_copy(rec.data_version, rec.kind, false, &buf).map_err(why)?;
             appended += 1;
         } else if rec.end() == tip.journal_len && version == tip.position.version && rec.payload_crc == tip.last_crc {
             found = true; // the destination holds exactly the records up to here
-        } else if rec.kind == Kind::Transaction && tip.position.droppable && rec.data_version == tip.position.version {
+        } else if rec.kind == Kind::Transaction
+            && tip.position.droppable
+            && rec.data_version == tip.position.version
+            && tip.last_tx_offset == Some(rec.offset)
+        {
             // Its last transaction is this version's, or one lightningd replaced with this
-            // one: replace it (and whatever followed it) with the source's.
+            // one, at the same place: replace it (and whatever followed it) with the source's.
             frame(&mut buf, &rec);
-            d.append(rec.data_version, rec.kind, true, &buf).map_err(why)?;
+            d.append_copy(rec.data_version, rec.kind, true, &buf).map_err(why)?;
             appended += 1;
             found = true;
         }

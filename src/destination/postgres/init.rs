@@ -56,7 +56,7 @@ pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
     let result = (|| -> Result<()> {
         let local = scratch.join("backup");
         let Some(ldir) = lightning_dir else {
-            writer::create(&local, None)?;
+            writer::create(&local, None, None, None)?;
             transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
             println!("Created an empty backup '{name}' at {display} for a new node.");
             println!("Put {{\"backend_url\": \"{display}\"}} into {LOCK_NAME} in the node's lightning dir.");
@@ -86,11 +86,11 @@ pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
             let tmp = scratch.join("db.sqlite3");
             let dv = snapshot::copy_live_database(&db, &tmp)?;
             println!("Found an existing database with data_version {dv} at {}", db.display());
-            writer::create(&local, Some((&tmp, dv)))?;
+            writer::create(&local, Some((&tmp, dv)), None, None)?;
             transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
             println!("Successfully written initial snapshot to backup '{name}' at {display}");
         } else {
-            writer::create(&local, None)?;
+            writer::create(&local, None, None, None)?;
             transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
             println!("No database in {} yet: created an empty backup '{name}' at {display}", ldir.display());
         }

@@ -29,6 +29,7 @@ impl Destination for PgDestination {
             generation: self.generation(),
             journal_len: self.state.next_seq.max(0) as u64,
             last_crc: self.last_crc,
+            last_tx_offset: None,
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {

@@ -558,7 +558,7 @@ pub fn build_generation(
     let generation = plan.generation + 1;
     let next = scratch.0.join("next");
     fs::DirBuilder::new().mode(0o700).create(&next).map_err(StoreError::io("create directory", &next))?;
-    let header = Header { generation: generation as u64, base: Base::Snapshot(summary.version) };
+    let header = Header { generation: generation as u64, base: Base::Snapshot(summary.version), sealed: false };
     let gname = GenName { generation: generation as u64, base_version: summary.version };
     let layout = Layout::new(&next);
     crate::snapshot::write(
@@ -567,6 +567,7 @@ pub fn build_generation(
         summary.version,
         &db,
         &mut fsutil::Throttle::unlimited(),
+        None,
     )?;
     crate::writer::write_journal(&layout.journal_path(gname), &header, &[])?;
     let local = read_local(&next)?;
