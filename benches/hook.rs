@@ -598,7 +598,7 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
     cluster.psql("bench", "CREATE TABLE baseline (seq bigint PRIMARY KEY, data bytea NOT NULL)");
     let tmp = tempfile::tempdir().unwrap();
     let local = tmp.path().join("b");
-    cln_backup::writer::create(&local, None).unwrap();
+    cln_backup::writer::create(&local, None, None, None).unwrap();
     pg::create(&url, "bench", &local, &mut |_, _| {}).unwrap();
     let mut dest = PgDestination::open(&url, "bench", Duration::from_secs(60)).unwrap();
     // the baseline: its own connection, same client crate, same runtime kind

@@ -119,7 +119,13 @@ impl Destination for FileDestination {
     }
     fn details(&self) -> serde_json::Value {
         let w = lock(&self.writer);
-        json!({"path": self.root, "journal": w.journal_path(), "generation": w.header().generation})
+        json!({
+            "path": self.root,
+            "journal": w.journal_path(),
+            "generation": w.header().generation,
+            "sealed": w.is_sealed(),
+            "key_fingerprint": w.key_fingerprint(),
+        })
     }
     fn writer(&self) -> Option<Arc<Mutex<Writer>>> {
         Some(self.writer.clone())

@@ -414,6 +414,7 @@ impl Core {
                     v["latest_version"] = json!(w.position().version);
                     v["records_since_snapshot"] = json!(w.records());
                     v["last_write"] = json!(w.last_write.map(fmt_time));
+                    v["encryption"] = json!({"sealed": w.is_sealed(), "key_fingerprint": w.key_fingerprint()});
                 }
             }
         }
