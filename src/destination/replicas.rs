@@ -182,6 +182,13 @@ impl Replicas {
         self.min = min;
     }
 
+    /// `backup-reconnect-timeout` for every network destination.
+    pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        for d in self.slots.iter().filter_map(|s| s.dest.as_ref()) {
+            lock(d).set_reconnect_timeout(timeout);
+        }
+    }
+
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }

@@ -175,7 +175,9 @@ impl Core {
         self.settings = settings;
         self.initialized = true;
         if let Backend::Ready(r) = &self.backend {
-            lock(r).set_min(settings.min_destinations);
+            let mut r = lock(r);
+            r.set_min(settings.min_destinations);
+            r.set_reconnect_timeout(std::time::Duration::from_secs(settings.reconnect_timeout_s));
         }
         self.record_min_destinations();
     }

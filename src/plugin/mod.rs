@@ -74,6 +74,7 @@ async fn serve(core: State, input: UnixStream, output: UnixStream) -> Result<()>
         .option(options::COMPACT_RATIO)
         .option(options::COMPACT_IO_RATE.dynamic())
         .option(options::MIN_DESTINATIONS)
+        .option(options::RECONNECT_TIMEOUT)
         .option(options::LEGACY_DESTINATION)
         .hook("db_write", |p: Plugin<State>, v: Value| async move { Ok(preinit::hook_answer(p.state(), &v)) })
         .rpcmethod_from_builder(

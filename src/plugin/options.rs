@@ -39,6 +39,13 @@ pub const MIN_DESTINATIONS: DefaultIntegerConfigOption = DefaultIntegerConfigOpt
      fewer than all, a failed destination is marked behind and brought up to date in the background.",
 );
 
+pub const RECONNECT_TIMEOUT: DefaultIntegerConfigOption = DefaultIntegerConfigOption::new_i64_with_default(
+    "backup-reconnect-timeout",
+    60,
+    "Seconds a network destination (postgres://, socket:) may take to reconnect, or to commit a write, while \
+     lightningd waits; after that the write counts as failed there (halt, or behind under backup-min-destinations).",
+);
+
 /// The Python plugin's option, still found in old configs: accepted, warned about, ignored.
 pub const LEGACY_DESTINATION: StringConfigOption = StringConfigOption::new_str_no_default(
     "backup-destination",
@@ -62,11 +69,13 @@ pub struct Settings {
     pub io_rate: u64,
     /// Destinations that must hold every write; 0 = all.
     pub min_destinations: usize,
+    /// The bound on a network destination's reconnects and commits, in seconds.
+    pub reconnect_timeout_s: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20, min_destinations: 0 }
+        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20, min_destinations: 0, reconnect_timeout_s: 60 }
     }
 }
 
@@ -107,6 +116,11 @@ impl Settings {
         }
         if let Some(v) = get(COMPACT_IO_RATE.name) {
             s.io_rate = parse_io_rate(&v)?;
+        }
+        if let Some(v) = get(RECONNECT_TIMEOUT.name) {
+            s.reconnect_timeout_s = as_u64(&v).filter(|n| *n > 0).ok_or_else(|| {
+                format!("{} must be a number of seconds above 0, not {}", RECONNECT_TIMEOUT.name, shown(&v))
+            })?;
         }
         if let Some(v) = get(MIN_DESTINATIONS.name) {
             s.min_destinations = as_u64(&v).map(|n| n as usize).ok_or_else(|| {
@@ -209,6 +223,7 @@ mod tests {
             ("backup-compact-ratio", COMPACT_RATIO.build().default().clone().unwrap()),
             ("backup-compact-io-rate", COMPACT_IO_RATE.build().default().clone().unwrap()),
             ("backup-min-destinations", MIN_DESTINATIONS.build().default().clone().unwrap()),
+            ("backup-reconnect-timeout", RECONNECT_TIMEOUT.build().default().clone().unwrap()),
         ])
         .unwrap();
         assert_eq!(from_decl, d);
