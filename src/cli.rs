@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::destination::socket;
 use crate::error::StoreError;
+use crate::net::url::is_socket_url;
 use crate::layout;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
@@ -55,6 +57,18 @@ enum Cmd {
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
     },
+    /// Serve file backups to paired nodes over an encrypted connection, for their
+    /// socket:HOST:PORT URLs. Runs in the foreground; stops on SIGTERM.
+    Server {
+        /// FILE_URL [FILE_URL...] HOST:PORT: the backups (made by `backup-cli init` here)
+        /// and the address to listen on (`::` or `localhost`: IPv4 and IPv6).
+        #[arg(num_args = 2.., required = true, value_name = "FILE_URL")]
+        args: Vec<String>,
+        /// The node's public key (hex) to pair with, for the backup in the same position;
+        /// without it, the first node to connect pairs.
+        #[arg(long)]
+        client_key: Vec<String>,
+    },
     /// Show the main job on a bundled real trace, with no lightningd needed.
     Demo {
         /// Which bundled trace: small or channels.
@@ -98,18 +112,28 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
                 (l, p) => l.or(p.map(PathBuf::from)),
             };
+            if is_socket_url(&backend_url) {
+                return socket::cli::init(ldir.as_deref(), &backend_url);
+            }
             init(ldir.as_deref(), &url_path(&backend_url)?)
         }
         Cmd::Restore { backend_url, restore_destination } => {
-            let (dest, s) =
-                restore::restore(&url_path(&backend_url)?, &restore_destination, &mut progress_bar("Restoring"))?;
+            let (dest, s) = if is_socket_url(&backend_url) {
+                socket::cli::restore(&backend_url, &restore_destination, &mut progress_bar("Restoring"))?
+            } else {
+                restore::restore(&url_path(&backend_url)?, &restore_destination, &mut progress_bar("Restoring"))?
+            };
             finish_progress();
             print_summary("Restored", &s);
             println!("Wrote {}", dest.display());
             Ok(())
         }
         Cmd::Verify { backend_url } => {
-            let s = restore::verify(&url_path(&backend_url)?, &mut progress_bar("Verifying"))?;
+            let s = if is_socket_url(&backend_url) {
+                socket::cli::verify(&backend_url, &mut progress_bar("Verifying"))?
+            } else {
+                restore::verify(&url_path(&backend_url)?, &mut progress_bar("Verifying"))?
+            };
             finish_progress();
             print_summary("Verified", &s);
             Ok(())
@@ -118,6 +142,7 @@ fn run(cmd: Cmd) -> Result<()> {
             migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref())
         }
         Cmd::Compact { backend_url } => compact_offline(&url_path(&backend_url)?),
+        Cmd::Server { args, client_key } => crate::server::cli(&args, &client_key, &cwd),
         Cmd::Demo { trace } => demo(&trace),
     }
 }

@@ -7,16 +7,19 @@
 
 pub mod cli;
 pub mod compact;
+pub mod destination;
 pub mod error;
 pub mod fsutil;
 pub mod journal;
 pub mod layout;
 pub mod legacy;
+pub mod net;
 pub mod options;
 pub mod plugin;
 pub mod protocol;
 pub mod reader;
 pub mod restore;
+pub mod server;
 pub mod rpc;
 pub mod sim;
 pub mod snapshot;

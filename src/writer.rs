@@ -293,6 +293,12 @@ impl Writer {
         self.check_poisoned()?;
         self.buf.clear();
         journal::encode_record(&mut self.buf, data_version, kind, writes);
+        self.write_buf(data_version, kind)
+    }
+
+    /// Writes the framed record in `buf` at the end and makes it durable.
+    fn write_buf(&mut self, data_version: u32, kind: Kind) -> Result<()> {
+        self.check_poisoned()?;
         let offset = self.end;
         let r = self.file.write_all_at(&self.buf, offset).and_then(|_| self.file.sync_data());
         if let Err(e) = r {
@@ -309,6 +315,43 @@ impl Writer {
             self.records_before_last_tx = self.records - 1;
         }
         Ok(())
+    }
+
+    /// Applies one record framed (and maybe sealed) by the client of a remote destination:
+    /// the version rules must agree with `replace_last`, then it is written as is, durably.
+    pub fn append_framed(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> std::result::Result<(), Refusal> {
+        let decision = versions::decide(self.position, data_version, kind);
+        if let Some(m) = decision.halt_message() {
+            return Err(Refusal::Versions(m));
+        }
+        if (decision == Decision::ReplaceLast) != replace_last {
+            return Err(Refusal::Versions(format!(
+                "the client asked to {} data_version {data_version}, but this backup is at {} ({}): \
+                 client and backup disagree; check that only one node writes this backup",
+                if replace_last { "replace the last transaction with" } else { "append" },
+                self.position.version,
+                if self.position.droppable { "its last transaction can be replaced" } else { "nothing to replace" },
+            )));
+        }
+        if replace_last {
+            self.drop_last_transaction().map_err(Refusal::Store)?;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        buf.extend_from_slice(record);
+        self.buf = buf;
+        self.write_buf(data_version, kind).map_err(Refusal::Store)
+    }
+
+    /// Offset of the last transaction record, if the journal has one.
+    pub fn last_transaction_offset(&self) -> Option<u64> {
+        self.last_tx_offset
     }
 
     /// Drops the last transaction record and everything after it.
