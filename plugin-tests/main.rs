@@ -7,4 +7,5 @@ mod crash;
 mod damage;
 mod legacy;
 mod replay;
+mod socket;
 mod usage;

@@ -57,7 +57,14 @@ fn noise(e: snow::Error) -> TransportError {
 }
 
 async fn read_frame<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
+    read_frame_max(s, buf, MAX_FRAME).await
+}
+
+async fn read_frame_max<S: Stream>(s: &mut S, buf: &mut Vec<u8>, max: usize) -> io::Result<()> {
     let n = s.read_u16().await? as usize;
+    if n > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a first message of {n} bytes: not a cln-backup client")));
+    }
     buf.resize(n, 0);
     s.read_exact(buf).await?;
     Ok(())
@@ -124,7 +131,9 @@ impl Channel {
             .map_err(noise)?;
         let mut frame = Vec::new();
         let mut payload = vec![0u8; MAX_FRAME];
-        read_frame(&mut stream, &mut frame).await?;
+        // XX's first message is the bare ephemeral key: anything longer is someone else
+        // (the Python plugin's protocol, a scanner), closed at once.
+        read_frame_max(&mut stream, &mut frame, 32).await?;
         hs.read_message(&frame, &mut payload).map_err(noise)?;
         let mut msg = vec![0u8; MAX_FRAME];
         let n = hs.write_message(&[], &mut msg).map_err(noise)?;

@@ -295,10 +295,10 @@ impl Hosted {
             return refused(format!("the backup is at generation {cur} now, not {from_generation}: plan again"));
         }
         if fold_end == journal::HEADER_LEN {
-            if w.records() != 0 {
+            if w.records() != 0 || w.header().base != Base::Empty {
                 return refused(format!(
-                    "{} already holds {} record(s): a first generation goes only into an empty backup \
-                     (make a new one with `backup-cli init` on the server)",
+                    "{} already holds data (generation {cur}, {} record(s)): a first generation goes only into \
+                     an empty backup (make a new one with `backup-cli init` on the server)",
                     self.url,
                     w.records()
                 ));

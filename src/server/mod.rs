@@ -192,6 +192,7 @@ pub fn cli(args: &[String], client_keys: &[String], cwd: &std::path::Path) -> Re
     if client_keys.len() > urls.len() {
         bail!("{} --client-key given for {} backup(s): one at most per backup, in the same order", client_keys.len(), urls.len());
     }
+    url::parse_endpoint(listen, "listen address", listen).map_err(|e| anyhow::anyhow!(e))?;
     let mut backups = vec![];
     for (i, u) in urls.iter().enumerate() {
         let root = crate::layout::parse_url(u, cwd).map_err(|e| anyhow::anyhow!(e))?;
