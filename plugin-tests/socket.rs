@@ -578,3 +578,81 @@ fn bad_socket_urls_are_refused_clearly() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("has no port"), "{}", stderr(&o));
 }
+
+/// A relay between client and server that reads the Noise frames (u16 length + bytes) and,
+/// on its `cut_after`-th client frame after the handshake, forwards it, waits for the
+/// server's answer, and then drops both sides without passing the answer on: the record
+/// is on the server's disk but the client never heard so. Later connections pass freely.
+fn cutting_relay(server_port: u16, cut_after: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let mut up = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+            if !first {
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut up);
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                });
+                continue;
+            }
+            first = false;
+            let frame = |s: &mut TcpStream| -> Vec<u8> {
+                let mut h = [0u8; 2];
+                s.read_exact(&mut h).unwrap();
+                let mut b = vec![0u8; u16::from_be_bytes(h) as usize];
+                s.read_exact(&mut b).unwrap();
+                [h.to_vec(), b].concat()
+            };
+            // handshake: client, server, client; then Hello and its answer
+            for from_client in [true, false, true, true, false] {
+                let (src, dst) = if from_client { (&mut c, &mut up) } else { (&mut up, &mut c) };
+                let f = frame(src);
+                dst.write_all(&f).unwrap();
+            }
+            for i in 1..=cut_after {
+                let f = frame(&mut c);
+                up.write_all(&f).unwrap();
+                let answer = frame(&mut up);
+                if i == cut_after {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                c.write_all(&answer).unwrap();
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_record_that_landed_before_the_drop_is_not_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let relay = cutting_relay(port, 30);
+    let (ldir, key) = node_dir(tmp.path(), "node", 16);
+    let u = format!("socket:127.0.0.1:{relay}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    let trace = trace("small");
+    for r in trace {
+        push(&mut d, r).unwrap();
+    }
+    let st = d.status();
+    assert_eq!(st["reconnects"], 1, "{st}");
+    assert_eq!(st["resumed_landed"], 1, "{st}");
+    assert_eq!(st["resumed_resent"], 0, "{st}");
+    drop(d);
+    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())})).unwrap()).unwrap();
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("small", tmp.path()));
+}

@@ -141,6 +141,24 @@ async fn bind(addrs: &[SocketAddr]) -> Result<Vec<tokio::net::TcpListener>> {
     Ok(out)
 }
 
+/// TCP keepalive (idle 30 s, then 3 probes 10 s apart): a client that vanished without a
+/// word (power cut, NAT timeout) releases its writer claim within about a minute, so the
+/// node's reconnect is not refused as a second writer for longer than that.
+fn keepalive(s: &tokio::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let set = |level: i32, opt: i32, v: i32| {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live i32 and its size.
+        unsafe {
+            libc::setsockopt(fd, level, opt, &v as *const i32 as *const libc::c_void, std::mem::size_of::<i32>() as u32);
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
 /// Runs the server in the foreground until SIGTERM or SIGINT.
 pub fn run(opts: Options) -> Result<()> {
     logger::init();
@@ -155,6 +173,7 @@ pub fn run(opts: Options) -> Result<()> {
                     match l.accept().await {
                         Ok((s, peer)) => {
                             let _ = s.set_nodelay(true);
+                            keepalive(&s);
                             tokio::spawn(session::serve(Box::new(s), peer, shared.clone()));
                         }
                         Err(e) => {

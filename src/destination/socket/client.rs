@@ -78,6 +78,10 @@ struct Link {
     rtt_next: usize,
     connected_since: Option<SystemTime>,
     reconnects: u64,
+    /// Appends found already applied after a reconnect (not sent again).
+    landed_before_drop: u64,
+    /// Appends sent again after a reconnect.
+    resent: u64,
 }
 
 const RTT_WINDOW: usize = 1024;
@@ -110,6 +114,8 @@ impl SocketDestination {
             rtt_next: 0,
             connected_since: None,
             reconnects: 0,
+            landed_before_drop: 0,
+            resent: 0,
         };
         let deadline = Instant::now() + reconnect_timeout;
         link.state = rt.block_on(link.reconnect(deadline))?;
@@ -172,6 +178,8 @@ impl SocketDestination {
             "connected": l.conn.is_some(),
             "connected_since": l.connected_since.map(rfc3339),
             "reconnects": l.reconnects,
+            "resumed_landed": l.landed_before_drop,
+            "resumed_resent": l.resent,
             "rtt_p50_us": pct(0.5),
             "rtt_p99_us": pct(0.99),
             "server_generation": l.state.generation,
@@ -440,6 +448,7 @@ impl Link {
                 if sent && st.generation == known.generation && st.journal_len == expected_len && st.tail == tail {
                     // It landed before the connection dropped: done, exactly once.
                     self.state = st;
+                    self.landed_before_drop += 1;
                     return Ok(());
                 }
                 if !same(&st, &known) {
@@ -451,6 +460,9 @@ impl Link {
                     )));
                 }
                 self.state = st;
+                if sent {
+                    self.resent += 1;
+                }
             }
             let Some(ch) = self.conn.as_mut() else { continue };
             let t = Instant::now();
