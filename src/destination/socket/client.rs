@@ -194,6 +194,7 @@ impl SocketDestination {
         let r = self.rt.block_on(self.link.download(dir, limit, progress));
         if r.is_err() {
             let _ = std::fs::remove_dir_all(dir);
+            self.link.conn = None; // may stop mid-stream: the next call starts afresh
         }
         r
     }
@@ -210,9 +211,19 @@ impl SocketDestination {
         snapshot: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<State, SocketError> {
-        let st = self.rt.block_on(self.link.install(from_generation, base_version, fold_end, snapshot, progress))?;
-        self.link.state = st;
-        Ok(st)
+        let r = self.rt.block_on(self.link.install(from_generation, base_version, fold_end, snapshot, progress));
+        match r {
+            Ok(st) => {
+                self.link.state = st;
+                Ok(st)
+            }
+            Err(e) => {
+                if !matches!(e, SocketError::Refused { .. }) {
+                    self.link.conn = None; // may stop mid-stream
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Compaction by reading the remote back: downloads up to the last transaction, rebuilds
@@ -439,24 +450,42 @@ impl Link {
         let known = self.state;
         let expected_len = if replace_last { known.last_tx_offset } else { known.journal_len } + record.len() as u64;
         let tail = record_tail(record);
-        let same = |a: &State, b: &State| a.generation == b.generation && a.journal_len == b.journal_len && a.tail == b.tail;
+        // Where the record leaves the backup: its version rules, and (same generation) its length.
+        let expected_pos = match (kind, replace_last) {
+            (Kind::Transaction, _) => (dv, true),
+            (Kind::Outside, true) => (known.version.wrapping_sub(1), false),
+            (Kind::Outside, false) => (known.version, known.droppable),
+        };
+        // After a reconnect: did the record land? A compaction (by another connection) may
+        // have changed the generation meanwhile; then lengths say nothing, the rest does.
+        let landed = |st: &State| {
+            st.tail == tail
+                && (st.version, st.droppable) == expected_pos
+                && (st.generation != known.generation || st.journal_len == expected_len)
+        };
+        let unchanged = |st: &State| {
+            st.tail == known.tail
+                && (st.version, st.droppable) == (known.version, known.droppable)
+                && (st.generation != known.generation || st.journal_len == known.journal_len)
+        };
         let req = Request::Append { data_version: dv, kind: kind as u8, replace_last, record: record.to_vec() }.encode();
         let mut sent = false;
         loop {
             if self.conn.is_none() {
                 let st = self.reconnect(deadline).await?;
-                if sent && st.generation == known.generation && st.journal_len == expected_len && st.tail == tail {
+                if sent && landed(&st) && !unchanged(&st) {
                     // It landed before the connection dropped: done, exactly once.
                     self.state = st;
                     self.landed_before_drop += 1;
                     return Ok(());
                 }
-                if !same(&st, &known) {
+                if !unchanged(&st) || (sent && landed(&st)) {
                     return Err(self.err_protocol(format!(
-                        "after reconnecting, the server's backup is at generation {} with {} journal bytes, \
-                         neither where it was ({} bytes) nor where data_version {dv} would put it ({expected_len}): \
-                         something else changed it; check that only one node writes this backup",
-                        st.generation, st.journal_len, known.journal_len
+                        "after reconnecting, the server's backup is at generation {} version {} with {} journal \
+                         bytes: it cannot be told whether data_version {dv} was written before the drop (it was \
+                         at generation {} version {}, {} bytes). Check that only one node writes this backup, \
+                         then restart lightningd",
+                        st.generation, st.version, st.journal_len, known.generation, known.version, known.journal_len
                     )));
                 }
                 self.state = st;
