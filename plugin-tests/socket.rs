@@ -169,7 +169,7 @@ fn replay_through_the_server_and_restore_row_for_row() {
     let db = restore_cli(&u, &ldir);
     let (tables, rows) = assert_same(&db, &final_db("channels", tmp.path()));
     assert!(tables > 30 && rows > 50);
-    let o = cli(&["verify", &u]);
+    let o = Command::new(CLI).args(["verify", &u]).env("XDG_STATE_HOME", tmp.path().join("state")).output().unwrap();
     assert!(!o.status.success(), "verify found no key but succeeded");
     assert!(stderr(&o).contains("no hsm_secret found"), "{}", stderr(&o));
     let o = Command::new(CLI).args(["verify", &u]).env("CLN_BACKUP_LIGHTNING_DIR", &ldir).output().unwrap();
@@ -405,7 +405,9 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
         node.run_without_plugin(r).unwrap();
     }
     drop(node);
-    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &u]);
+    let state_home = tmp.path().join("state");
+    let with_state = |args: &[&str]| Command::new(CLI).args(args).env("XDG_STATE_HOME", &state_home).output().unwrap();
+    let o = with_state(&["init", "--lightning-dir", ldir.to_str().unwrap(), &u]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Successfully written initial snapshot"), "{}", stdout(&o));
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
@@ -414,7 +416,7 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     // a second init into the same (no longer empty) backup is refused
     let (ldir2, _) = node_dir(tmp.path(), "again", 11);
     std::fs::copy(ldir.join("lightningd.sqlite3"), ldir2.join("lightningd.sqlite3")).unwrap();
-    let o = cli(&["init", "--lightning-dir", ldir2.to_str().unwrap(), &u]);
+    let o = with_state(&["init", "--lightning-dir", ldir2.to_str().unwrap(), &u]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("only into an empty backup"), "{}", stderr(&o));
     let pin = identity::parse_public(lock["server_key"].as_str().unwrap()).unwrap();
@@ -447,12 +449,19 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     assert_eq!(files.iter().filter(|f| f.ends_with(".journal")).count(), 1, "{files:?}");
     assert_eq!(files.iter().filter(|f| f.ends_with(".snapshot")).count(), 1, "{files:?}");
     drop(d);
-    let restored = tmp.path().join("restored");
-    std::fs::create_dir(&restored).unwrap();
-    std::fs::copy(ldir.join("hsm_secret"), restored.join("hsm_secret")).unwrap();
-    std::fs::copy(ldir.join("backup.lock"), restored.join("backup.lock")).unwrap();
-    let db = restore_cli(&u, &restored);
-    assert_same(&db, &final_db("channels", tmp.path()));
+    // a drill on the same machine: the lightning dir recorded at init gives key and pin
+    let restored = tmp.path().join("drill.sqlite3");
+    let o = with_state(&["restore", &u, restored.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("no server key pinned"), "{}", stderr(&o));
+    assert_same(&restored, &final_db("channels", tmp.path()));
+    let o = with_state(&["verify", &u]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("Verified data_version {}", trace.last().unwrap().data_version)), "{}", stdout(&o));
+    // elsewhere, with nothing recorded: restore says what it needs
+    let o = Command::new(CLI).args(["restore", &u, tmp.path().join("x.sqlite3").to_str().unwrap()]).env("XDG_STATE_HOME", tmp.path().join("empty")).env("HOME", tmp.path()).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no hsm_secret found") && stderr(&o).contains("CLN_BACKUP_LIGHTNING_DIR"), "{}", stderr(&o));
 }
 
 #[test]

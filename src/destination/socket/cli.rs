@@ -77,6 +77,7 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
     }
     let body = serde_json::to_vec(&lock_body(url, &server_key))?;
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
 }
@@ -97,11 +98,44 @@ fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path) -> Result<
     Ok(())
 }
 
-/// Where the node's key comes from for restore/verify: `CLN_BACKUP_LIGHTNING_DIR`, then
-/// the given directories, each with an hsm_secret.
-fn find_node_key(candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
+/// Where init records which lightning dir uses which socket: URL, so a restore drill or a
+/// verify on the same machine finds the node's key and pin with no flags:
+/// `$XDG_STATE_HOME/cln-backup/socket-nodes.json` (or `~/.local/state/...`).
+fn state_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("cln-backup/socket-nodes.json"))
+}
+
+fn recorded_dirs() -> serde_json::Map<String, serde_json::Value> {
+    state_file()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+}
+
+/// Best effort: a convenience for drills, never needed for a restore.
+fn remember_lightning_dir(url: &str, ldir: &Path) {
+    let Some(p) = state_file() else { return };
+    let abs = std::path::absolute(ldir).unwrap_or_else(|_| ldir.to_path_buf());
+    let mut map = recorded_dirs();
+    map.insert(url.to_string(), serde_json::Value::String(abs.display().to_string()));
+    let Ok(body) = serde_json::to_vec_pretty(&map) else { return };
+    let _ = std::fs::create_dir_all(fsutil::parent_of(&p));
+    let _ = fsutil::write_atomic(&p, true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)));
+}
+
+/// Where the node's key comes from for restore/verify: `CLN_BACKUP_LIGHTNING_DIR`, the
+/// given directories, then the lightning dir recorded at init for `url`; the first with an
+/// hsm_secret.
+fn find_node_key(url: &str, candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("CLN_BACKUP_LIGHTNING_DIR").map(PathBuf::from).into_iter().collect();
     dirs.extend(candidates.iter().cloned());
+    if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+        dirs.push(PathBuf::from(d));
+    }
     for d in &dirs {
         if d.join("hsm_secret").is_file() {
             return Ok((identity::node_key_from_lightning_dir(d).map_err(|e| anyhow!(e))?, d.clone()));
@@ -116,8 +150,13 @@ fn find_node_key(candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
 }
 
 fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
-    let (key, ldir) = find_node_key(ldirs)?;
-    let pinned = pinned_server_key(&ldir, url)?;
+    let (key, ldir) = find_node_key(url, ldirs)?;
+    let mut pinned = pinned_server_key(&ldir, url)?;
+    if pinned.is_none() {
+        if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+            pinned = pinned_server_key(Path::new(d), url)?;
+        }
+    }
     let dest = SocketDestination::connect(url, key, pinned, CONNECT_TIMEOUT, false)?;
     if pinned.is_none() {
         if let Some(k) = dest.server_key() {
