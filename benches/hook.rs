@@ -428,7 +428,8 @@ fn socket_append(base: &Path) {
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
     let key = SecretKey::generate().unwrap();
     let mut d =
-        SocketDestination::connect(&format!("socket:127.0.0.1:{port}"), key, None, Duration::from_secs(60), true).unwrap();
+        SocketDestination::connect(&format!("socket:127.0.0.1:{port}"), key, None, Duration::from_secs(60), true)
+            .unwrap();
     let baseline_file = OpenOptions::new()
         .create(true)
         .truncate(true)

@@ -165,7 +165,14 @@ fn replay_through_the_server_and_restore_row_for_row() {
     assert!(st["rtt_p99_us"].as_u64().unwrap() >= st["rtt_p50_us"].as_u64().unwrap());
     assert_eq!(st["server_key_fingerprint"], identity::fingerprint(&server.public_key()));
     // the pin is recorded for the CLI's restore
-    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())})).unwrap()).unwrap();
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let db = restore_cli(&u, &ldir);
     let (tables, rows) = assert_same(&db, &final_db("channels", tmp.path()));
     assert!(tables > 30 && rows > 50);
@@ -214,7 +221,11 @@ fn server_sigkilled_mid_trace_again_and_again_loses_and_doubles_nothing() {
     let kills = killer.join().unwrap();
     assert!(kills >= 3, "only {kills} kills during the trace");
     assert!(d.status()["reconnects"].as_u64().unwrap() >= 1, "{}", d.status());
-    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap()).unwrap();
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("channels", tmp.path()));
 }
@@ -250,7 +261,8 @@ fn strangers_get_nothing_beyond_the_handshake() {
     let root = server_backup(tmp.path(), "node.bkp");
     let port = free_port();
     let (_, key) = node_dir(tmp.path(), "node", 4);
-    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &["--client-key", &identity::to_hex(&key.public())]);
+    let server =
+        Server::start(&[&root], &format!("127.0.0.1:{port}"), &["--client-key", &identity::to_hex(&key.public())]);
     let u = format!("socket:127.0.0.1:{port}");
     let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
     push(&mut d, &trace("small")[0]).unwrap();
@@ -296,7 +308,11 @@ fn a_changed_server_key_is_refused_with_what_to_check() {
     let e = SocketDestination::connect(&u, key, Some(pin), BOUND, true).err().unwrap();
     assert!(matches!(e, SocketError::ServerKey { .. }), "{e}");
     assert!(e.to_string().contains("update server_key in backup.lock"), "{e}");
-    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap()).unwrap();
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
     let o = cli(&["restore", &u, ldir.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("is not the pinned key"), "{}", stderr(&o));
@@ -361,7 +377,16 @@ fn one_server_hosts_two_backups_each_seeing_only_its_own() {
     // b is pinned ahead of time; a pairs on first contact
     let mut server = Server::start(&[&a_root, &b_root], &format!("127.0.0.1:{port}"), &[]);
     server.kill();
-    server.args = vec!["server".into(), url(&a_root), url(&b_root), format!("127.0.0.1:{port}"), "--client-key".into(), identity::to_hex(&ka.public()), "--client-key".into(), identity::to_hex(&kb.public())];
+    server.args = vec![
+        "server".into(),
+        url(&a_root),
+        url(&b_root),
+        format!("127.0.0.1:{port}"),
+        "--client-key".into(),
+        identity::to_hex(&ka.public()),
+        "--client-key".into(),
+        identity::to_hex(&kb.public()),
+    ];
     server.spawn();
     let u = format!("socket:127.0.0.1:{port}");
     let mut a = connect(&u, &ka, None, BOUND, true);
@@ -445,7 +470,8 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     let after = d.server_state();
     assert_eq!(after.generation, before.generation + 1, "the writer went on in the new generation");
     assert_eq!(d.position().version, trace.last().unwrap().data_version);
-    let files: Vec<String> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let files: Vec<String> =
+        std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(files.iter().filter(|f| f.ends_with(".journal")).count(), 1, "{files:?}");
     assert_eq!(files.iter().filter(|f| f.ends_with(".snapshot")).count(), 1, "{files:?}");
     drop(d);
@@ -457,11 +483,24 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     assert_same(&restored, &final_db("channels", tmp.path()));
     let o = with_state(&["verify", &u]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains(&format!("Verified data_version {}", trace.last().unwrap().data_version)), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains(&format!("Verified data_version {}", trace.last().unwrap().data_version)),
+        "{}",
+        stdout(&o)
+    );
     // elsewhere, with nothing recorded: restore says what it needs
-    let o = Command::new(CLI).args(["restore", &u, tmp.path().join("x.sqlite3").to_str().unwrap()]).env("XDG_STATE_HOME", tmp.path().join("empty")).env("HOME", tmp.path()).output().unwrap();
+    let o = Command::new(CLI)
+        .args(["restore", &u, tmp.path().join("x.sqlite3").to_str().unwrap()])
+        .env("XDG_STATE_HOME", tmp.path().join("empty"))
+        .env("HOME", tmp.path())
+        .output()
+        .unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("no hsm_secret found") && stderr(&o).contains("CLN_BACKUP_LIGHTNING_DIR"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no hsm_secret found") && stderr(&o).contains("CLN_BACKUP_LIGHTNING_DIR"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -573,7 +612,14 @@ fn through_a_socks5_proxy_the_proxy_resolves_the_name() {
     }
     assert_eq!(seen.lock().unwrap()[0], format!("backup.test:{port}"));
     drop(d);
-    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())})).unwrap()).unwrap();
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("small", tmp.path()));
     assert!(seen.lock().unwrap().len() >= 2);
@@ -674,7 +720,14 @@ fn a_record_that_landed_before_the_drop_is_not_sent_again() {
     assert_eq!(st["resumed_landed"], 1, "{st}");
     assert_eq!(st["resumed_resent"], 0, "{st}");
     drop(d);
-    std::fs::write(ldir.join("backup.lock"), serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())})).unwrap()).unwrap();
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("small", tmp.path()));
 }

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 
 use crate::destination::socket;
 use crate::error::StoreError;
-use crate::net::url::is_socket_url;
 use crate::layout;
+use crate::net::url::is_socket_url;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
 use crate::{fsutil, rpc, sim, snapshot, writer};

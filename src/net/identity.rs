@@ -28,9 +28,8 @@ impl std::fmt::Debug for SecretKey {
 
 impl SecretKey {
     pub fn generate() -> Result<SecretKey, String> {
-        let kp = snow::Builder::new(super::transport::params())
-            .generate_keypair()
-            .map_err(|e| format!("could not generate a key: {e}"))?;
+        let params = super::transport::params().map_err(|e| format!("Noise parameters: {e}"))?;
+        let kp = snow::Builder::new(params).generate_keypair().map_err(|e| format!("could not generate a key: {e}"))?;
         let mut k = [0u8; 32];
         k.copy_from_slice(&kp.private);
         Ok(SecretKey(k))
@@ -77,7 +76,9 @@ pub fn load_or_create_server_key(path: &Path) -> Result<(SecretKey, bool), Store
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = SecretKey::generate().map_err(|what| StoreError::Invalid { path: path.into(), what })?;
             let text = format!("{}\n", hex::encode(k.0));
-            fsutil::write_atomic(path, false, |f, tmp| f.write_all(text.as_bytes()).map_err(StoreError::io("write", tmp)))?;
+            fsutil::write_atomic(path, false, |f, tmp| {
+                f.write_all(text.as_bytes()).map_err(StoreError::io("write", tmp))
+            })?;
             Ok((k, true))
         }
         Err(e) => Err(StoreError::io("read server key", path)(e)),

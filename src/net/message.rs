@@ -214,7 +214,9 @@ impl Reply {
                 .u8(s.droppable as u8)
                 .u64(s.last_tx_offset)
                 .u32(s.tail),
-            Reply::Manifest(m) => o.u8(0x82).u64(m.generation).u32(m.base_version).u64(m.snapshot_len).u64(m.journal_len),
+            Reply::Manifest(m) => {
+                o.u8(0x82).u64(m.generation).u32(m.base_version).u64(m.snapshot_len).u64(m.journal_len)
+            }
             Reply::Chunk(b) => o.u8(0x83).bytes(b),
             Reply::End => o.u8(0x84),
             Reply::Pong => o.u8(0x85),

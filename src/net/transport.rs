@@ -28,9 +28,8 @@ const MAX_PLAIN: usize = MAX_FRAME - 16;
 /// Larger than any record or chunk either side sends.
 pub const MAX_MESSAGE: usize = 64 << 20;
 
-pub fn params() -> snow::params::NoiseParams {
-    // A constant that parses: checked by the tests.
-    PARAMS.parse().unwrap_or_else(|_| unreachable!("PARAMS is a valid Noise pattern"))
+pub fn params() -> Result<snow::params::NoiseParams, snow::Error> {
+    PARAMS.parse()
 }
 
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -63,7 +62,10 @@ async fn read_frame<S: Stream>(s: &mut S, buf: &mut Vec<u8>) -> io::Result<()> {
 async fn read_frame_max<S: Stream>(s: &mut S, buf: &mut Vec<u8>, max: usize) -> io::Result<()> {
     let n = s.read_u16().await? as usize;
     if n > max {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a first message of {n} bytes: not a cln-backup client")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a first message of {n} bytes: not a cln-backup client"),
+        ));
     }
     buf.resize(n, 0);
     s.read_exact(buf).await?;
@@ -89,8 +91,12 @@ pub struct Channel {
 impl Channel {
     /// Client side: runs the handshake; refuses a server whose key is not `pinned` (when given)
     /// before revealing our own static key.
-    pub async fn client(mut stream: Box<dyn Stream>, key: &SecretKey, pinned: Option<&PublicKey>) -> Result<Channel, TransportError> {
-        let mut hs = snow::Builder::new(params())
+    pub async fn client(
+        mut stream: Box<dyn Stream>,
+        key: &SecretKey,
+        pinned: Option<&PublicKey>,
+    ) -> Result<Channel, TransportError> {
+        let mut hs = snow::Builder::new(params().map_err(noise)?)
             .local_private_key(&key.0)
             .and_then(|b| b.prologue(PROLOGUE))
             .and_then(|b| b.build_initiator())
@@ -124,7 +130,7 @@ impl Channel {
 
     /// Server side: runs the handshake and returns the client's static key.
     pub async fn server(mut stream: Box<dyn Stream>, key: &SecretKey) -> Result<Channel, TransportError> {
-        let mut hs = snow::Builder::new(params())
+        let mut hs = snow::Builder::new(params().map_err(noise)?)
             .local_private_key(&key.0)
             .and_then(|b| b.prologue(PROLOGUE))
             .and_then(|b| b.build_responder())

@@ -76,9 +76,8 @@ pub fn parse_endpoint(s: &str, what: &str, url: &str) -> Result<Endpoint, String
         let (addr, after) = rest
             .split_once(']')
             .ok_or_else(|| format!("'{url}': the {what} '{s}' opens '[' but never closes it; write [IPV6]:PORT"))?;
-        let ip: std::net::Ipv6Addr = addr
-            .parse()
-            .map_err(|_| format!("'{url}': '{addr}' in the {what} is not an IPv6 address"))?;
+        let ip: std::net::Ipv6Addr =
+            addr.parse().map_err(|_| format!("'{url}': '{addr}' in the {what} is not an IPv6 address"))?;
         let port = after
             .strip_prefix(':')
             .ok_or_else(|| format!("'{url}': the {what} '{s}' has no port; write [{addr}]:PORT"))?;
@@ -115,9 +114,8 @@ pub fn parse_endpoint(s: &str, what: &str, url: &str) -> Result<Endpoint, String
 
 /// Parses a `socket:` URL; errors say what is wrong and how to write it.
 pub fn parse(url: &str) -> Result<SocketUrl, String> {
-    let rest = url
-        .strip_prefix("socket:")
-        .ok_or_else(|| format!("'{url}' is not a socket: URL; write socket:HOST:PORT"))?;
+    let rest =
+        url.strip_prefix("socket:").ok_or_else(|| format!("'{url}' is not a socket: URL; write socket:HOST:PORT"))?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let (addr, query) = match rest.split_once('?') {
         Some((a, q)) => (a, Some(q)),

@@ -109,9 +109,10 @@ impl Hosted {
         }
         let pairing_path = beside(root, ".paired-client");
         let recorded = match std::fs::read_to_string(&pairing_path) {
-            Ok(t) => Some(identity::parse_public(&t).map_err(|e| {
-                anyhow::anyhow!("{}: {e}; move it away to pair again", pairing_path.display())
-            })?),
+            Ok(t) => Some(
+                identity::parse_public(&t)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}; move it away to pair again", pairing_path.display()))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => anyhow::bail!("read {}: {e}", pairing_path.display()),
         };
@@ -222,7 +223,10 @@ impl Hosted {
             let mut jlen = end;
             if limit > 0 {
                 if limit > stable || limit < journal::HEADER_LEN {
-                    return Err((Code::Refused, format!("cannot download up to {limit}: only up to {stable} is fixed")));
+                    return Err((
+                        Code::Refused,
+                        format!("cannot download up to {limit}: only up to {stable} is fixed"),
+                    ));
                 }
                 stable = limit;
                 jlen = limit;
@@ -238,7 +242,9 @@ impl Hosted {
                 None => None,
             };
             let mut tail = vec![0u8; (jlen - stable) as usize];
-            journal.read_exact_at(&mut tail, stable).map_err(|e| store(StoreError::io("read journal", w.journal_path())(e)))?;
+            journal
+                .read_exact_at(&mut tail, stable)
+                .map_err(|e| store(StoreError::io("read journal", w.journal_path())(e)))?;
             let snapshot_len = match &snapshot {
                 Some(f) => f.metadata().map_err(|e| store(StoreError::io("stat snapshot", &self.root)(e)))?.len(),
                 None => 0,

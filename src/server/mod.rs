@@ -24,6 +24,9 @@ use crate::net::identity::{self, PublicKey, SecretKey};
 use crate::net::url::{self, Host};
 use hosted::Hosted;
 
+/// Connections open at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 256;
+
 pub struct Options {
     /// Backup directories with the client key pinned for each (--client-key), if any.
     pub backups: Vec<(PathBuf, Option<PublicKey>)>,
@@ -104,10 +107,9 @@ async fn addresses(listen: &str) -> Result<Vec<SocketAddr>> {
     let ep = url::parse_endpoint(listen, "listen address", listen).map_err(|e| anyhow::anyhow!(e))?;
     let mut addrs: Vec<SocketAddr> = match &ep.host {
         Host::Ip(ip) => vec![SocketAddr::new(*ip, ep.port)],
-        Host::Name(n) => tokio::net::lookup_host((n.as_str(), ep.port))
-            .await
-            .with_context(|| format!("resolve {n}"))?
-            .collect(),
+        Host::Name(n) => {
+            tokio::net::lookup_host((n.as_str(), ep.port)).await.with_context(|| format!("resolve {n}"))?.collect()
+        }
     };
     addrs.sort();
     addrs.dedup();
@@ -150,7 +152,13 @@ fn keepalive(s: &tokio::net::TcpStream) {
     let set = |level: i32, opt: i32, v: i32| {
         // SAFETY: setsockopt on a socket we own, with a pointer to a live i32 and its size.
         unsafe {
-            libc::setsockopt(fd, level, opt, &v as *const i32 as *const libc::c_void, std::mem::size_of::<i32>() as u32);
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as u32,
+            );
         }
     };
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
@@ -166,15 +174,25 @@ pub fn run(opts: Options) -> Result<()> {
     let shared = Arc::new(prepare(&opts)?);
     rt.block_on(async move {
         let listeners = bind(&addresses(&opts.listen).await?).await?;
+        // Bounds open connections (file descriptors, memory) whoever opens them.
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         for l in listeners {
-            let shared = shared.clone();
+            let (shared, slots) = (shared.clone(), slots.clone());
             tokio::spawn(async move {
                 loop {
                     match l.accept().await {
                         Ok((s, peer)) => {
+                            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                                log::warn!("{peer}: closed: already {MAX_CONNECTIONS} connections open");
+                                continue;
+                            };
                             let _ = s.set_nodelay(true);
                             keepalive(&s);
-                            tokio::spawn(session::serve(Box::new(s), peer, shared.clone()));
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                session::serve(Box::new(s), peer, shared).await;
+                                drop(permit);
+                            });
                         }
                         Err(e) => {
                             log::warn!("accept failed: {e}");
@@ -209,7 +227,11 @@ pub fn cli(args: &[String], client_keys: &[String], cwd: &std::path::Path) -> Re
         bail!("give the backup and the address to listen on: backup-cli server file:///path/to/backup HOST:PORT");
     }
     if client_keys.len() > urls.len() {
-        bail!("{} --client-key given for {} backup(s): one at most per backup, in the same order", client_keys.len(), urls.len());
+        bail!(
+            "{} --client-key given for {} backup(s): one at most per backup, in the same order",
+            client_keys.len(),
+            urls.len()
+        );
     }
     url::parse_endpoint(listen, "listen address", listen).map_err(|e| anyhow::anyhow!(e))?;
     let mut backups = vec![];

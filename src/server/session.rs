@@ -81,7 +81,10 @@ async fn run(mut ch: Channel, hosted: &Arc<Hosted>, session: u64) -> Result<(), 
         match req {
             Request::Hello { proto, writer } => {
                 let r = if proto != PROTO {
-                    Err((Code::Protocol, format!("protocol {proto} asked, this server speaks {PROTO}: upgrade the older side")))
+                    Err((
+                        Code::Protocol,
+                        format!("protocol {proto} asked, this server speaks {PROTO}: upgrade the older side"),
+                    ))
                 } else if writer {
                     blocking(|| hosted.claim_writer(session))
                 } else {
@@ -100,9 +103,12 @@ async fn run(mut ch: Channel, hosted: &Arc<Hosted>, session: u64) -> Result<(), 
             }
             Request::Download { limit } => download(&mut ch, hosted, limit).await?,
             Request::Install { from_generation, base_version, fold_end, snapshot_len } => {
-                let r = install(&mut ch, hosted, session, from_generation, base_version, fold_end, snapshot_len).await?;
+                let r =
+                    install(&mut ch, hosted, session, from_generation, base_version, fold_end, snapshot_len).await?;
                 match &r {
-                    Ok(st) => log::info!("{}: installed generation {} (base {base_version})", hosted.url, st.generation),
+                    Ok(st) => {
+                        log::info!("{}: installed generation {} (base {base_version})", hosted.url, st.generation)
+                    }
                     Err((_, m)) => log::warn!("{}: install refused: {m}", hosted.url),
                 }
                 reply(&mut ch, r.map(Reply::State)).await?;

@@ -47,7 +47,10 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
         );
     };
     if !ldir.is_dir() {
-        bail!("lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin", ldir.display());
+        bail!(
+            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
+            ldir.display()
+        );
     }
     if rpc::lightningd_running(ldir) {
         bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
@@ -63,7 +66,10 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
     let mut dest = SocketDestination::connect(url, key.clone(), None, CONNECT_TIMEOUT, true)?;
     let server_key = dest.server_key().ok_or_else(|| anyhow!("{url}: the server sent no key"))?;
     println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
-    println!("This node's key: {} (pass it to `backup-cli server --client-key` to pin it there)", identity::to_hex(&key.public()));
+    println!(
+        "This node's key: {} (pass it to `backup-cli server --client-key` to pin it there)",
+        identity::to_hex(&key.public())
+    );
     let db = ldir.join(restore::DB_NAME);
     if db.exists() {
         let work = fsutil::tmp_path(&ldir.join("backup-init"));
@@ -172,7 +178,12 @@ fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
 }
 
 /// Downloads a consistent copy next to `near` and runs `f` on it; the copy is removed after.
-fn with_copy<T>(dest: &mut SocketDestination, near: &Path, progress: &mut dyn FnMut(u64, u64), f: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+fn with_copy<T>(
+    dest: &mut SocketDestination,
+    near: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let dir = fsutil::tmp_path(&near.join(format!(".socket-download-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir);
     dest.download(&dir, 0, progress)?;

@@ -97,9 +97,8 @@ impl SocketDestination {
         writer: bool,
     ) -> Result<SocketDestination, SocketError> {
         let target = url::parse(url).map_err(SocketError::Url)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| SocketError::Local {
-            url: url.into(),
-            what: format!("cannot start the network runtime: {e}"),
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| {
+            SocketError::Local { url: url.into(), what: format!("cannot start the network runtime: {e}") }
         })?;
         let mut link = Link {
             url: url.into(),
@@ -154,7 +153,13 @@ impl SocketDestination {
 
     /// Durably appends one record on the server (answered after its fdatasync). See the
     /// module doc for reconnects; after `reconnect_timeout` without success, an error.
-    pub fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), SocketError> {
+    pub fn append(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), SocketError> {
         self.rt.block_on(self.link.append(data_version, kind, replace_last, record))
     }
 
@@ -190,7 +195,12 @@ impl SocketDestination {
     /// Materializes a consistent copy of the remote backup in `dir` (created, must not exist):
     /// the files `writer::create` makes, streamed to disk. `limit` (0: all) stops the
     /// journal at that offset. Works while the node writes. Returns what was copied.
-    pub fn download(&mut self, dir: &Path, limit: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, SocketError> {
+    pub fn download(
+        &mut self,
+        dir: &Path,
+        limit: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, SocketError> {
         let r = self.rt.block_on(self.link.download(dir, limit, progress));
         if r.is_err() {
             let _ = std::fs::remove_dir_all(dir);
@@ -315,10 +325,15 @@ impl Link {
                 // The name goes to the proxy unresolved (socks5h), so .onion works.
                 let r = match &server.host {
                     Host::Ip(ip) => {
-                        tokio_socks::tcp::Socks5Stream::connect((paddr.0.as_str(), paddr.1), std::net::SocketAddr::new(*ip, server.port)).await
+                        tokio_socks::tcp::Socks5Stream::connect(
+                            (paddr.0.as_str(), paddr.1),
+                            std::net::SocketAddr::new(*ip, server.port),
+                        )
+                        .await
                     }
                     Host::Name(n) => {
-                        tokio_socks::tcp::Socks5Stream::connect((paddr.0.as_str(), paddr.1), (n.as_str(), server.port)).await
+                        tokio_socks::tcp::Socks5Stream::connect((paddr.0.as_str(), paddr.1), (n.as_str(), server.port))
+                            .await
                     }
                 };
                 let s = r.map_err(|e| retry(format!("connect to {server} through SOCKS5 proxy {proxy}: {e}")))?;
@@ -329,7 +344,10 @@ impl Link {
         let mut ch = match Channel::client(stream, &self.key, self.server_key.as_ref()).await {
             Ok(c) => c,
             Err(e @ TransportError::ServerKeyMismatch { .. }) => {
-                return Err(Attempt { error: SocketError::ServerKey { url: self.url.clone(), source: e }, retry: false })
+                return Err(Attempt {
+                    error: SocketError::ServerKey { url: self.url.clone(), source: e },
+                    retry: false,
+                })
             }
             Err(e) => return Err(retry(format!("handshake with {server}: {e}"))),
         };
@@ -468,7 +486,8 @@ impl Link {
                 && (st.version, st.droppable) == (known.version, known.droppable)
                 && (st.generation != known.generation || st.journal_len == known.journal_len)
         };
-        let req = Request::Append { data_version: dv, kind: kind as u8, replace_last, record: record.to_vec() }.encode();
+        let req =
+            Request::Append { data_version: dv, kind: kind as u8, replace_last, record: record.to_vec() }.encode();
         let mut sent = false;
         loop {
             if self.conn.is_none() {
@@ -521,14 +540,22 @@ impl Link {
         }
     }
 
-    async fn download(&mut self, dir: &Path, limit: u64, progress: &mut dyn FnMut(u64, u64)) -> Result<Manifest, SocketError> {
+    async fn download(
+        &mut self,
+        dir: &Path,
+        limit: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Manifest, SocketError> {
         let url = self.url.clone();
         let local = |what: String| SocketError::Local { url: url.clone(), what };
         if std::fs::symlink_metadata(dir).is_ok() {
             return Err(local(format!("{} already exists", dir.display())));
         }
         use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| local(format!("create {}: {e}", dir.display())))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| local(format!("create {}: {e}", dir.display())))?;
         let m = match self.call(&Request::Download { limit }).await? {
             Reply::Manifest(m) => m,
             r => return Err(self.unexpected(&r)),
@@ -553,7 +580,12 @@ impl Link {
                 if pending.is_empty() {
                     match Reply::decode(&ch.recv().await.map_err(lost)?) {
                         Ok(Reply::Chunk(b)) => pending = b,
-                        Ok(r) => return Err(SocketError::Protocol { url: self.url.clone(), what: format!("download: {r:?}") }),
+                        Ok(r) => {
+                            return Err(SocketError::Protocol {
+                                url: self.url.clone(),
+                                what: format!("download: {r:?}"),
+                            })
+                        }
                         Err(e) => return Err(SocketError::Protocol { url: self.url.clone(), what: e }),
                     }
                 }
@@ -568,7 +600,12 @@ impl Link {
         }
         match Reply::decode(&ch.recv().await.map_err(lost)?) {
             Ok(Reply::End) if pending.is_empty() => {}
-            r => return Err(SocketError::Protocol { url: self.url.clone(), what: format!("download did not end cleanly: {r:?}") }),
+            r => {
+                return Err(SocketError::Protocol {
+                    url: self.url.clone(),
+                    what: format!("download did not end cleanly: {r:?}"),
+                })
+            }
         }
         fsutil::fsync_dir(dir).map_err(|e| local(e.explain()))?;
         Ok(m)
