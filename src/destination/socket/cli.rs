@@ -40,6 +40,7 @@ pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
 /// `backup-cli init --lightning-dir DIR socket:HOST:PORT`: pairs with the server, pins its
 /// key, uploads the node's database as the first generation (if it has one), writes backup.lock.
 pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
+    crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
     let Some(ldir) = lightning_dir else {
         bail!(
             "init of a socket: backup needs --lightning-dir DIR: the node authenticates to the server with a key \
@@ -156,6 +157,7 @@ fn find_node_key(url: &str, candidates: &[PathBuf]) -> Result<(SecretKey, PathBu
 }
 
 fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
+    crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
     let (key, ldir) = find_node_key(url, ldirs)?;
     let mut pinned = pinned_server_key(&ldir, url)?;
     if pinned.is_none() {
