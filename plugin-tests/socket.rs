@@ -731,3 +731,61 @@ fn a_record_that_landed_before_the_drop_is_not_sent_again() {
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("small", tmp.path()));
 }
+
+#[test]
+fn version_rules_hold_over_the_wire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (ldir, key) = node_dir(tmp.path(), "node", 17);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    let trace = trace("small");
+    let n = 40;
+    for r in &trace[..n] {
+        push(&mut d, r).unwrap();
+    }
+    let st = d.status();
+    assert!(st["connected_since"].as_str().unwrap().ends_with('Z'), "{st}");
+    let last = trace[..n].iter().rev().find(|r| r.kind() == journal::Kind::Transaction).unwrap();
+    let rec = |dv: u32, writes: &[String]| {
+        let mut b = vec![];
+        journal::encode_record(&mut b, dv, journal::Kind::Transaction, writes);
+        b
+    };
+    let bump =
+        |dv: u32| format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1);
+    let v = d.position().version;
+    // the server checks the chain itself, whatever the client claims
+    let e = d.append(v + 5, journal::Kind::Transaction, false, &rec(v + 5, &[bump(v + 5)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("Backup is out of date"), "{e}");
+    let e = d.append(v - 3, journal::Kind::Transaction, false, &rec(v - 3, &[bump(v - 3)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("lost some state"), "{e}");
+    let e = d.append(v, journal::Kind::Transaction, false, &rec(v, &[bump(v)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("client and backup disagree"), "{e}");
+    // hook-then-crash: lightningd died before committing `last`; after its restart the same
+    // version comes again with other statements and replaces it
+    assert_eq!(v, last.data_version);
+    let other = vec!["CREATE TABLE after_crash (x INTEGER)".to_string(), bump(v)];
+    d.append(v, journal::Kind::Transaction, true, &rec(v, &other)).unwrap();
+    assert_eq!(d.position(), versions::Position { version: v, droppable: true });
+    for r in &trace[n..] {
+        push(&mut d, r).unwrap();
+    }
+    drop(d);
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let has = |t: &str| {
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [t], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    assert_eq!(has("after_crash"), 1, "the replacement is in the backup");
+}

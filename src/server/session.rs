@@ -162,7 +162,7 @@ async fn install(
 ) -> Result<Result<crate::net::message::State, Failure>, TransportError> {
     let tmp = hosted.install_tmp(from_generation, base_version);
     let _ = std::fs::remove_file(&tmp);
-    let mut file = match blocking(|| fsutil::create_private(&tmp)) {
+    let file = match blocking(|| fsutil::create_private(&tmp)) {
         Ok(f) => Some(f),
         Err(e) => {
             log::error!("{}: {}", hosted.url, e.explain());
@@ -171,24 +171,30 @@ async fn install(
     };
     let mut got = 0u64;
     let mut failed: Option<Failure> = None;
+    // Written in fdatasynced steps, so no large flush at the end makes the writer's
+    // fdatasync (a node's db_write) wait behind the whole snapshot.
+    let mut throttle = fsutil::Throttle::unlimited();
+    let mut out = file.as_ref().map(|f| fsutil::Stepped::paced(f, 0, &mut throttle));
     loop {
         match Request::decode(&ch.recv().await?) {
             Ok(Request::Chunk(b)) => {
                 got += b.len() as u64;
-                if let Some(f) = file.as_mut() {
-                    if let Err(e) = blocking(|| f.write_all(&b)) {
+                if let Some(o) = out.as_mut() {
+                    if let Err(e) = blocking(|| o.write_all(&b)) {
                         failed = Some((Code::Storage, format!("write {}: {e}", tmp.display())));
-                        file = None;
+                        out = None;
                     }
                 }
             }
             Ok(Request::End) => break,
             _ => {
+                drop(out);
                 let _ = std::fs::remove_file(&tmp);
                 return Err(TransportError::Noise("an install was interrupted by another request".into()));
             }
         }
     }
+    drop(out);
     let result = (|| {
         if let Some(f) = failed {
             return Err(f);
