@@ -445,7 +445,9 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("only into an empty backup"), "{}", stderr(&o));
     let pin = identity::parse_public(lock["server_key"].as_str().unwrap()).unwrap();
-    let mut d = connect(&u, &key, Some(pin), BOUND, true);
+    // as the plugin will: key from hsm_secret, pin from backup.lock
+    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    assert_eq!(d.node_public_key(), key.public());
     assert_eq!(d.position().version, trace[half - 1].data_version);
     for r in &trace[half..1000] {
         push(&mut d, r).unwrap();

@@ -176,7 +176,15 @@ async fn install(
     let mut throttle = fsutil::Throttle::unlimited();
     let mut out = file.as_ref().map(|f| fsutil::Stepped::paced(f, 0, &mut throttle));
     loop {
-        match Request::decode(&ch.recv().await?) {
+        let msg = match ch.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                drop(out);
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        match Request::decode(&msg) {
             Ok(Request::Chunk(b)) => {
                 got += b.len() as u64;
                 if let Some(o) = out.as_mut() {

@@ -105,6 +105,21 @@ fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path) -> Result<
     Ok(())
 }
 
+/// The plugin's writer connection for `url` from `ldir`: the node's key from its
+/// hsm_secret, the server's key pinned in its backup.lock (required).
+pub fn connect_node(ldir: &Path, url: &str, reconnect_timeout: Duration) -> Result<SocketDestination> {
+    let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
+    let pin = pinned_server_key(ldir, url)?.ok_or_else(|| {
+        anyhow!(
+            "{}/{LOCK_NAME} pins no server key for {url}: run `backup-cli init --lightning-dir {} {url}` \
+             (lightningd stopped) to pair with the server and pin its key",
+            ldir.display(),
+            ldir.display()
+        )
+    })?;
+    Ok(SocketDestination::connect(url, key, Some(pin), reconnect_timeout, true)?)
+}
+
 /// Where init records which lightning dir uses which socket: URL, so a restore drill or a
 /// verify on the same machine finds the node's key and pin with no flags:
 /// `$XDG_STATE_HOME/cln-backup/socket-nodes.json` (or `~/.local/state/...`).
