@@ -791,3 +791,28 @@ fn version_rules_hold_over_the_wire() {
     };
     assert_eq!(has("after_crash"), 1, "the replacement is in the backup");
 }
+
+#[test]
+fn usable_from_the_plugins_tokio_runtime_through_spawn_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (_, key) = node_dir(tmp.path(), "node", 18);
+    let pin = server.public_key();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let u = format!("socket:127.0.0.1:{port}");
+        let mut d = tokio::task::spawn_blocking(move || connect(&u, &key, Some(pin), BOUND, true)).await.unwrap();
+        for r in &trace("small")[..5] {
+            d = tokio::task::spawn_blocking(move || {
+                push(&mut d, r).unwrap();
+                d
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(d.position().version, trace("small")[4].data_version);
+        drop(d); // on an async worker thread
+    });
+}

@@ -1,6 +1,7 @@
 //! `SocketDestination`: synchronous calls (the plugin's db_write hook waits on them) run on
 //! a current-thread tokio runtime the destination owns. Call them from a thread that is not
-//! running a tokio runtime (a plain thread, or inside `spawn_blocking`).
+//! running async tasks (a plain thread, or inside `tokio::task::spawn_blocking`); dropping
+//! it is fine anywhere.
 //!
 //! Reconnects: a dropped connection is retried while the call waits, up to
 //! `reconnect_timeout`. Resuming is exactly-once: after reconnecting, the server's state
@@ -60,8 +61,19 @@ struct Attempt {
 }
 
 pub struct SocketDestination {
-    rt: tokio::runtime::Runtime,
+    /// Shut down without waiting in Drop: dropping a runtime that way is allowed anywhere,
+    /// also on an async thread of the plugin's own runtime.
+    rt: std::mem::ManuallyDrop<tokio::runtime::Runtime>,
     link: Link,
+}
+
+impl Drop for SocketDestination {
+    fn drop(&mut self) {
+        self.link.conn = None;
+        // SAFETY: taken once, here, and never used again.
+        let rt = unsafe { std::mem::ManuallyDrop::take(&mut self.rt) };
+        rt.shutdown_background();
+    }
 }
 
 struct Link {
@@ -119,7 +131,7 @@ impl SocketDestination {
         let deadline = Instant::now() + reconnect_timeout;
         link.state = rt.block_on(link.reconnect(deadline))?;
         link.reconnects = 0;
-        Ok(SocketDestination { rt, link })
+        Ok(SocketDestination { rt: std::mem::ManuallyDrop::new(rt), link })
     }
 
     pub fn url(&self) -> &str {
