@@ -18,6 +18,11 @@ use crate::writer::{NextGeneration, Refusal, Writer};
 
 pub type Failure = (Code, String);
 
+/// Bytes a second for the server's background disk work (an installed snapshot, freeing a
+/// replaced generation), as the plugin's `backup-compact-io-rate` default: the disk stays
+/// free most of the time for the writers' fdatasyncs.
+pub const IO_RATE: u64 = 32 << 20;
+
 fn store(e: StoreError) -> Failure {
     (Code::Storage, e.explain())
 }
@@ -333,8 +338,28 @@ impl Hosted {
             truncations: w.truncations(),
             records_folded: folded,
         };
+        let old_snapshot = w.snapshot_path();
         w.switch_to(next).map_err(store)?;
-        // Reopen: positions from the new files, and the old generation's files removed.
+        if fold_end > journal::HEADER_LEN {
+            // A compaction: the writer went on in the new generation. Free the old files
+            // outside the lock, paced, as the file destination does.
+            let tail = slot.tail;
+            let st = state_of(slot.writer.as_ref().ok_or_else(gone)?, tail);
+            drop(slot);
+            // In the background: removal waits for downloads still reading the old files.
+            let url = self.url.clone();
+            std::thread::spawn(move || {
+                fsutil::background_priority();
+                let mut throttle = fsutil::Throttle::new(IO_RATE);
+                for p in std::iter::once(jpath).chain(old_snapshot) {
+                    if let Err(e) = fsutil::remove_gradually(&p, &mut throttle, &mut |_| {}) {
+                        log::warn!("{url}: could not remove the old generation's {}: {}", p.display(), e.explain());
+                    }
+                }
+            });
+            return Ok(st);
+        }
+        // A first upload: reopen, so the position comes from the new snapshot.
         slot.writer = None;
         let (w, _) = Writer::open(&self.root).map_err(store)?;
         slot.tail = tail_of(&w).map_err(store)?;

@@ -173,7 +173,7 @@ async fn install(
     let mut failed: Option<Failure> = None;
     // Written in fdatasynced steps, so no large flush at the end makes the writer's
     // fdatasync (a node's db_write) wait behind the whole snapshot.
-    let mut throttle = fsutil::Throttle::unlimited();
+    let mut throttle = fsutil::Throttle::new(super::hosted::IO_RATE);
     let mut out = file.as_ref().map(|f| fsutil::Stepped::paced(f, 0, &mut throttle));
     loop {
         let msg = match ch.recv().await {
