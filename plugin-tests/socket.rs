@@ -824,3 +824,47 @@ fn usable_from_the_plugins_tokio_runtime_through_spawn_blocking() {
         drop(d); // on an async worker thread
     });
 }
+
+#[test]
+fn server_sigkilled_during_compactions_over_the_wire_keeps_every_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Arc::new(Mutex::new(Server::start(&[&root], &format!("127.0.0.1:{port}"), &[])));
+    let pin = server.lock().unwrap().public_key();
+    let (ldir, key) = node_dir(tmp.path(), "node", 19);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(pin), BOUND, true);
+    let trace = trace("channels");
+    let mut rng = Rng(11);
+    let mut compacted = 0;
+    for (i, chunk) in trace.chunks(trace.len() / 10 + 1).enumerate() {
+        for r in chunk {
+            push(&mut d, r).unwrap();
+        }
+        // a compaction on its own connection, and a SIGKILL at some point of it
+        let (u2, k2, work) = (u.clone(), key.clone(), tmp.path().join(format!("work-{i}")));
+        let compaction = std::thread::spawn(move || {
+            let mut c = SocketDestination::connect(&u2, k2, Some(pin), Duration::from_secs(2), false).ok()?;
+            c.compact(&work, &mut |_, _| {}).ok().flatten()
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(900)));
+        server.lock().unwrap().restart();
+        if compaction.join().unwrap().is_some() {
+            compacted += 1;
+        }
+        let files: Vec<String> =
+            std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
+    }
+    eprintln!("{compacted} of {} compactions finished before their SIGKILL", trace.chunks(trace.len() / 10 + 1).len());
+    assert!(compacted < 10, "no compaction was cut by the SIGKILL: the test proved nothing");
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
+    drop(d);
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("channels", tmp.path()));
+}

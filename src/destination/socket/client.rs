@@ -39,6 +39,11 @@ pub enum SocketError {
          `backup-cli server` runs there and the network (or the proxy) is up"
     )]
     Unreachable { url: String, waited: f64, last: String },
+    #[error(
+        "{url}: the connection dropped during {during}: {error}. Run it again: a download leaves nothing \
+         behind, and an install happened whole or not at all"
+    )]
+    Dropped { url: String, during: &'static str, error: String },
     #[error("{url}: the server refused: {message}")]
     Refused { url: String, code: Code, message: String },
     #[error("{url}: {what}")]
@@ -581,7 +586,8 @@ impl Link {
             files.push((layout.snapshot_path(g), m.snapshot_len));
         }
         files.push((layout.journal_path(g), m.journal_len));
-        let lost = |e: TransportError| SocketError::Unreachable { url: url.clone(), waited: 0.0, last: e.to_string() };
+        let lost =
+            |e: TransportError| SocketError::Dropped { url: url.clone(), during: "a download", error: e.to_string() };
         let Some(ch) = self.conn.as_mut() else { return Err(local("connection lost".into())) };
         let mut pending: Vec<u8> = vec![];
         for (path, len) in files {
@@ -639,7 +645,8 @@ impl Link {
             self.state = self.reconnect(Instant::now() + self.reconnect_timeout).await?;
         }
         let Some(ch) = self.conn.as_mut() else { return Err(local("connection lost".into())) };
-        let lost = |e: TransportError| SocketError::Unreachable { url: url.clone(), waited: 0.0, last: e.to_string() };
+        let lost =
+            |e: TransportError| SocketError::Dropped { url: url.clone(), during: "an install", error: e.to_string() };
         ch.send(&Request::Install { from_generation, base_version, fold_end, snapshot_len: len }.encode())
             .await
             .map_err(lost)?;
