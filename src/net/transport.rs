@@ -207,6 +207,13 @@ impl Channel {
         Ok(())
     }
 
+    /// Reads one frame and throws it away (at most 64 KiB, never decrypted into a message):
+    /// for a client that will get no answer.
+    pub async fn discard_frame(&mut self) -> Result<(), TransportError> {
+        read_frame(&mut self.stream, &mut self.frame).await?;
+        Ok(())
+    }
+
     /// Receives one application message.
     pub async fn recv(&mut self) -> Result<Vec<u8>, TransportError> {
         self.fill(4).await?;

@@ -42,7 +42,7 @@ pub async fn serve(stream: Box<dyn Stream>, peer: SocketAddr, shared: Arc<Shared
             log::warn!("{peer}: refused client {fp}: no backup here is paired with it");
             // Read (and ignore) its first request, so closing sends a plain end of stream
             // rather than a reset: the client then knows it was refused, not cut off.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ch.recv()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), ch.discard_frame()).await;
             return;
         }
     };
