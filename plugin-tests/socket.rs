@@ -868,3 +868,38 @@ fn server_sigkilled_during_compactions_over_the_wire_keeps_every_write() {
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("channels", tmp.path()));
 }
+
+#[test]
+fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    // a new node: no hsm_secret, no database yet
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let o = Command::new(CLI)
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("pairs with the server when the plugin first connects"), "{}", stdout(&o));
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["server_key"], identity::to_hex(&server.public_key()));
+    // learning the key paired nothing
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!server.lines().iter().any(|l| l.contains("paired file:")), "{:?}", server.lines());
+    assert!(!tmp.path().join("node.bkp.paired-client").exists());
+    // lightningd's first start makes hsm_secret; the plugin connects and pairs
+    std::fs::write(ldir.join("hsm_secret"), [20u8; 32]).unwrap();
+    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    server.wait_log("paired");
+    for r in trace("small") {
+        push(&mut d, r).unwrap();
+    }
+    drop(d);
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("small", tmp.path()));
+}

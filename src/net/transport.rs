@@ -207,11 +207,15 @@ impl Channel {
         Ok(())
     }
 
-    /// Reads one frame and throws it away (at most 64 KiB, never decrypted into a message):
-    /// for a client that will get no answer.
-    pub async fn discard_frame(&mut self) -> Result<(), TransportError> {
-        read_frame(&mut self.stream, &mut self.frame).await?;
-        Ok(())
+    /// Receives one application message of at most `max` bytes (from a client not yet
+    /// known: nothing large is buffered for it).
+    pub async fn recv_max(&mut self, max: usize) -> Result<Vec<u8>, TransportError> {
+        self.fill(4).await?;
+        let len = u32::from_le_bytes([self.plain[0], self.plain[1], self.plain[2], self.plain[3]]) as usize;
+        if len > max {
+            return Err(TransportError::TooLarge(len));
+        }
+        self.recv().await
     }
 
     /// Receives one application message.

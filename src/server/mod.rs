@@ -46,10 +46,15 @@ impl Shared {
         self.sessions.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The backup paired with `key`, if any.
+    pub fn find(&self, key: &PublicKey) -> Option<Arc<Hosted>> {
+        self.backups.iter().find(|h| h.client() == Some(*key)).cloned()
+    }
+
     /// The backup paired with `key`; else the first one with no client, now paired with it.
-    pub fn find_or_pair(&self, key: &PublicKey) -> Option<Arc<Hosted>> {
-        if let Some(h) = self.backups.iter().find(|h| h.client() == Some(*key)) {
-            return Some(h.clone());
+    pub fn pair(&self, key: &PublicKey) -> Option<Arc<Hosted>> {
+        if let Some(h) = self.find(key) {
+            return Some(h);
         }
         let _one_at_a_time = self.pairing.lock().unwrap_or_else(|p| p.into_inner());
         for h in &self.backups {

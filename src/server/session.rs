@@ -36,19 +36,40 @@ pub async fn serve(stream: Box<dyn Stream>, peer: SocketAddr, shared: Arc<Shared
     };
     let fp = fingerprint(&ch.remote);
     let mut ch = ch;
-    let hosted = match blocking(|| shared.find_or_pair(&ch.remote)) {
+    let mut first = None;
+    let hosted = match shared.find(&ch.remote) {
         Some(h) => h,
         None => {
-            log::warn!("{peer}: refused client {fp}: no backup here is paired with it");
-            // Read (and ignore) its first request, so closing sends a plain end of stream
-            // rather than a reset: the client then knows it was refused, not cut off.
-            let _ = tokio::time::timeout(Duration::from_secs(1), ch.discard_frame()).await;
-            return;
+            // Pairing happens on a Hello only: a handshake alone (a node learning the
+            // server's key at init) pairs nothing. A Hello is small: nothing larger is read.
+            let hello = match tokio::time::timeout(Duration::from_secs(5), ch.recv_max(64)).await {
+                Ok(Ok(b)) => b,
+                _ => {
+                    log::info!("{peer}: client {fp} sent no Hello; closed");
+                    return;
+                }
+            };
+            let paired = match Request::decode(&hello) {
+                Ok(Request::Hello { .. }) => blocking(|| shared.pair(&ch.remote)),
+                _ => None,
+            };
+            match paired {
+                Some(h) => {
+                    first = Some(hello);
+                    h
+                }
+                None => {
+                    // Its request was read, so closing sends a plain end of stream rather
+                    // than a reset: the client knows it was refused, not cut off.
+                    log::warn!("{peer}: refused client {fp}: no backup here is paired with it");
+                    return;
+                }
+            }
         }
     };
     let session = shared.next_session();
     log::info!("{peer}: client {fp} connected to {}", hosted.url);
-    let r = run(ch, &hosted, session).await;
+    let r = run(ch, &hosted, session, first).await;
     hosted.release(session);
     match r {
         Ok(()) => log::info!("{peer}: client {fp} left"),
@@ -64,9 +85,18 @@ async fn reply(ch: &mut Channel, r: Result<Reply, Failure>) -> Result<(), Transp
     ch.send(&msg.encode()).await
 }
 
-async fn run(mut ch: Channel, hosted: &Arc<Hosted>, session: u64) -> Result<(), TransportError> {
+async fn run(
+    mut ch: Channel,
+    hosted: &Arc<Hosted>,
+    session: u64,
+    mut first: Option<Vec<u8>>,
+) -> Result<(), TransportError> {
     loop {
-        let bytes = match ch.recv().await {
+        let next = match first.take() {
+            Some(b) => Ok(b),
+            None => ch.recv().await,
+        };
+        let bytes = match next {
             Ok(b) => b,
             Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),

@@ -63,6 +63,10 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
             lock.display()
         );
     }
+    let db = ldir.join(restore::DB_NAME);
+    if !ldir.join("hsm_secret").exists() && !db.exists() {
+        return init_new_node(ldir, url, &lock);
+    }
     let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
     let mut dest = SocketDestination::connect(url, key.clone(), None, CONNECT_TIMEOUT, true)?;
     let server_key = dest.server_key().ok_or_else(|| anyhow!("{url}: the server sent no key"))?;
@@ -71,7 +75,6 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
         "This node's key: {} (pass it to `backup-cli server --client-key` to pin it there)",
         identity::to_hex(&key.public())
     );
-    let db = ldir.join(restore::DB_NAME);
     if db.exists() {
         let work = fsutil::tmp_path(&ldir.join("backup-init"));
         let _ = std::fs::remove_dir_all(&work);
@@ -84,6 +87,24 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
     }
     let body = serde_json::to_vec(&lock_body(url, &server_key))?;
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    remember_lightning_dir(url, ldir);
+    println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    Ok(())
+}
+
+/// A node that has not started yet has no hsm_secret, so no key: pin the server's key now;
+/// the plugin's first connection (with the key from the hsm_secret lightningd then makes)
+/// pairs with the server's empty backup.
+fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
+    let server_key = super::client::learn_server_key(url, CONNECT_TIMEOUT)?;
+    println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
+    println!(
+        "No hsm_secret in {} yet: the node pairs with the server when the plugin first connects, after \
+         lightningd made it (the server logs the pairing)",
+        ldir.display()
+    );
+    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    fsutil::write_atomic(lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())

@@ -304,6 +304,64 @@ fn record_tail(record: &[u8]) -> u32 {
     u32::from_le_bytes([record[13], record[14], record[15], record[16]])
 }
 
+/// TCP to the server, directly or through the SOCKS5 proxy (which then resolves the name).
+async fn dial(target: &SocketUrl) -> Result<Box<dyn Stream>, String> {
+    let server = &target.server;
+    match &target.socks5 {
+        None => {
+            let s = tokio::net::TcpStream::connect((server.host_str().as_str(), server.port))
+                .await
+                .map_err(|e| format!("connect to {server}: {e}"))?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+        Some(proxy) => {
+            let paddr = (proxy.host_str(), proxy.port);
+            // The name goes to the proxy unresolved (socks5h), so .onion works.
+            let r = match &server.host {
+                Host::Ip(ip) => {
+                    tokio_socks::tcp::Socks5Stream::connect(
+                        (paddr.0.as_str(), paddr.1),
+                        std::net::SocketAddr::new(*ip, server.port),
+                    )
+                    .await
+                }
+                Host::Name(n) => {
+                    tokio_socks::tcp::Socks5Stream::connect((paddr.0.as_str(), paddr.1), (n.as_str(), server.port))
+                        .await
+                }
+            };
+            let s = r.map_err(|e| format!("connect to {server} through SOCKS5 proxy {proxy}: {e}"))?;
+            let _ = s.set_nodelay(true);
+            Ok(Box::new(s))
+        }
+    }
+}
+
+/// The server's static key, from a handshake with a throwaway key and no request: for a
+/// node that has no hsm_secret yet (init before lightningd's first start). Pairs nothing.
+pub fn learn_server_key(url: &str, timeout: Duration) -> Result<PublicKey, SocketError> {
+    let target = url::parse(url).map_err(SocketError::Url)?;
+    let local = |what: String| SocketError::Local { url: url.into(), what };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| local(e.to_string()))?;
+    let key = SecretKey::generate().map_err(local)?;
+    // The timer is made inside the runtime: it needs its clock.
+    let r = rt.block_on(async {
+        tokio::time::timeout(timeout, async {
+            let stream = dial(&target).await?;
+            Channel::client(stream, &key, None).await.map(|ch| ch.remote).map_err(|e| e.to_string())
+        })
+        .await
+    });
+    match r {
+        Ok(Ok(k)) => Ok(k),
+        Ok(Err(last)) => Err(SocketError::Unreachable { url: url.into(), waited: timeout.as_secs_f64(), last }),
+        Err(_) => {
+            Err(SocketError::Unreachable { url: url.into(), waited: timeout.as_secs_f64(), last: "timed out".into() })
+        }
+    }
+}
+
 impl Link {
     fn err_protocol(&self, what: impl Into<String>) -> SocketError {
         SocketError::Protocol { url: self.url.clone(), what: what.into() }
@@ -329,35 +387,7 @@ impl Link {
     async fn open(&self) -> Result<(Channel, State), Attempt> {
         let retry = |e: String| Attempt { error: SocketError::Local { url: self.url.clone(), what: e }, retry: true };
         let server = &self.target.server;
-        let stream: Box<dyn Stream> = match &self.target.socks5 {
-            None => {
-                let s = tokio::net::TcpStream::connect((server.host_str().as_str(), server.port))
-                    .await
-                    .map_err(|e| retry(format!("connect to {server}: {e}")))?;
-                let _ = s.set_nodelay(true);
-                Box::new(s)
-            }
-            Some(proxy) => {
-                let paddr = (proxy.host_str(), proxy.port);
-                // The name goes to the proxy unresolved (socks5h), so .onion works.
-                let r = match &server.host {
-                    Host::Ip(ip) => {
-                        tokio_socks::tcp::Socks5Stream::connect(
-                            (paddr.0.as_str(), paddr.1),
-                            std::net::SocketAddr::new(*ip, server.port),
-                        )
-                        .await
-                    }
-                    Host::Name(n) => {
-                        tokio_socks::tcp::Socks5Stream::connect((paddr.0.as_str(), paddr.1), (n.as_str(), server.port))
-                            .await
-                    }
-                };
-                let s = r.map_err(|e| retry(format!("connect to {server} through SOCKS5 proxy {proxy}: {e}")))?;
-                let _ = s.set_nodelay(true);
-                Box::new(s)
-            }
-        };
+        let stream = dial(&self.target).await.map_err(retry)?;
         let mut ch = match Channel::client(stream, &self.key, self.server_key.as_ref()).await {
             Ok(c) => c,
             Err(e @ TransportError::ServerKeyMismatch { .. }) => {
