@@ -209,7 +209,6 @@ async fn install(
         let msg = match ch.recv().await {
             Ok(m) => m,
             Err(e) => {
-                drop(out);
                 let _ = std::fs::remove_file(&tmp);
                 return Err(e);
             }
@@ -226,13 +225,11 @@ async fn install(
             }
             Ok(Request::End) => break,
             _ => {
-                drop(out);
                 let _ = std::fs::remove_file(&tmp);
                 return Err(TransportError::Noise("an install was interrupted by another request".into()));
             }
         }
     }
-    drop(out);
     let result = (|| {
         if let Some(f) = failed {
             return Err(f);
