@@ -12,6 +12,9 @@
 //! 5. Sealing: hook p50/p99 of a sealed backup against a plaintext one (two plugins, the
 //!    same trace, interleaved call by call), restore time sealed against plain, and the
 //!    in-process cost of sealing a record. `CLN_BACKUP_BENCH_ONLY=seal` runs only this.
+//! 6. A `socket:` append over loopback to the real `backup-cli server`, against one bare
+//!    round trip on the same connection plus a write+fdatasync of the same bytes on the
+//!    server's filesystem, interleaved call by call (CLN_BACKUP_BENCH_ONLY=socket: only this).
 //!
 //! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
 //! by call, against the same baseline (e.g. the commit before a change).
@@ -351,15 +354,19 @@ fn main() {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&base).unwrap();
-    if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "stall") {
+    let only = std::env::var("CLN_BACKUP_BENCH_ONLY").unwrap_or_default();
+    if only == "stall" {
         compaction_stall(&base);
     } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "postgres") {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
         postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "seal") {
         sealed_vs_plain(&base);
+    } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "socket") {
+        socket_append(&base);
     } else {
         hook_restore_and_compaction(&base);
+        socket_append(&base.join("socket"));
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
         postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     }
@@ -658,4 +665,76 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
     assert_eq!(dest.status()["synchronous_replication"], true);
     run(&mut dest, &trace[half..], "(synchronous standby)");
     drop(standby);
+/// 4. `socket:` append over loopback vs bare round trip + fdatasync of the same bytes.
+fn socket_append(base: &Path) {
+    use cln_backup::destination::socket::SocketDestination;
+    use cln_backup::net::identity::SecretKey;
+    use cln_backup::versions::{self, Decision};
+    use std::io::BufRead;
+    fs::create_dir_all(base).unwrap();
+    let trace_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+    let trace = sim::read_trace(&fs::read(&trace_path).unwrap()).unwrap();
+    let root = base.join("server.bkp");
+    let o = std::process::Command::new(CLI).args(["init", &format!("file://{}", root.display())]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new(CLI)
+        .args(["server", &format!("file://{}", root.display()), &format!("127.0.0.1:{port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited");
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let key = SecretKey::generate().unwrap();
+    let mut d =
+        SocketDestination::connect(&format!("socket:127.0.0.1:{port}"), key, None, Duration::from_secs(60), true)
+            .unwrap();
+    let baseline_file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(base.join("socket-baseline.bin"))
+        .unwrap();
+    let (mut off, mut buf) = (0u64, Vec::new());
+    let (mut appends, mut baseline) = (Vec::with_capacity(trace.len()), Vec::with_capacity(trace.len()));
+    let t0 = Instant::now();
+    for rec in &trace {
+        let kind = rec.kind();
+        let replace = match versions::decide(d.position(), rec.data_version, kind) {
+            Decision::Append => false,
+            Decision::ReplaceLast => true,
+            other => panic!("{other:?}"),
+        };
+        buf.clear();
+        journal::encode_record(&mut buf, rec.data_version, kind, &rec.writes);
+        let rtt = d.ping().unwrap();
+        let b0 = Instant::now();
+        baseline_file.write_all_at(&buf, off).unwrap();
+        baseline_file.sync_data().unwrap();
+        baseline.push(rtt + b0.elapsed());
+        off += buf.len() as u64;
+        let a0 = Instant::now();
+        d.append(rec.data_version, kind, replace, &buf).unwrap();
+        appends.push(a0.elapsed());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(d);
+    let _ = server.kill();
+    let _ = server.wait();
+    let (a50, a99) = (pct(&mut appends, 0.5), pct(&mut appends, 0.99));
+    let (b50, b99) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99));
+    println!();
+    println!(
+        "socket: append over loopback vs bare round trip + write+fdatasync of the same bytes, {} calls, {secs:.1} s",
+        trace.len()
+    );
+    println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "append µs", "baseline µs", "ratio");
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.2", "p50", a50, b50, a50 / b50);
+    println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.2", "p99", a99, b99, a99 / b99);
 }

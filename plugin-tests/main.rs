@@ -11,4 +11,5 @@ mod postgres;
 mod replay;
 mod replicas;
 mod sealed;
+mod socket;
 mod usage;

@@ -10,10 +10,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::destination::postgres as pg;
+use crate::destination::socket;
 use crate::error::StoreError;
 use crate::keys::{self, KeySource};
 use crate::layout;
 use crate::meta::Meta;
+use crate::net::url::is_socket_url;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
 use crate::destination::{self, inspect};
@@ -123,6 +125,18 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         key_file: Option<PathBuf>,
     },
+    /// Serve file backups to paired nodes over an encrypted connection, for their
+    /// socket:HOST:PORT URLs. Runs in the foreground; stops on SIGTERM.
+    Server {
+        /// FILE_URL [FILE_URL...] HOST:PORT: the backups (made by `backup-cli init` here)
+        /// and the address to listen on (`::` or `localhost`: IPv4 and IPv6).
+        #[arg(num_args = 2.., required = true, value_name = "FILE_URL")]
+        args: Vec<String>,
+        /// The node's public key (hex) to pair with, for the backup in the same position;
+        /// without it, the first node to connect pairs.
+        #[arg(long)]
+        client_key: Vec<String>,
+    },
     /// Show the main job on a bundled real trace, with no lightningd needed.
     Demo {
         /// Which bundled trace: small or channels.
@@ -212,6 +226,12 @@ fn run(cmd: Cmd) -> Result<()> {
                 }
                 (l, p) => l.or(p),
             };
+            if args.len() == 1 && is_socket_url(&args[0]) {
+                return socket::cli::init(ldir.as_deref(), &args[0]);
+            }
+            if args.iter().any(|u| is_socket_url(u)) {
+                bail!("a socket: destination is created on its own: init it with the server's URL alone");
+            }
             if args.iter().any(|u| pg::is_postgres_url(u)) {
                 if args.len() > 1 {
                     bail!("a postgres:// destination is created on its own: init it, then add file destinations with add-destination");
@@ -229,6 +249,13 @@ fn run(cmd: Cmd) -> Result<()> {
                 (Some(_), Some(_)) => bail!("give either a URL or --lightning-dir, not both"),
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
+            if is_socket_url(&url) {
+                let (dest, s) = socket::cli::restore(&url, &dest, &mut progress_bar("Restoring"))?;
+                finish_progress();
+                print_summary("Restored", &s);
+                println!("Wrote {}", dest.display());
+                return Ok(());
+            }
             if pg::is_postgres_url(&url) {
                 let (dest, s) =
                     pg::init::restore(&url, &dest, &mut progress_bar("Downloading"), &mut progress_bar("Restoring"))?;
@@ -256,6 +283,12 @@ fn run(cmd: Cmd) -> Result<()> {
             for u in &urls {
                 if urls.len() > 1 {
                     println!("== {u}");
+                }
+                if is_socket_url(u) {
+                    let s = socket::cli::verify(u, &mut progress_bar("Verifying"))?;
+                    finish_progress();
+                    print_summary("Verified", &s);
+                    continue;
                 }
                 if pg::is_postgres_url(u) {
                     let s = pg::init::verify(u, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
@@ -295,6 +328,7 @@ fn run(cmd: Cmd) -> Result<()> {
             migrate(&url_path(&old_url)?, &url_path(&new_url)?, lightning_dir.as_deref(), sealing)
         }
         Cmd::Compact { backend_url } => compact_offline(&url_path(&backend_url)?),
+        Cmd::Server { args, client_key } => crate::server::cli(&args, &client_key, &cwd),
         Cmd::Demo { trace } => demo(&trace),
     }
 }

@@ -561,6 +561,35 @@ impl Writer {
         self.last_tx_offset
     }
 
+    /// Applies one record framed (and maybe sealed) by the client of a remote destination
+    /// (`backup-cli server`): the version rules must agree with `replace_last`, then it is
+    /// written as it is, durably.
+    pub fn apply_framed(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> std::result::Result<(), Refusal> {
+        let decision = versions::decide(self.position, data_version, kind);
+        if let Some(m) = decision.halt_message() {
+            return Err(Refusal::Versions(m));
+        }
+        if (decision == Decision::ReplaceLast) != replace_last {
+            return Err(Refusal::Versions(format!(
+                "the client asked to {} data_version {data_version}, but this backup is at {} ({}): \
+                 client and backup disagree; check that only one node writes this backup",
+                if replace_last { "replace the last transaction with" } else { "append" },
+                self.position.version,
+                if self.position.droppable { "its last transaction can be replaced" } else { "nothing to replace" },
+            )));
+        }
+        if replace_last {
+            self.drop_last_transaction().map_err(Refusal::Store)?;
+        }
+        self.append_copy(data_version, kind, record).map_err(Refusal::Store)
+    }
+
     /// Seals a plaintext record framed by `journal::encode_record` for the place it takes
     /// next here (where the last transaction starts, when it replaces it) into `out`, so that
     /// every copy of the backup at the same place can store the same bytes. False for a

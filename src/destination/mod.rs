@@ -13,6 +13,7 @@ pub mod file;
 pub mod inspect;
 pub mod postgres;
 pub mod replicas;
+pub mod socket;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,906 @@
+//! `socket:` destinations against the real `backup-cli server` on loopback: real traces,
+//! restores compared row for row, a server SIGKILLed mid-trace, strangers, changed keys,
+//! several backups in one server, a SOCKS5 proxy, bad URLs.
+
+use std::io::{BufRead, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cln_backup::destination::socket::{SocketDestination, SocketError};
+use cln_backup::journal;
+use cln_backup::net::identity::{self, PublicKey, SecretKey};
+use cln_backup::sim::TraceRecord;
+use cln_backup::versions::{self, Decision};
+
+use crate::common::*;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `backup-cli server` as a child process; SIGKILLed on drop.
+struct Server {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    args: Vec<String>,
+}
+
+impl Server {
+    fn start(backups: &[&Path], listen: &str, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = vec!["server".into()];
+        args.extend(backups.iter().map(|b| url(b)));
+        args.push(listen.into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut s = Server { child: None, lines: Arc::new(Mutex::new(vec![])), args };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let mut child =
+            Command::new(CLI).args(&self.args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let err = child.stderr.take().unwrap();
+        let lines = self.lines.clone();
+        let mark = lines.lock().unwrap().len();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(err).lines() {
+                let Ok(l) = l else { break };
+                lines.lock().unwrap().push(l);
+            }
+        });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.lines.lock().unwrap()[mark..].iter().any(|l| l.contains("listening on")) {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("server exited ({st}) before listening: {:?}", self.lines());
+            }
+            assert!(Instant::now() < deadline, "server did not listen: {:?}", self.lines());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn wait_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.lines().iter().any(|l| l.contains(needle)) {
+            assert!(Instant::now() < deadline, "no server log with '{needle}': {:?}", self.lines());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn public_key(&self) -> PublicKey {
+        let l = self.lines().into_iter().rfind(|l| l.contains("server public key: ")).unwrap();
+        identity::parse_public(l.rsplit(' ').next().unwrap()).unwrap()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A server-side backup made by the real `backup-cli init` (empty, for a new node).
+fn server_backup(dir: &Path, name: &str) -> PathBuf {
+    let root = dir.join(name);
+    // The server stores what the node sends; it holds no key (see README: what the server sees).
+    let o = cli(&["init", "--no-encryption", &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    root
+}
+
+/// A lightning dir with an hsm_secret; the node's transport key derives from it.
+fn node_dir(dir: &Path, name: &str, seed: u8) -> (PathBuf, SecretKey) {
+    let ldir = dir.join(name);
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), [seed; 32]).unwrap();
+    let k = identity::node_key_from_lightning_dir(&ldir).unwrap();
+    (ldir, k)
+}
+
+fn connect(u: &str, key: &SecretKey, pin: Option<PublicKey>, bound: Duration, writer: bool) -> SocketDestination {
+    SocketDestination::connect(u, key.clone(), pin, bound, writer).unwrap()
+}
+
+/// What the plugin does for one db_write: the version decision, then the append.
+fn push(d: &mut SocketDestination, r: &TraceRecord) -> Result<(), SocketError> {
+    let kind = r.kind();
+    let replace = match versions::decide(d.position(), r.data_version, kind) {
+        Decision::Append => false,
+        Decision::ReplaceLast => true,
+        other => panic!("data_version {}: {other:?}", r.data_version),
+    };
+    let mut rec = vec![];
+    journal::encode_record(&mut rec, r.data_version, kind, &r.writes);
+    d.append(r.data_version, kind, replace, &rec)
+}
+
+fn restore_cli(u: &str, ldir: &Path) -> PathBuf {
+    let o = cli(&["restore", u, ldir.to_str().unwrap()]);
+    assert!(o.status.success(), "restore failed: {}", stderr(&o));
+    assert!(stdout(&o).contains("Restored data_version"), "{}", stdout(&o));
+    ldir.join("lightningd.sqlite3")
+}
+
+const BOUND: Duration = Duration::from_secs(20);
+
+#[test]
+fn replay_through_the_server_and_restore_row_for_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let (ldir, key) = node_dir(tmp.path(), "node", 1);
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    server.wait_log("paired");
+    let trace = trace("channels");
+    for r in trace {
+        push(&mut d, r).unwrap();
+    }
+    let st = d.status();
+    assert_eq!(st["peer"], u);
+    assert_eq!(st["reconnects"], 0);
+    assert!(st["rtt_p99_us"].as_u64().unwrap() >= st["rtt_p50_us"].as_u64().unwrap());
+    assert_eq!(st["server_key_fingerprint"], identity::fingerprint(&server.public_key()));
+    // the pin is recorded for the CLI's restore
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    let (tables, rows) = assert_same(&db, &final_db("channels", tmp.path()));
+    assert!(tables > 30 && rows > 50);
+    let o = Command::new(CLI).args(["verify", &u]).env("XDG_STATE_HOME", tmp.path().join("state")).output().unwrap();
+    assert!(!o.status.success(), "verify found no key but succeeded");
+    assert!(stderr(&o).contains("no hsm_secret found"), "{}", stderr(&o));
+    let o = Command::new(CLI).args(["verify", &u]).env("CLN_BACKUP_LIGHTNING_DIR", &ldir).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Verified data_version"), "{}", stdout(&o));
+    // the server's copy is a plain file backup: the local engine agrees
+    drop(d);
+    drop(server);
+    let local = tmp.path().join("local.sqlite3");
+    cln_backup::restore::restore(&root, &local, &mut |_, _| {}).unwrap();
+    assert_same(&local, &db);
+}
+
+#[test]
+fn server_sigkilled_mid_trace_again_and_again_loses_and_doubles_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Arc::new(Mutex::new(Server::start(&[&root], &format!("127.0.0.1:{port}"), &[])));
+    let pin = server.lock().unwrap().public_key();
+    let (ldir, key) = node_dir(tmp.path(), "node", 2);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(pin), BOUND, true);
+    let trace = trace("channels");
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (killer_server, killer_done) = (server.clone(), done.clone());
+    // SIGKILL at arbitrary moments, some between the server's fdatasync and its answer
+    let killer = std::thread::spawn(move || {
+        let mut rng = Rng(7);
+        let mut kills = 0;
+        while !killer_done.load(std::sync::atomic::Ordering::Relaxed) && kills < 12 {
+            std::thread::sleep(Duration::from_millis(20 + rng.below(60)));
+            killer_server.lock().unwrap().restart();
+            kills += 1;
+        }
+        kills
+    });
+    for r in trace {
+        push(&mut d, r).unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let kills = killer.join().unwrap();
+    assert!(kills >= 3, "only {kills} kills during the trace");
+    assert!(d.status()["reconnects"].as_u64().unwrap() >= 1, "{}", d.status());
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("channels", tmp.path()));
+}
+
+#[test]
+fn server_gone_for_good_fails_within_the_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (_, key) = node_dir(tmp.path(), "node", 3);
+    let bound = Duration::from_millis(800);
+    let mut d = connect(&format!("socket:127.0.0.1:{port}"), &key, None, bound, true);
+    let trace = trace("small");
+    push(&mut d, &trace[0]).unwrap();
+    server.kill();
+    let t = Instant::now();
+    let e = push(&mut d, &trace[1]).unwrap_err();
+    let took = t.elapsed();
+    assert!(took >= bound && took < bound + Duration::from_secs(3), "{took:?}");
+    assert!(matches!(e, SocketError::Unreachable { .. }), "{e}");
+    assert!(e.to_string().contains("backup-cli server"), "{e}");
+    // connecting is bounded the same way
+    let t = Instant::now();
+    let e = SocketDestination::connect(&format!("socket:127.0.0.1:{port}"), key, None, bound, true).err().unwrap();
+    assert!(t.elapsed() < bound + Duration::from_secs(3));
+    assert!(matches!(e, SocketError::Unreachable { .. }), "{e}");
+}
+
+#[test]
+fn strangers_get_nothing_beyond_the_handshake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let (_, key) = node_dir(tmp.path(), "node", 4);
+    let server =
+        Server::start(&[&root], &format!("127.0.0.1:{port}"), &["--client-key", &identity::to_hex(&key.public())]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    push(&mut d, &trace("small")[0]).unwrap();
+    // the Python plugin's RESTORE request: type 5, length 0
+    let mut raw = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    raw.write_all(&[5, 0, 0, 0, 0]).unwrap();
+    let mut got = vec![];
+    let _ = raw.read_to_end(&mut got);
+    assert!(got.is_empty(), "a raw client got {} bytes", got.len());
+    server.wait_log("no Noise handshake");
+    // a Noise client with another key: the handshake, then the door closes
+    let (_, other) = node_dir(tmp.path(), "other", 5);
+    let t = Instant::now();
+    let e = SocketDestination::connect(&u, other.clone(), None, BOUND, false).err().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "a refusal is not retried");
+    assert!(e.to_string().contains("no backup paired with this node's key"), "{e}");
+    server.wait_log(&format!("refused client {}", identity::fingerprint(&other.public())));
+    // restore through the CLI with the stranger's hsm_secret: refused, nothing written
+    let o = cli(&["restore", &u, tmp.path().join("other").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no backup paired"), "{}", stderr(&o));
+    assert!(!tmp.path().join("other/lightningd.sqlite3").exists());
+    // and the real client still works
+    push(&mut d, &trace("small")[1]).unwrap();
+}
+
+#[test]
+fn a_changed_server_key_is_refused_with_what_to_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (ldir, key) = node_dir(tmp.path(), "node", 6);
+    let u = format!("socket:127.0.0.1:{port}");
+    let pin = server.public_key();
+    drop(connect(&u, &key, Some(pin), BOUND, true));
+    // the server is reinstalled: its key file is gone, a new one is made
+    server.kill();
+    std::fs::remove_file(tmp.path().join("node.bkp.server-key")).unwrap();
+    server.spawn();
+    assert_ne!(server.public_key(), pin);
+    let e = SocketDestination::connect(&u, key, Some(pin), BOUND, true).err().unwrap();
+    assert!(matches!(e, SocketError::ServerKey { .. }), "{e}");
+    assert!(e.to_string().contains("update server_key in backup.lock"), "{e}");
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
+    let o = cli(&["restore", &u, ldir.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is not the pinned key"), "{}", stderr(&o));
+}
+
+#[test]
+fn restore_while_the_node_writes_and_a_second_writer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let pin = server.public_key();
+    let (_, key) = node_dir(tmp.path(), "node", 7);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut w = connect(&u, &key, Some(pin), BOUND, true);
+    let trace = trace("channels");
+    for r in &trace[..50] {
+        push(&mut w, r).unwrap();
+    }
+    let e = SocketDestination::connect(&u, key.clone(), Some(pin), Duration::from_millis(500), true).err().unwrap();
+    assert!(e.to_string().contains("already has a writer connected"), "{e}");
+    let writer = std::thread::spawn(move || {
+        for r in &trace[50..] {
+            push(&mut w, r).unwrap();
+        }
+    });
+    let mut reader = connect(&u, &key, Some(pin), BOUND, false);
+    let mut restores = vec![];
+    let mut n = 0;
+    while !writer.is_finished() || n < 3 {
+        let dl = tmp.path().join(format!("copy-{n}"));
+        reader.download(&dl, 0, &mut |_, _| {}).unwrap();
+        let dest = tmp.path().join(format!("live-{n}.sqlite3"));
+        let (_, sum) = cln_backup::restore::restore(&dl, &dest, &mut |_, _| {}).unwrap();
+        restores.push((dest, sum.records));
+        n += 1;
+    }
+    writer.join().unwrap();
+    assert!(restores.len() >= 3);
+    for (dest, records) in restores.iter().step_by((restores.len() / 4).max(1)) {
+        let reference = tmp.path().join(format!("ref-{records}.sqlite3"));
+        let conn = rusqlite::Connection::open(&reference).unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        let mut a = cln_backup::restore::Applier::new(&conn);
+        for r in &trace[..*records as usize] {
+            a.apply(r.kind(), &r.writes).unwrap();
+        }
+        a.commit().unwrap();
+        drop(conn);
+        assert_same(dest, &reference);
+    }
+}
+
+#[test]
+fn one_server_hosts_two_backups_each_seeing_only_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a_root = server_backup(tmp.path(), "a.bkp");
+    let b_root = server_backup(tmp.path(), "b.bkp");
+    let port = free_port();
+    let (_, ka) = node_dir(tmp.path(), "a", 8);
+    let (_, kb) = node_dir(tmp.path(), "b", 9);
+    // b is pinned ahead of time; a pairs on first contact
+    let mut server = Server::start(&[&a_root, &b_root], &format!("127.0.0.1:{port}"), &[]);
+    server.kill();
+    server.args = vec![
+        "server".into(),
+        url(&a_root),
+        url(&b_root),
+        format!("127.0.0.1:{port}"),
+        "--client-key".into(),
+        identity::to_hex(&ka.public()),
+        "--client-key".into(),
+        identity::to_hex(&kb.public()),
+    ];
+    server.spawn();
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut a = connect(&u, &ka, None, BOUND, true);
+    let mut b = connect(&u, &kb, None, BOUND, true);
+    let trace = trace("small");
+    for r in trace {
+        push(&mut a, r).unwrap();
+    }
+    push(&mut b, &trace[0]).unwrap();
+    assert_eq!(b.refresh().unwrap().version, trace[0].data_version);
+    assert!(a.refresh().unwrap().version > 50);
+    let dl = tmp.path().join("b-copy");
+    let m = b.download(&dl, 0, &mut |_, _| {}).unwrap();
+    assert_eq!(m.snapshot_len, 0);
+    let (_, sum) = cln_backup::restore::restore(&dl, &tmp.path().join("b.sqlite3"), &mut |_, _| {}).unwrap();
+    assert_eq!(sum.records, 1);
+    // a third node is nobody's
+    let (_, kc) = node_dir(tmp.path(), "c", 10);
+    assert!(SocketDestination::connect(&u, kc, None, BOUND, false).is_err());
+    // pairings survive a restart
+    drop((a, b));
+    server.restart();
+    let mut a = connect(&u, &ka, None, BOUND, false);
+    assert!(a.refresh().unwrap().version > 50);
+}
+
+#[test]
+fn init_uploads_the_database_then_compaction_over_the_wire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    // over IPv6, listening on every address
+    let server = Server::start(&[&root], &format!("[::]:{port}"), &[]);
+    let u = format!("socket:[::1]:{port}");
+    // a node that ran part of the trace without a backup
+    let (ldir, key) = node_dir(tmp.path(), "regtest", 11);
+    let trace = trace("channels");
+    let half = 500;
+    let node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    for r in &trace[..half] {
+        node.run_without_plugin(r).unwrap();
+    }
+    drop(node);
+    let state_home = tmp.path().join("state");
+    let with_state = |args: &[&str]| Command::new(CLI).args(args).env("XDG_STATE_HOME", &state_home).output().unwrap();
+    let o = with_state(&["init", "--lightning-dir", ldir.to_str().unwrap(), &u]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Successfully written initial snapshot"), "{}", stdout(&o));
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["backend_url"], u);
+    assert_eq!(lock["server_key"], identity::to_hex(&server.public_key()));
+    // a second init into the same (no longer empty) backup is refused
+    let (ldir2, _) = node_dir(tmp.path(), "again", 11);
+    std::fs::copy(ldir.join("lightningd.sqlite3"), ldir2.join("lightningd.sqlite3")).unwrap();
+    let o = with_state(&["init", "--lightning-dir", ldir2.to_str().unwrap(), &u]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("only into an empty backup"), "{}", stderr(&o));
+    let pin = identity::parse_public(lock["server_key"].as_str().unwrap()).unwrap();
+    // as the plugin will: key from hsm_secret, pin from backup.lock
+    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    assert_eq!(d.node_public_key(), key.public());
+    assert_eq!(d.position().version, trace[half - 1].data_version);
+    for r in &trace[half..1000] {
+        push(&mut d, r).unwrap();
+    }
+    // compaction on a second connection while the node goes on writing: read back, fold,
+    // install; the appends continue on the new generation
+    let before = d.server_state();
+    let mut c = connect(&u, &key, Some(pin), BOUND, false);
+    let last = trace.len() - 10;
+    let writer = std::thread::spawn(move || {
+        for r in &trace[1000..last] {
+            push(&mut d, r).unwrap();
+        }
+        d
+    });
+    let st = c.compact(&tmp.path().join("work"), &mut |_, _| {}).unwrap().unwrap();
+    assert_eq!(st.generation, before.generation + 1);
+    let mut d = writer.join().unwrap();
+    for r in &trace[last..] {
+        push(&mut d, r).unwrap();
+    }
+    let after = d.server_state();
+    assert_eq!(after.generation, before.generation + 1, "the writer went on in the new generation");
+    assert_eq!(d.position().version, trace.last().unwrap().data_version);
+    // the old generation is freed in the background
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<String> =
+            std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let count = |ext: &str| files.iter().filter(|f| f.ends_with(ext)).count();
+        if count(".journal") == 1 && count(".snapshot") == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old generation not freed: {files:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(d);
+    // a drill on the same machine: the lightning dir recorded at init gives key and pin
+    let restored = tmp.path().join("drill.sqlite3");
+    let o = with_state(&["restore", &u, restored.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("no server key pinned"), "{}", stderr(&o));
+    assert_same(&restored, &final_db("channels", tmp.path()));
+    let o = with_state(&["verify", &u]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("Verified data_version {}", trace.last().unwrap().data_version)),
+        "{}",
+        stdout(&o)
+    );
+    // elsewhere, with nothing recorded: restore says what it needs
+    let o = Command::new(CLI)
+        .args(["restore", &u, tmp.path().join("x.sqlite3").to_str().unwrap()])
+        .env("XDG_STATE_HOME", tmp.path().join("empty"))
+        .env("HOME", tmp.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("no hsm_secret found") && stderr(&o).contains("CLN_BACKUP_LIGHTNING_DIR"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn localhost_listens_on_ipv4_and_ipv6() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("localhost:{port}"), &[]);
+    let (_, key) = node_dir(tmp.path(), "node", 12);
+    connect(&format!("socket:127.0.0.1:{port}"), &key, Some(server.public_key()), BOUND, false);
+    if server.lines().iter().any(|l| l.contains(&format!("listening on [::1]:{port}"))) {
+        connect(&format!("socket:[::1]:{port}"), &key, Some(server.public_key()), BOUND, false);
+    } else {
+        eprintln!("NOTE: localhost has no IPv6 address here; IPv6 is checked by init_uploads_the_database_then_compaction_over_the_wire");
+    }
+    connect(&format!("socket:localhost:{port}"), &key, Some(server.public_key()), BOUND, false);
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (_, key) = node_dir(tmp.path(), "node", 13);
+    let mut d = connect(&format!("socket:127.0.0.1:{port}"), &key, None, BOUND, true);
+    push(&mut d, &trace("small")[0]).unwrap();
+    let mut child = server.child.take().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st}");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(server.lines().iter().any(|l| l.contains("SIGTERM: stopping")), "{:?}", server.lines());
+    assert!(server.lines().iter().any(|l| l.ends_with("stopped")), "{:?}", server.lines());
+    // the key file is private
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(tmp.path().join("node.bkp.server-key")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    // the backup's lock is free again
+    cln_backup::writer::Writer::open(&root, &Default::default()).unwrap();
+}
+
+/// A minimal SOCKS5 proxy (no auth, CONNECT): records the target it was asked for.
+fn socks5_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(vec![]));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let seen = seen2.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 262];
+                c.read_exact(&mut b[..2]).unwrap();
+                let n = b[1] as usize;
+                c.read_exact(&mut b[..n]).unwrap();
+                c.write_all(&[5, 0]).unwrap();
+                c.read_exact(&mut b[..4]).unwrap();
+                assert_eq!(&b[..2], &[5, 1]);
+                let host = match b[3] {
+                    1 => {
+                        c.read_exact(&mut b[..4]).unwrap();
+                        std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).to_string()
+                    }
+                    3 => {
+                        c.read_exact(&mut b[..1]).unwrap();
+                        let n = b[0] as usize;
+                        c.read_exact(&mut b[..n]).unwrap();
+                        String::from_utf8_lossy(&b[..n]).into_owned()
+                    }
+                    t => panic!("address type {t}"),
+                };
+                c.read_exact(&mut b[..2]).unwrap();
+                let port = u16::from_be_bytes([b[0], b[1]]);
+                seen.lock().unwrap().push(format!("{host}:{port}"));
+                // the proxy resolves the name (as Tor does for .onion)
+                let target = if host == "backup.test" { "127.0.0.1".to_string() } else { host };
+                let up = TcpStream::connect((target.as_str(), port)).unwrap();
+                c.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0, 0]).unwrap();
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                });
+                let mut up = up;
+                let _ = std::io::copy(&mut c, &mut up);
+                let _ = up.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn through_a_socks5_proxy_the_proxy_resolves_the_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (pport, seen) = socks5_proxy();
+    let (ldir, key) = node_dir(tmp.path(), "node", 14);
+    // a name only the proxy knows, like a .onion
+    let u = format!("socket:backup.test:{port}?proxy=socks5:127.0.0.1:{pport}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    let trace = trace("small");
+    for r in trace {
+        push(&mut d, r).unwrap();
+    }
+    assert_eq!(seen.lock().unwrap()[0], format!("backup.test:{port}"));
+    drop(d);
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("small", tmp.path()));
+    assert!(seen.lock().unwrap().len() >= 2);
+}
+
+#[test]
+fn bad_socket_urls_are_refused_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "node", 15);
+    let d = ldir.to_str().unwrap();
+    for (u, says) in [
+        ("socket:localhost", "has no port"),
+        ("socket:::1:8700", "without brackets"),
+        ("socket:h:8700?proxy=http:127.0.0.1:8080", "unknown proxy type 'http'"),
+        ("socket:h:70000", "not a port"),
+    ] {
+        for args in [vec!["restore", u, d], vec!["init", "--lightning-dir", d, u], vec!["verify", u]] {
+            let o = Command::new(CLI).args(&args).env("CLN_BACKUP_LIGHTNING_DIR", &ldir).output().unwrap();
+            assert!(!o.status.success(), "{args:?}");
+            assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+        }
+    }
+    let o = cli(&["server", &url(&tmp.path().join("nope")), "127.0.0.1"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("has no port"), "{}", stderr(&o));
+}
+
+/// A relay between client and server that reads the Noise frames (u16 length + bytes) and,
+/// on its `cut_after`-th client frame after the handshake, forwards it, waits for the
+/// server's answer, and then drops both sides without passing the answer on: the record
+/// is on the server's disk but the client never heard so. Later connections pass freely.
+fn cutting_relay(server_port: u16, cut_after: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for c in l.incoming() {
+            let Ok(mut c) = c else { break };
+            let mut up = TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+            if !first {
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                    let _ = c2.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c, &mut up);
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                });
+                continue;
+            }
+            first = false;
+            let frame = |s: &mut TcpStream| -> Vec<u8> {
+                let mut h = [0u8; 2];
+                s.read_exact(&mut h).unwrap();
+                let mut b = vec![0u8; u16::from_be_bytes(h) as usize];
+                s.read_exact(&mut b).unwrap();
+                [h.to_vec(), b].concat()
+            };
+            // handshake: client, server, client; then Hello and its answer
+            for from_client in [true, false, true, true, false] {
+                let (src, dst) = if from_client { (&mut c, &mut up) } else { (&mut up, &mut c) };
+                let f = frame(src);
+                dst.write_all(&f).unwrap();
+            }
+            for i in 1..=cut_after {
+                let f = frame(&mut c);
+                up.write_all(&f).unwrap();
+                let answer = frame(&mut up);
+                if i == cut_after {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                    let _ = up.shutdown(std::net::Shutdown::Both);
+                    break;
+                }
+                c.write_all(&answer).unwrap();
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_record_that_landed_before_the_drop_is_not_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let relay = cutting_relay(port, 30);
+    let (ldir, key) = node_dir(tmp.path(), "node", 16);
+    let u = format!("socket:127.0.0.1:{relay}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    let trace = trace("small");
+    for r in trace {
+        push(&mut d, r).unwrap();
+    }
+    let st = d.status();
+    assert_eq!(st["reconnects"], 1, "{st}");
+    assert_eq!(st["resumed_landed"], 1, "{st}");
+    assert_eq!(st["resumed_resent"], 0, "{st}");
+    drop(d);
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("small", tmp.path()));
+}
+
+#[test]
+fn version_rules_hold_over_the_wire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (ldir, key) = node_dir(tmp.path(), "node", 17);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
+    let trace = trace("small");
+    let n = 40;
+    for r in &trace[..n] {
+        push(&mut d, r).unwrap();
+    }
+    let st = d.status();
+    assert!(st["connected_since"].as_str().unwrap().ends_with('Z'), "{st}");
+    let last = trace[..n].iter().rev().find(|r| r.kind() == journal::Kind::Transaction).unwrap();
+    let rec = |dv: u32, writes: &[String]| {
+        let mut b = vec![];
+        journal::encode_record(&mut b, dv, journal::Kind::Transaction, writes);
+        b
+    };
+    let bump =
+        |dv: u32| format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1);
+    let v = d.position().version;
+    // the server checks the chain itself, whatever the client claims
+    let e = d.append(v + 5, journal::Kind::Transaction, false, &rec(v + 5, &[bump(v + 5)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("Backup is out of date"), "{e}");
+    let e = d.append(v - 3, journal::Kind::Transaction, false, &rec(v - 3, &[bump(v - 3)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("lost some state"), "{e}");
+    let e = d.append(v, journal::Kind::Transaction, false, &rec(v, &[bump(v)])).unwrap_err();
+    assert!(e.is_versions() && e.to_string().contains("client and backup disagree"), "{e}");
+    // hook-then-crash: lightningd died before committing `last`; after its restart the same
+    // version comes again with other statements and replaces it
+    assert_eq!(v, last.data_version);
+    let other = vec!["CREATE TABLE after_crash (x INTEGER)".to_string(), bump(v)];
+    d.append(v, journal::Kind::Transaction, true, &rec(v, &other)).unwrap();
+    assert_eq!(d.position(), versions::Position { version: v, droppable: true });
+    for r in &trace[n..] {
+        push(&mut d, r).unwrap();
+    }
+    drop(d);
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(
+            &serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&server.public_key())}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let db = restore_cli(&u, &ldir);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let has = |t: &str| {
+        conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [t], |r| r.get::<_, i64>(0)).unwrap()
+    };
+    assert_eq!(has("after_crash"), 1, "the replacement is in the backup");
+}
+
+#[test]
+fn usable_from_the_plugins_tokio_runtime_through_spawn_blocking() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let (_, key) = node_dir(tmp.path(), "node", 18);
+    let pin = server.public_key();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        let u = format!("socket:127.0.0.1:{port}");
+        let mut d = tokio::task::spawn_blocking(move || connect(&u, &key, Some(pin), BOUND, true)).await.unwrap();
+        for r in &trace("small")[..5] {
+            d = tokio::task::spawn_blocking(move || {
+                push(&mut d, r).unwrap();
+                d
+            })
+            .await
+            .unwrap();
+        }
+        assert_eq!(d.position().version, trace("small")[4].data_version);
+        drop(d); // on an async worker thread
+    });
+}
+
+#[test]
+fn server_sigkilled_during_compactions_over_the_wire_keeps_every_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Arc::new(Mutex::new(Server::start(&[&root], &format!("127.0.0.1:{port}"), &[])));
+    let pin = server.lock().unwrap().public_key();
+    let (ldir, key) = node_dir(tmp.path(), "node", 19);
+    let u = format!("socket:127.0.0.1:{port}");
+    let mut d = connect(&u, &key, Some(pin), BOUND, true);
+    let trace = trace("channels");
+    let mut rng = Rng(11);
+    let mut compacted = 0;
+    for (i, chunk) in trace.chunks(trace.len() / 10 + 1).enumerate() {
+        for r in chunk {
+            push(&mut d, r).unwrap();
+        }
+        // a compaction on its own connection, and a SIGKILL at some point of it
+        let (u2, k2, work) = (u.clone(), key.clone(), tmp.path().join(format!("work-{i}")));
+        let compaction = std::thread::spawn(move || {
+            let mut c = SocketDestination::connect(&u2, k2, Some(pin), Duration::from_secs(2), false).ok()?;
+            c.compact(&work, &mut |_, _| {}).ok().flatten()
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(900)));
+        server.lock().unwrap().restart();
+        if compaction.join().unwrap().is_some() {
+            compacted += 1;
+        }
+        let files: Vec<String> =
+            std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        assert!(!files.iter().any(|f| f.ends_with(".tmp")), "{files:?}");
+    }
+    eprintln!("{compacted} of {} compactions finished before their SIGKILL", trace.chunks(trace.len() / 10 + 1).len());
+    assert!(compacted < 10, "no compaction was cut by the SIGKILL: the test proved nothing");
+    std::fs::write(
+        ldir.join("backup.lock"),
+        serde_json::to_vec(&serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&pin)})).unwrap(),
+    )
+    .unwrap();
+    drop(d);
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("channels", tmp.path()));
+}
+
+#[test]
+fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connection() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    // a new node: no hsm_secret, no database yet
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let o = Command::new(CLI)
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("pairs with the server when the plugin first connects"), "{}", stdout(&o));
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["server_key"], identity::to_hex(&server.public_key()));
+    // learning the key paired nothing
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!server.lines().iter().any(|l| l.contains("paired file:")), "{:?}", server.lines());
+    assert!(!tmp.path().join("node.bkp.paired-client").exists());
+    // lightningd's first start makes hsm_secret; the plugin connects and pairs
+    std::fs::write(ldir.join("hsm_secret"), [20u8; 32]).unwrap();
+    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    server.wait_log("paired");
+    for r in trace("small") {
+        push(&mut d, r).unwrap();
+    }
+    drop(d);
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("small", tmp.path()));
+}

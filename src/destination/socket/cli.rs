@@ -1,0 +1,247 @@
+//! `backup-cli init|restore|verify` for `socket:` URLs: the node side of a remote backup.
+//! The node's key comes from its hsm_secret (`net::identity`); the server's key is learned
+//! at init and pinned in backup.lock (`server_key`), as SSH's known_hosts does.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::SocketDestination;
+use crate::error::StoreError;
+use crate::net::identity::{self, PublicKey, SecretKey};
+use crate::plugin::LOCK_NAME;
+use crate::restore::{self, Summary};
+use crate::{fsutil, journal, layout, snapshot, writer};
+
+/// How long the command line waits for the server (the plugin's default bound).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// backup.lock for a socket: destination.
+pub fn lock_body(url: &str, server_key: &PublicKey) -> serde_json::Value {
+    serde_json::json!({ "backend_url": url, "server_key": identity::to_hex(server_key) })
+}
+
+/// The server key pinned in `ldir`'s backup.lock for `url`, if any.
+pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
+    let p = ldir.join(LOCK_NAME);
+    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parse {}", p.display()))?;
+    if v["backend_url"].as_str() != Some(url) {
+        return Ok(None);
+    }
+    match v["server_key"].as_str() {
+        Some(k) => Ok(Some(identity::parse_public(k).map_err(|e| anyhow!("{}: server_key: {e}", p.display()))?)),
+        None => Ok(None),
+    }
+}
+
+/// `backup-cli init --lightning-dir DIR socket:HOST:PORT`: pairs with the server, pins its
+/// key, uploads the node's database as the first generation (if it has one), writes backup.lock.
+pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
+    crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
+    let Some(ldir) = lightning_dir else {
+        bail!(
+            "init of a socket: backup needs --lightning-dir DIR: the node authenticates to the server with a key \
+             derived from DIR/hsm_secret"
+        );
+    };
+    if !ldir.is_dir() {
+        bail!(
+            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
+            ldir.display()
+        );
+    }
+    if crate::cli::lightningd_running(ldir) {
+        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
+    }
+    let lock = ldir.join(LOCK_NAME);
+    if lock.exists() {
+        bail!(
+            "{} already exists: this node already has a backup. To start a new one, stop lightningd and move it away first",
+            lock.display()
+        );
+    }
+    let db = ldir.join(restore::DB_NAME);
+    if !ldir.join("hsm_secret").exists() && !db.exists() {
+        return init_new_node(ldir, url, &lock);
+    }
+    let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
+    let mut dest = SocketDestination::connect(url, key.clone(), None, CONNECT_TIMEOUT, true)?;
+    let server_key = dest.server_key().ok_or_else(|| anyhow!("{url}: the server sent no key"))?;
+    println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
+    println!(
+        "This node's key: {} (pass it to `backup-cli server --client-key` to pin it there)",
+        identity::to_hex(&key.public())
+    );
+    if db.exists() {
+        let work = fsutil::tmp_path(&ldir.join("backup-init"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
+        let r = upload_first(&mut dest, &db, &work);
+        let _ = std::fs::remove_dir_all(&work);
+        r?;
+    } else {
+        println!("No database in {} yet: the server's backup stays empty until lightningd writes", ldir.display());
+    }
+    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    remember_lightning_dir(url, ldir);
+    println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    Ok(())
+}
+
+/// A node that has not started yet has no hsm_secret, so no key: pin the server's key now;
+/// the plugin's first connection (with the key from the hsm_secret lightningd then makes)
+/// pairs with the server's empty backup.
+fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
+    let server_key = super::client::learn_server_key(url, CONNECT_TIMEOUT)?;
+    println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
+    println!(
+        "No hsm_secret in {} yet: the node pairs with the server when the plugin first connects, after \
+         lightningd made it (the server logs the pairing)",
+        ldir.display()
+    );
+    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    fsutil::write_atomic(lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
+    remember_lightning_dir(url, ldir);
+    println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+    Ok(())
+}
+
+fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path) -> Result<()> {
+    let img = work.join("db");
+    let dv = snapshot::copy_live_database(db, &img)?;
+    println!("Found an existing database with data_version {dv} at {}", db.display());
+    let local = work.join("gen");
+    writer::create(&local, Some((&img, dv)), None, None)?;
+    let snap = layout::Layout::new(&local)
+        .list()?
+        .snapshot
+        .ok_or_else(|| anyhow!("{}: no snapshot was made", local.display()))?;
+    let st = dest.server_state();
+    dest.install_generation(st.generation, dv, journal::HEADER_LEN, &snap, &mut |_, _| {})?;
+    println!("Successfully written initial snapshot to {}", dest.url());
+    Ok(())
+}
+
+/// The plugin's writer connection for `url` from `ldir`: the node's key from its
+/// hsm_secret, the server's key pinned in its backup.lock (required).
+pub fn connect_node(ldir: &Path, url: &str, reconnect_timeout: Duration) -> Result<SocketDestination> {
+    let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
+    let pin = pinned_server_key(ldir, url)?.ok_or_else(|| {
+        anyhow!(
+            "{}/{LOCK_NAME} pins no server key for {url}: run `backup-cli init --lightning-dir {} {url}` \
+             (lightningd stopped) to pair with the server and pin its key",
+            ldir.display(),
+            ldir.display()
+        )
+    })?;
+    Ok(SocketDestination::connect(url, key, Some(pin), reconnect_timeout, true)?)
+}
+
+/// Where init records which lightning dir uses which socket: URL, so a restore drill or a
+/// verify on the same machine finds the node's key and pin with no flags:
+/// `$XDG_STATE_HOME/cln-backup/socket-nodes.json` (or `~/.local/state/...`).
+fn state_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("cln-backup/socket-nodes.json"))
+}
+
+fn recorded_dirs() -> serde_json::Map<String, serde_json::Value> {
+    state_file()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+}
+
+/// Best effort: a convenience for drills, never needed for a restore.
+fn remember_lightning_dir(url: &str, ldir: &Path) {
+    let Some(p) = state_file() else { return };
+    let abs = std::path::absolute(ldir).unwrap_or_else(|_| ldir.to_path_buf());
+    let mut map = recorded_dirs();
+    map.insert(url.to_string(), serde_json::Value::String(abs.display().to_string()));
+    let Ok(body) = serde_json::to_vec_pretty(&map) else { return };
+    let _ = std::fs::create_dir_all(fsutil::parent_of(&p));
+    let _ = fsutil::write_atomic(&p, true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)));
+}
+
+/// Where the node's key comes from for restore/verify: `CLN_BACKUP_LIGHTNING_DIR`, the
+/// given directories, then the lightning dir recorded at init for `url`; the first with an
+/// hsm_secret.
+fn find_node_key(url: &str, candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("CLN_BACKUP_LIGHTNING_DIR").map(PathBuf::from).into_iter().collect();
+    dirs.extend(candidates.iter().cloned());
+    if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+        dirs.push(PathBuf::from(d));
+    }
+    for d in &dirs {
+        if d.join("hsm_secret").is_file() {
+            return Ok((identity::node_key_from_lightning_dir(d).map_err(|e| anyhow!(e))?, d.clone()));
+        }
+    }
+    bail!(
+        "no hsm_secret found in {}: a socket: backup only answers the node it is paired with, by a key derived from \
+         hsm_secret. Put the node's hsm_secret in the lightning dir you restore into, or set CLN_BACKUP_LIGHTNING_DIR \
+         to the directory that holds it",
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
+    crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
+    let (key, ldir) = find_node_key(url, ldirs)?;
+    let mut pinned = pinned_server_key(&ldir, url)?;
+    if pinned.is_none() {
+        if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+            pinned = pinned_server_key(Path::new(d), url)?;
+        }
+    }
+    let dest = SocketDestination::connect(url, key, pinned, CONNECT_TIMEOUT, false)?;
+    if pinned.is_none() {
+        if let Some(k) = dest.server_key() {
+            eprintln!(
+                "warning: no server key pinned for {url} in {}/{LOCK_NAME}: the server presented {}; check it \
+                 against the key `backup-cli server` logs at start",
+                ldir.display(),
+                identity::to_hex(&k)
+            );
+        }
+    }
+    Ok(dest)
+}
+
+/// Downloads a consistent copy next to `near` and runs `f` on it; the copy is removed after.
+fn with_copy<T>(
+    dest: &mut SocketDestination,
+    near: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let dir = fsutil::tmp_path(&near.join(format!(".socket-download-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir);
+    dest.download(&dir, 0, progress)?;
+    let r = f(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// `backup-cli restore socket:... DEST`: materializes the remote backup, then restores it
+/// with the local engine.
+pub fn restore(url: &str, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(PathBuf, Summary)> {
+    let dest_dir = if dest.is_dir() { dest.to_path_buf() } else { fsutil::parent_of(dest).to_path_buf() };
+    let mut d = connect_reader(url, std::slice::from_ref(&dest_dir))?;
+    with_copy(&mut d, &dest_dir, progress, |copy| Ok(restore::restore(copy, dest, &mut |_, _| {})?))
+}
+
+/// `backup-cli verify socket:...`: checks a consistent copy of the remote backup.
+pub fn verify(url: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
+    let cwd = std::env::current_dir()?;
+    let mut d = connect_reader(url, std::slice::from_ref(&cwd))?;
+    let tmp = std::env::temp_dir();
+    with_copy(&mut d, &tmp, progress, |copy| Ok(restore::verify(copy, &mut |_, _| {})?))
+}

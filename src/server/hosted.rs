@@ -1,0 +1,476 @@
+//! One backup served by `backup-cli server`: its writer (held for the server's life, so the
+//! file lock keeps every other writer out), its paired client, and the operations a session
+//! runs on it. Everything here blocks on the disk; sessions call it off the async threads.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::keys::KeySource;
+use crate::error::StoreError;
+use crate::fsutil;
+use crate::journal::{self, Base, Header, Kind};
+use crate::layout::GenName;
+use crate::net::identity::{self, PublicKey};
+use crate::net::message::{Code, Manifest, State};
+use crate::writer::{NextGeneration, Refusal, Writer};
+
+pub type Failure = (Code, String);
+
+/// Bytes a second for the server's background disk work (an installed snapshot, freeing a
+/// replaced generation), as the plugin's `backup-compact-io-rate` default: the disk stays
+/// free most of the time for the writers' fdatasyncs.
+pub const IO_RATE: u64 = 32 << 20;
+
+fn store(e: StoreError) -> Failure {
+    (Code::Storage, e.explain())
+}
+
+struct Slot {
+    /// None only after a failed reopen: every request then fails until the server restarts.
+    writer: Option<Writer>,
+    writer_session: Option<u64>,
+    /// Header CRC of the journal's last record (0: none): resuming clients compare it.
+    tail: u32,
+}
+
+pub struct Hosted {
+    pub root: PathBuf,
+    pub url: String,
+    pub pairing_path: PathBuf,
+    client: Mutex<Option<PublicKey>>,
+    slot: Mutex<Slot>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A file beside the backup directory: `<dir>/<name><suffix>`. Beside, not inside, because
+/// the writer removes whatever it does not know inside a backup.
+pub fn beside(root: &Path, suffix: &str) -> PathBuf {
+    let mut name = root.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    root.with_file_name(name)
+}
+
+/// Walks record headers from `from` to `end`: (records, header CRC of the last one, where it stopped).
+fn scan(file: &File, path: &Path, from: u64, end: u64) -> Result<(u64, u32, u64), StoreError> {
+    let mut off = from;
+    let mut n = 0;
+    let mut tail = 0;
+    let mut h = [0u8; journal::RECORD_HEADER_LEN];
+    while off < end {
+        file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", path))?;
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64;
+        tail = u32::from_le_bytes([h[13], h[14], h[15], h[16]]);
+        off += journal::RECORD_HEADER_LEN as u64 + len;
+        n += 1;
+    }
+    Ok((n, tail, off))
+}
+
+fn tail_of(w: &Writer) -> Result<u32, StoreError> {
+    let path = w.journal_path();
+    let f = File::open(path).map_err(StoreError::io("open journal", path))?;
+    let from = w.last_tx_offset().unwrap_or(journal::HEADER_LEN);
+    Ok(scan(&f, path, from, w.journal_len())?.1)
+}
+
+fn state_of(w: &Writer, tail: u32) -> State {
+    State {
+        generation: w.header().generation,
+        journal_len: w.journal_len(),
+        version: w.position().version,
+        droppable: w.position().droppable,
+        last_tx_offset: w.last_tx_offset().unwrap_or(0),
+        tail,
+    }
+}
+
+/// What a download sends, fixed when it starts.
+pub struct Download {
+    pub manifest: Manifest,
+    pub snapshot: Option<File>,
+    pub journal: File,
+    /// Journal bytes [0, stable) never change; [stable, journal_len) were read under the lock.
+    pub stable: u64,
+    pub tail: Vec<u8>,
+}
+
+impl Hosted {
+    /// Opens the backup as its writer and reads its pairing. `pinned`: --client-key.
+    pub fn open(root: &Path, pinned: Option<PublicKey>) -> anyhow::Result<Hosted> {
+        let (writer, report) = match Writer::open(root, &KeySource::default()) {
+            Err(StoreError::Locked { path }) => anyhow::bail!(
+                "{} is in use by another writer (a running plugin, backup-cli or another server): stop it first",
+                path.display()
+            ),
+            r => r.map_err(|e| anyhow::anyhow!(e.explain()))?,
+        };
+        if let Some((off, len)) = report.torn_tail {
+            log::warn!("{}: cut a torn record of {len} bytes at offset {off}", root.display());
+        }
+        let pairing_path = beside(root, ".paired-client");
+        let recorded = match std::fs::read_to_string(&pairing_path) {
+            Ok(t) => Some(
+                identity::parse_public(&t)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}; move it away to pair again", pairing_path.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("read {}: {e}", pairing_path.display()),
+        };
+        let client = match (recorded, pinned) {
+            (Some(r), Some(p)) if r != p => anyhow::bail!(
+                "{} is already paired with client {}, not the --client-key {}: move {} away to pair another",
+                root.display(),
+                identity::to_hex(&r),
+                identity::to_hex(&p),
+                pairing_path.display()
+            ),
+            (Some(r), _) => Some(r),
+            (None, Some(p)) => {
+                write_pairing(&pairing_path, &p)?;
+                Some(p)
+            }
+            (None, None) => None,
+        };
+        let tail = tail_of(&writer).map_err(|e| anyhow::anyhow!(e.explain()))?;
+        Ok(Hosted {
+            root: root.into(),
+            url: crate::layout::url_for(root),
+            pairing_path,
+            client: Mutex::new(client),
+            slot: Mutex::new(Slot { writer: Some(writer), writer_session: None, tail }),
+        })
+    }
+
+    pub fn client(&self) -> Option<PublicKey> {
+        *lock(&self.client)
+    }
+
+    /// Pairs `key` if no client is paired yet; true if `key` is (now) this backup's client.
+    pub fn pair(&self, key: &PublicKey) -> anyhow::Result<bool> {
+        let mut c = lock(&self.client);
+        match *c {
+            Some(k) => Ok(k == *key),
+            None => {
+                write_pairing(&self.pairing_path, key)?;
+                *c = Some(*key);
+                Ok(true)
+            }
+        }
+    }
+
+    fn with_writer<T>(&self, f: impl FnOnce(&mut Slot) -> Result<T, Failure>) -> Result<T, Failure> {
+        let mut slot = lock(&self.slot);
+        if slot.writer.is_none() {
+            return Err((Code::Storage, format!("{}: the backup could not be reopened: restart the server", self.url)));
+        }
+        f(&mut slot)
+    }
+
+    pub fn state(&self) -> Result<State, Failure> {
+        self.with_writer(|s| Ok(state_of(s.writer.as_ref().ok_or_else(gone)?, s.tail)))
+    }
+
+    /// Makes `session` the writer, unless another session is.
+    pub fn claim_writer(&self, session: u64) -> Result<State, Failure> {
+        self.with_writer(|s| {
+            if s.writer_session.is_some_and(|o| o != session) {
+                return Err((
+                    Code::Busy,
+                    format!("{} already has a writer connected: only one node may write a backup", self.url),
+                ));
+            }
+            s.writer_session = Some(session);
+            Ok(state_of(s.writer.as_ref().ok_or_else(gone)?, s.tail))
+        })
+    }
+
+    pub fn release(&self, session: u64) {
+        let mut s = lock(&self.slot);
+        if s.writer_session == Some(session) {
+            s.writer_session = None;
+        }
+    }
+
+    pub fn append(&self, session: u64, dv: u32, kind: u8, replace_last: bool, record: &[u8]) -> Result<State, Failure> {
+        let kind = match kind {
+            1 => Kind::Transaction,
+            2 => Kind::Outside,
+            k => return Err((Code::Protocol, format!("unknown record kind {k}"))),
+        };
+        check_record(dv, kind, record)?;
+        self.with_writer(|s| {
+            if s.writer_session != Some(session) {
+                return Err((Code::NotWriter, "append needs a writer session (Hello with writer=1)".into()));
+            }
+            let w = s.writer.as_mut().ok_or_else(gone)?;
+            w.apply_framed(dv, kind, replace_last, record).map_err(|r| match r {
+                Refusal::Versions(m) => (Code::Versions, m),
+                Refusal::Store(e) => store(e),
+            })?;
+            s.tail = u32::from_le_bytes([record[13], record[14], record[15], record[16]]);
+            Ok(state_of(w, s.tail))
+        })
+    }
+
+    /// Fixes what a download sends: the generation's files, opened (so a compaction cannot
+    /// remove them under it), and the journal's changeable tail, copied under the lock.
+    /// `limit` (0: all): send the journal only up to there (a compaction's fold point).
+    pub fn prepare_download(&self, limit: u64) -> Result<Download, Failure> {
+        self.with_writer(|s| {
+            let w = s.writer.as_ref().ok_or_else(gone)?;
+            let end = w.journal_len();
+            let mut stable = w.last_tx_offset().unwrap_or(end);
+            let mut jlen = end;
+            if limit > 0 {
+                if limit > stable || limit < journal::HEADER_LEN {
+                    return Err((
+                        Code::Refused,
+                        format!("cannot download up to {limit}: only up to {stable} is fixed"),
+                    ));
+                }
+                stable = limit;
+                jlen = limit;
+            }
+            let open = |p: &Path| match fsutil::open_for_reading(p) {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err(store(StoreError::Invalid { path: p.into(), what: "removed while opening".into() })),
+                Err(e) => Err(store(StoreError::io("open", p)(e))),
+            };
+            let journal = open(w.journal_path())?;
+            let snapshot = match w.snapshot_path() {
+                Some(p) => Some(open(&p)?),
+                None => None,
+            };
+            let mut tail = vec![0u8; (jlen - stable) as usize];
+            journal
+                .read_exact_at(&mut tail, stable)
+                .map_err(|e| store(StoreError::io("read journal", w.journal_path())(e)))?;
+            let snapshot_len = match &snapshot {
+                Some(f) => f.metadata().map_err(|e| store(StoreError::io("stat snapshot", &self.root)(e)))?.len(),
+                None => 0,
+            };
+            let h = w.header();
+            Ok(Download {
+                manifest: Manifest {
+                    generation: h.generation,
+                    base_version: h.base.version(),
+                    snapshot_len,
+                    journal_len: jlen,
+                },
+                snapshot,
+                journal,
+                stable,
+                tail,
+            })
+        })
+    }
+
+    /// Where an install's snapshot is written while it arrives (a leftover if interrupted,
+    /// removed by the writer's next open).
+    pub fn install_tmp(&self, from_generation: u64, base_version: u32) -> PathBuf {
+        let g = GenName { generation: from_generation + 1, base_version };
+        fsutil::tmp_path(&crate::layout::Layout::new(&self.root).snapshot_path(g))
+    }
+
+    /// Switches the backup to a new generation: the snapshot uploaded to `snapshot_tmp`
+    /// (fsynced), plus the current journal from `fold_end` on. `fold_end` is the journal
+    /// header's end for a first upload into an empty backup, or a compaction's fold point.
+    pub fn install(
+        &self,
+        session: u64,
+        from_generation: u64,
+        base_version: u32,
+        fold_end: u64,
+        snapshot_tmp: &Path,
+    ) -> Result<State, Failure> {
+        let refused = |m: String| -> Result<State, Failure> { Err((Code::Refused, m)) };
+        // the prefix before fold_end never changes: count its records outside the lock
+        let jpath = self.with_writer(|s| Ok(s.writer.as_ref().ok_or_else(gone)?.journal_path().to_path_buf()))?;
+        let jf = File::open(&jpath).map_err(|e| store(StoreError::io("open journal", &jpath)(e)))?;
+        let (folded, _, stop) = scan(&jf, &jpath, journal::HEADER_LEN, fold_end).map_err(store)?;
+        if stop != fold_end {
+            return refused(format!("{fold_end} is not a record boundary of {}", jpath.display()));
+        }
+        // Any session of the paired client may install (a compaction runs on a second
+        // connection while the writer appends): it is checked against the backup as it is.
+        let _ = session;
+        let mut slot = lock(&self.slot);
+        let Some(w) = slot.writer.as_mut() else { return Err(gone()) };
+        let cur = w.header().generation;
+        if cur != from_generation || w.journal_path() != jpath {
+            return refused(format!("the backup is at generation {cur} now, not {from_generation}: plan again"));
+        }
+        if fold_end == journal::HEADER_LEN {
+            if w.records() != 0 || w.header().base != Base::Empty {
+                return refused(format!(
+                    "{} already holds data (generation {cur}, {} record(s)): a first generation goes only into \
+                     an empty backup (make a new one with `backup-cli init` on the server)",
+                    self.url,
+                    w.records()
+                ));
+            }
+        } else if w.last_tx_offset().is_some_and(|o| o < fold_end) || fold_end > w.journal_len() {
+            return refused(format!("fold point {fold_end} is past the last transaction: plan again"));
+        }
+        let g = GenName { generation: cur + 1, base_version };
+        let layout = w.layout().clone();
+        let snap = layout.snapshot_path(g);
+        std::fs::rename(snapshot_tmp, &snap).map_err(|e| store(StoreError::io("rename into place", &snap)(e)))?;
+        fsutil::fsync_dir(&layout.root).map_err(store)?;
+        let header = Header { generation: g.generation, base: Base::Snapshot(base_version), sealed: w.header().sealed };
+        let final_path = layout.journal_path(g);
+        let tmp_path = fsutil::tmp_path(&final_path);
+        let _ = std::fs::remove_file(&tmp_path);
+        let mut tmp = fsutil::create_private(&tmp_path).map_err(store)?;
+        tmp.write_all(&header.encode()).map_err(|e| store(StoreError::io("write", &tmp_path)(e)))?;
+        let next = NextGeneration {
+            header,
+            tmp,
+            tmp_path,
+            final_path,
+            fold_end,
+            copied_to: fold_end,
+            truncations: w.truncations(),
+            records_folded: folded,
+        };
+        let old_snapshot = w.snapshot_path();
+        w.switch_to(next).map_err(store)?;
+        if fold_end > journal::HEADER_LEN {
+            // A compaction: the writer went on in the new generation. Free the old files
+            // outside the lock, paced, as the file destination does.
+            let tail = slot.tail;
+            let st = state_of(slot.writer.as_ref().ok_or_else(gone)?, tail);
+            drop(slot);
+            // In the background: removal waits for downloads still reading the old files.
+            let url = self.url.clone();
+            std::thread::spawn(move || {
+                fsutil::background_priority();
+                let mut throttle = fsutil::Throttle::new(IO_RATE);
+                for p in std::iter::once(jpath).chain(old_snapshot) {
+                    if let Err(e) = fsutil::remove_gradually(&p, &mut throttle, &mut |_| {}) {
+                        log::warn!("{url}: could not remove the old generation's {}: {}", p.display(), e.explain());
+                    }
+                }
+            });
+            return Ok(st);
+        }
+        // A first upload: reopen, so the position comes from the new snapshot.
+        slot.writer = None;
+        let (w, _) = Writer::open(&self.root, &KeySource::default()).map_err(store)?;
+        slot.tail = tail_of(&w).map_err(store)?;
+        let st = state_of(&w, slot.tail);
+        slot.writer = Some(w);
+        Ok(st)
+    }
+}
+
+fn gone() -> Failure {
+    (Code::Storage, "the backup could not be reopened: restart the server".into())
+}
+
+fn write_pairing(path: &Path, key: &PublicKey) -> anyhow::Result<()> {
+    let text = format!("{}\n", identity::to_hex(key));
+    fsutil::write_atomic(path, true, |f, tmp| f.write_all(text.as_bytes()).map_err(StoreError::io("write", tmp)))
+        .map_err(|e| anyhow::anyhow!(e.explain()))
+}
+
+/// The record's own header and checksums must hold and agree with the request. Its payload
+/// may be sealed: the server never reads it.
+fn check_record(dv: u32, kind: Kind, r: &[u8]) -> Result<(), Failure> {
+    let bad = |m: &str| Err((Code::Protocol, format!("record for data_version {dv}: {m}")));
+    if r.len() < journal::RECORD_HEADER_LEN {
+        return bad("shorter than a record header");
+    }
+    let u = |i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+    if u(13) != crc32c::crc32c(&r[0..13]) {
+        return bad("header checksum mismatch");
+    }
+    if u(0) as usize != r.len() - journal::RECORD_HEADER_LEN {
+        return bad("length does not match its header");
+    }
+    // The CRC covers the stored bytes, sealed or not: a record the writer would cut as
+    // damaged at its next open must never be acknowledged.
+    if u(9) != crc32c::crc32c(&r[journal::RECORD_HEADER_LEN..]) {
+        return bad("payload checksum mismatch");
+    }
+    if u(4) != dv || r[8] != kind as u8 {
+        return bad("header names another version or kind");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(dv: u32, kind: Kind) -> Vec<u8> {
+        let mut b = vec![];
+        let bump = format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1);
+        journal::encode_record(&mut b, dv, kind, &["INSERT INTO t VALUES (1)", bump.as_str()]);
+        b
+    }
+
+    #[test]
+    fn writer_session_append_and_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("b.bkp");
+        crate::writer::create(&root, None, None, None).unwrap();
+        let h = Hosted::open(&root, None).unwrap();
+        assert!(Hosted::open(&root, None).err().unwrap().to_string().contains("in use by another writer"));
+        let st = h.claim_writer(1).unwrap();
+        assert_eq!((st.version, st.tail), (0, 0));
+        assert_eq!(h.claim_writer(2).unwrap_err().0, Code::Busy);
+        assert_eq!(h.append(2, 1, 1, false, &rec(1, Kind::Transaction)).unwrap_err().0, Code::NotWriter);
+        let r1 = rec(1, Kind::Transaction);
+        let st = h.append(1, 1, 1, false, &r1).unwrap();
+        assert_eq!(st.version, 1);
+        assert_eq!(st.journal_len, journal::HEADER_LEN + r1.len() as u64);
+        assert_eq!(st.tail, u32::from_le_bytes(r1[13..17].try_into().unwrap()));
+        // replace_last must agree with the rules
+        assert_eq!(h.append(1, 1, 1, false, &r1).unwrap_err().0, Code::Versions);
+        assert!(h.append(1, 1, 1, true, &r1).is_ok());
+        assert_eq!(h.append(1, 5, 1, false, &rec(5, Kind::Transaction)).unwrap_err().0, Code::Versions);
+        // a record whose header lies is refused
+        let mut bad = rec(2, Kind::Transaction);
+        bad[20] ^= 1;
+        assert_eq!(h.append(1, 2, 1, false, &bad).unwrap_err().0, Code::Protocol);
+        assert!(h.append(1, 2, 1, false, &rec(2, Kind::Transaction)).is_ok());
+        let mut bad = rec(3, Kind::Transaction);
+        bad[5] ^= 1;
+        assert_eq!(h.append(1, 3, 1, false, &bad).unwrap_err().0, Code::Protocol);
+        assert_eq!(h.append(1, 4, 1, false, &rec(3, Kind::Transaction)).unwrap_err().0, Code::Protocol);
+        h.release(1);
+        assert!(h.claim_writer(2).is_ok());
+        // a reopen finds the same tail
+        let before = h.state().unwrap();
+        drop(h);
+        let h = Hosted::open(&root, None).unwrap();
+        assert_eq!(h.state().unwrap(), before);
+    }
+
+    #[test]
+    fn pairing_is_recorded_and_pinned() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("b.bkp");
+        crate::writer::create(&root, None, None, None).unwrap();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let h = Hosted::open(&root, None).unwrap();
+        assert!(h.pair(&a).unwrap());
+        assert!(!h.pair(&b).unwrap());
+        drop(h);
+        let h = Hosted::open(&root, None).unwrap();
+        assert_eq!(h.client(), Some(a));
+        drop(h);
+        assert!(Hosted::open(&root, Some(b)).err().unwrap().to_string().contains("already paired"));
+        std::fs::remove_file(beside(&root, ".paired-client")).unwrap();
+        let h = Hosted::open(&root, Some(b)).unwrap();
+        assert!(!h.pair(&a).unwrap());
+        assert!(h.pair(&b).unwrap());
+    }
+}
