@@ -904,3 +904,69 @@ fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connecti
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("small", tmp.path()));
 }
+
+/// The real plugin with a `socket:` destination in backup.lock: the trace through lightningd's
+/// stand-in, the server SIGKILLed and restarted mid-trace (the hook waits and resumes), a
+/// SIGKILL of the plugin itself, then a restore through the socket compared row for row.
+#[test]
+fn the_plugin_writes_through_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 5);
+    let state_home = tmp.path().join("state");
+    let o = Command::new(CLI)
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", &state_home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("channels");
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    let third = trace.len() / 3;
+    assert_eq!(node.replay(trace, 0..third).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    let d = &st["destinations"][0];
+    assert_eq!(d["kind"], "socket", "{st:#}");
+    assert_eq!(d["state"], "in-sync", "{st:#}");
+    assert_eq!(d["details"]["connected"], true, "{st:#}");
+    // the server dies and comes back while lightningd waits on a hook
+    server.kill();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        server.spawn();
+        server
+    });
+    assert!(!cln_backup::sim::restarts_at(trace, third));
+    let t0 = Instant::now();
+    assert_eq!(node.replay(trace, third..third + 1).unwrap(), None);
+    assert!(t0.elapsed() >= Duration::from_millis(250), "the hook did not wait for the server");
+    let server = restart.join().unwrap();
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert!(st["destinations"][0]["details"]["reconnects"].as_u64().unwrap() >= 1, "{st:#}");
+    assert_eq!(node.replay(trace, third + 1..2 * third).unwrap(), None);
+    // the plugin SIGKILLed mid-write; lightningd restarts it and goes on
+    let rec = &trace[2 * third];
+    node.start_if_needed(trace, 2 * third).unwrap();
+    node.plugin().unwrap().send_db_write(rec.data_version, &rec.writes).unwrap();
+    node.plugin.take().unwrap().kill().unwrap();
+    if !node.db.is_autocommit() {
+        node.db.execute_batch("ROLLBACK").unwrap();
+    }
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(trace, 2 * third..trace.len()).unwrap(), None);
+    node.stop().unwrap();
+    drop(server);
+    let _ = std::fs::remove_file(ldir.join("lightningd.sqlite3"));
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let out = tmp.path().join("restored");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("hsm_secret"), [5u8; 32]).unwrap();
+    std::fs::copy(ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
+    let db = restore_cli(&u, &out);
+    assert_same(&db, &final_db("channels", tmp.path()));
+    drop(server);
+}

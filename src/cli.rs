@@ -432,7 +432,9 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
     for t in targets {
         match t {
             destination::Target::File(p) => roots.push(p),
-            destination::Target::Postgres(u) => bail!("{u}: a postgres:// destination is initialized on its own"),
+            destination::Target::Postgres(u) | destination::Target::Socket(u) => {
+                bail!("{u}: a network destination is initialized on its own")
+            }
         }
     }
     let abs: Vec<String> = roots.iter().map(|r| layout::url_for(r)).collect();
@@ -460,7 +462,7 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
             println!("Created an empty backup at {url} for a new node.");
         }
         print_sealing(&meta, None);
-        let lf = destination::LockFile { urls: abs.clone(), min_destinations: min };
+        let lf = destination::LockFile { urls: abs.clone(), min_destinations: min, extra: Default::default() };
         println!("Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.", lf.to_json());
         return Ok(());
     };
@@ -505,7 +507,7 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         }
     }
     print_sealing(&meta, Some(ldir));
-    let body = destination::LockFile { urls: abs, min_destinations: min }.to_json();
+    let body = destination::LockFile { urls: abs, min_destinations: min, extra: Default::default() }.to_json();
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())

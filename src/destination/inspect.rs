@@ -32,6 +32,9 @@ pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
             let _ = std::fs::remove_dir_all(&dir);
             got
         }
+        Target::Socket(u) => Err(format!(
+            "{u}: a socket: copy is compared by restoring it (backup-cli restore {u} DEST) in this version"
+        )),
     }
 }
 

@@ -48,7 +48,14 @@ impl Tip {
 
     /// Both end with the same record at the same version.
     pub fn same_end(&self, other: &Tip) -> bool {
-        self.position.version == other.position.version && self.last_crc == other.last_crc
+        let crc_known = self.last_crc != 0 && other.last_crc != 0;
+        self.position.version == other.position.version
+            && if crc_known {
+                self.last_crc == other.last_crc
+            } else {
+                // a remote copy right after a start: its place must match
+                self.generation == other.generation && self.journal_len == other.journal_len
+            }
     }
 }
 
@@ -111,10 +118,15 @@ pub enum Target {
     File(PathBuf),
     /// A libpq URL (`?backup=NAME` names the backup among others in the database).
     Postgres(String),
+    /// `socket:HOST:PORT[?proxy=socks5:H:P]`, a `backup-cli server`.
+    Socket(String),
 }
 
 /// Parses a destination URL; relative file paths are taken from `base`.
 pub fn parse(url: &str, base: &Path) -> Result<Target, String> {
+    if crate::net::url::is_socket_url(url) {
+        return crate::net::url::parse(url).map(|_| Target::Socket(url.to_string()));
+    }
     if postgres::is_postgres_url(url) {
         return postgres::url::parse(url).map(|_| Target::Postgres(url.to_string())).map_err(|e| e.explain());
     }
@@ -139,6 +151,11 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
                 .map_err(|e| format!("Cannot open the backup at {}: {}", postgres::url::redact(&u), e.explain()))?;
             Ok((Box::new(d), vec![]))
         }
+        Target::Socket(u) => {
+            let d = socket::cli::connect_node(base, &u, DEFAULT_RECONNECT_TIMEOUT)
+                .map_err(|e| format!("Cannot open the backup at {u}: {e:#}"))?;
+            Ok((Box::new(socket::seam::Socket::new(d)), vec![]))
+        }
     }
 }
 
@@ -147,6 +164,8 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockFile {
     pub urls: Vec<String>,
+    /// Fields of other kinds of destination (e.g. `server_key`), kept as they are.
+    pub extra: serde_json::Map<String, serde_json::Value>,
     /// `backup-min-destinations` as last seen, for the writes before the next init.
     pub min_destinations: Option<usize>,
 }
@@ -166,11 +185,16 @@ impl LockFile {
             }
         }
         let min_destinations = v.get("min_destinations").and_then(|m| m.as_u64()).map(|m| m as usize);
-        Ok(LockFile { urls, min_destinations })
+        let mut extra = v.as_object().cloned().unwrap_or_default();
+        for k in ["backend_url", "destinations", "min_destinations"] {
+            extra.remove(k);
+        }
+        Ok(LockFile { urls, min_destinations, extra })
     }
 
     pub fn to_json(&self) -> String {
-        let mut v = serde_json::json!({ "backend_url": self.urls[0] });
+        let mut v = serde_json::Value::Object(self.extra.clone());
+        v["backend_url"] = serde_json::json!(self.urls[0]);
         if self.urls.len() > 1 {
             v["destinations"] = serde_json::json!(self.urls);
         }
@@ -197,7 +221,7 @@ pub fn check_distinct(urls: &[String], base: &Path) -> Result<Vec<Target>, Strin
         let t = parse(u, base)?;
         let canon = match &t {
             Target::File(p) => crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n)),
-            Target::Postgres(_) => None,
+            Target::Postgres(_) | Target::Socket(_) => None,
         };
         if let Some((_, _, first)) = seen.iter().find(|(t2, c2, _)| *t2 == t || (canon.is_some() && *c2 == canon)) {
             return Err(format!("'{u}' and '{first}' are the same destination: give each place once"));
@@ -217,7 +241,9 @@ mod tests {
         let one = LockFile::parse(r#"{"backend_url": "file:///a"}"#, p).unwrap();
         assert_eq!(one.urls, vec!["file:///a"]);
         assert_eq!(one.to_json(), r#"{"backend_url":"file:///a"}"#);
-        let two = LockFile { urls: vec!["file:///a".into(), "file:///b".into()], min_destinations: Some(1) };
+        let mut extra = serde_json::Map::new();
+        extra.insert("server_key".into(), serde_json::json!("ab"));
+        let two = LockFile { urls: vec!["file:///a".into(), "file:///b".into()], min_destinations: Some(1), extra };
         let back = LockFile::parse(&two.to_json(), p).unwrap();
         assert_eq!(back, two);
         assert!(LockFile::parse(r#"{"backend": 1}"#, p).unwrap_err().contains("is not valid"));

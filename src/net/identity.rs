@@ -85,14 +85,12 @@ pub fn load_or_create_server_key(path: &Path) -> Result<(SecretKey, bool), Store
     }
 }
 
-/// The node's transport key from its hsm_secret (HKDF-SHA256, info `TRANSPORT_LABEL`).
-/// Placeholder for `keys::makesecret` until that lands; same construction expected.
+/// The node's transport key: CLN's `makesecret` over the node's secret with the label
+/// `TRANSPORT_LABEL`, the value `lightning-cli makesecret string="cln-backup transport v1"`
+/// gives on the same node.
 pub fn node_key_from_secret(secret: &[u8]) -> SecretKey {
-    let hk = hkdf::Hkdf::<sha2::Sha256>::new(None, secret);
-    let mut k = [0u8; 32];
-    // 32 bytes is always a valid HKDF-SHA256 output length.
-    let _ = hk.expand(TRANSPORT_LABEL, &mut k);
-    SecretKey(k)
+    let label = std::str::from_utf8(TRANSPORT_LABEL).unwrap_or("cln-backup transport v1");
+    SecretKey(crate::keys::makesecret(secret, label))
 }
 
 /// Reads `hsm_secret` from a lightning dir and derives the node's transport key.
@@ -105,14 +103,19 @@ pub fn node_key_from_lightning_dir(ldir: &Path) -> Result<SecretKey, String> {
             p.display()
         )
     })?;
-    if b.len() != 32 {
-        return Err(format!(
-            "{} is {} bytes, not a plain 32-byte secret (encrypted hsm_secret is not supported for socket: yet)",
-            p.display(),
-            b.len()
-        ));
-    }
-    Ok(node_key_from_secret(&b))
+    // Both formats: the legacy 32 bytes, or the mnemonic one (its BIP39 seed).
+    let secret = crate::keys::node_secret_from_hsm_secret(&b).map_err(|e| {
+        if e == "passphrase" {
+            format!(
+                "{} is protected by a passphrase, which cln-backup cannot read before lightningd's init: a \
+                 socket: destination needs the node's key from it",
+                p.display()
+            )
+        } else {
+            format!("{}: {e}", p.display())
+        }
+    })?;
+    Ok(node_key_from_secret(&secret))
 }
 
 #[cfg(test)]

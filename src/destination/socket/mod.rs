@@ -7,5 +7,6 @@
 
 pub mod cli;
 pub mod client;
+pub mod seam;
 
 pub use client::{SocketDestination, SocketError};
