@@ -665,7 +665,9 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
     assert_eq!(dest.status()["synchronous_replication"], true);
     run(&mut dest, &trace[half..], "(synchronous standby)");
     drop(standby);
-/// 4. `socket:` append over loopback vs bare round trip + fdatasync of the same bytes.
+}
+
+/// 6. `socket:` append over loopback vs bare round trip + fdatasync of the same bytes.
 fn socket_append(base: &Path) {
     use cln_backup::destination::socket::SocketDestination;
     use cln_backup::net::identity::SecretKey;

@@ -504,7 +504,10 @@ mod tests {
         (dir, p, offs)
     }
 
-    fn read_all(p: &Path) -> Result<(Vec<Record>, Option<(u64, u64)>)> {
+    /// Every record, and the torn tail (offset, bytes) if any.
+    type ReadAll = (Vec<Record>, Option<(u64, u64)>);
+
+    fn read_all(p: &Path) -> Result<ReadAll> {
         let mut r = JournalReader::open(p)?;
         let mut v = vec![];
         while let Some(rec) = r.next_record()? {
