@@ -81,7 +81,14 @@ fn hook_restore_and_compaction(base: &Path) {
     fs::create_dir_all(&shm).unwrap();
     let mut plugins = vec![("one destination", PathBuf::from(BIN), ldir.clone(), vec![root.clone()])];
     if let Some(o) = &other {
-        plugins.push(("compared build", o.clone(), base.join("other/regtest"), vec![base.join("other.bkp")]));
+        // an older build reads plaintext backups only: compare it with this build on one
+        plugins.push(("compared build, plaintext", o.clone(), base.join("other/regtest"), vec![base.join("other.bkp")]));
+        plugins.push((
+            "this build, plaintext",
+            PathBuf::from(BIN),
+            base.join("plain/regtest"),
+            vec![base.join("plain.bkp")],
+        ));
     }
     plugins.push(("tmpfs alone", PathBuf::from(BIN), base.join("shm/regtest"), vec![shm.join("alone.bkp")]));
     plugins.push((
@@ -91,9 +98,12 @@ fn hook_restore_and_compaction(base: &Path) {
         vec![base.join("two.bkp"), shm.join("two.bkp")],
     ));
     let mut nodes = Vec::new();
-    for (_, bin, ldir, roots) in &plugins {
+    for (name, bin, ldir, roots) in &plugins {
         fs::create_dir_all(ldir).unwrap();
         let mut args = vec!["init".to_string(), "--lightning-dir".into(), ldir.to_str().unwrap().into()];
+        if name.ends_with("plaintext") {
+            args.push("--no-encryption".into());
+        }
         args.extend(roots.iter().map(|r| format!("file://{}", r.display())));
         let o = std::process::Command::new(CLI).args(&args).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
