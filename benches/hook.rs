@@ -82,7 +82,12 @@ fn hook_restore_and_compaction(base: &Path) {
     let mut plugins = vec![("one destination", PathBuf::from(BIN), ldir.clone(), vec![root.clone()])];
     if let Some(o) = &other {
         // an older build reads plaintext backups only: compare it with this build on one
-        plugins.push(("compared build, plaintext", o.clone(), base.join("other/regtest"), vec![base.join("other.bkp")]));
+        plugins.push((
+            "compared build, plaintext",
+            o.clone(),
+            base.join("other/regtest"),
+            vec![base.join("other.bkp")],
+        ));
         plugins.push((
             "this build, plaintext",
             PathBuf::from(BIN),

@@ -50,9 +50,8 @@ pub fn bindir() -> Result<PathBuf, String> {
                 return Ok(b);
             }
         }
-        let on_path = std::env::var_os("PATH").and_then(|paths| {
-            std::env::split_paths(&paths).map(|d| d.join("initdb")).find(|p| p.exists())
-        });
+        let on_path = std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("initdb")).find(|p| p.exists()));
         if let Some(initdb) = on_path.and_then(|p| std::fs::canonicalize(p).ok()) {
             if let Some(dir) = initdb.parent() {
                 return Ok(dir.to_path_buf());

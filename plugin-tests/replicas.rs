@@ -71,9 +71,10 @@ fn three_destinations_each_restore_alone() {
     let journals: Vec<Vec<u8>> = roots
         .iter()
         .map(|r| {
-            let j = std::fs::read_dir(r).unwrap().map(|e| e.unwrap().path()).find(|p| {
-                p.extension().is_some_and(|x| x == "journal")
-            });
+            let j = std::fs::read_dir(r)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|x| x == "journal"));
             std::fs::read(j.unwrap()).unwrap()
         })
         .collect();
@@ -147,11 +148,7 @@ fn a_full_destination_falls_behind_and_catches_up() {
     // said at warn when it fell behind, and again by each start of the plugin since
     assert!(logs.iter().any(|(l, m)| l == "warn" && m.contains("behind") && m.contains(&url(&roots[1]))), "{logs:?}");
     // space again: it catches up in the background and is written synchronously again
-    let grown = std::process::Command::new("mount")
-        .args(["-o", "remount,size=64m"])
-        .arg(disk.path())
-        .status()
-        .unwrap();
+    let grown = std::process::Command::new("mount").args(["-o", "remount,size=64m"]).arg(disk.path()).status().unwrap();
     assert!(grown.success());
     wait_state(&mut node, 1, "in-sync", Duration::from_secs(30));
     wait_for_log(node.plugin().unwrap(), "info", "is up to date again");

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use crate::destination::postgres as pg;
 use crate::destination::socket;
+use crate::destination::{self, inspect};
 use crate::error::StoreError;
 use crate::keys::{self, KeySource};
 use crate::layout;
@@ -18,7 +19,6 @@ use crate::meta::Meta;
 use crate::net::url::is_socket_url;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
-use crate::destination::{self, inspect};
 use crate::{fsutil, sim, snapshot, writer};
 
 #[derive(Parser)]
@@ -335,7 +335,8 @@ fn run(cmd: Cmd) -> Result<()> {
 
 /// A destination URL rather than a path: it has a scheme.
 fn is_url(arg: &str) -> bool {
-    arg.split_once(':').is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
+    arg.split_once(':')
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
 }
 
 /// How a new backup is sealed.
@@ -463,7 +464,10 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         }
         print_sealing(&meta, None);
         let lf = destination::LockFile { urls: abs.clone(), min_destinations: min, extra: Default::default() };
-        println!("Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.", lf.to_json());
+        println!(
+            "Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.",
+            lf.to_json()
+        );
         return Ok(());
     };
     if !ldir.is_dir() {
@@ -534,8 +538,9 @@ fn create_all(
 
 fn read_lock(ldir: &Path) -> Result<destination::LockFile> {
     let path = ldir.join(LOCK_NAME);
-    let text = fs::read_to_string(&path)
-        .with_context(|| format!("read {} (is this the node's lightning dir, with a backup made by init?)", path.display()))?;
+    let text = fs::read_to_string(&path).with_context(|| {
+        format!("read {} (is this the node's lightning dir, with a backup made by init?)", path.display())
+    })?;
     destination::LockFile::parse(&text, &path).map_err(|e| anyhow!(e))
 }
 
@@ -582,7 +587,10 @@ fn print_last_write(root: &Path) {
 
 fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     if lightningd_running(ldir) {
-        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then add the destination", ldir.display());
+        bail!(
+            "lightningd is running on {}: stop it first (lightning-cli stop), then add the destination",
+            ldir.display()
+        );
     }
     let mut lf = read_lock(ldir)?;
     let mut all = lf.urls.clone();
@@ -616,7 +624,10 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
 
 fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
     if lightningd_running(ldir) {
-        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then remove the destination", ldir.display());
+        bail!(
+            "lightningd is running on {}: stop it first (lightning-cli stop), then remove the destination",
+            ldir.display()
+        );
     }
     let mut lf = read_lock(ldir)?;
     let target = destination::parse(url, ldir).map_err(|e| anyhow!(e))?;
@@ -624,7 +635,9 @@ fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
         bail!("{url} is not one of this node's destinations: {}", lf.urls.join(", "));
     };
     if lf.urls.len() == 1 {
-        bail!("{url} is the node's only destination: add another first (a node without a backup is not allowed to run)");
+        bail!(
+            "{url} is the node's only destination: add another first (a node without a backup is not allowed to run)"
+        );
     }
     let removed = lf.urls.remove(i);
     if let Some(m) = lf.min_destinations.filter(|m| *m > lf.urls.len()) {

@@ -309,8 +309,13 @@ pub fn transcode(path: &Path, src: &[u8], src_at: u64, from: Payloads, dst_at: u
             return Err(damaged("record payload checksum mismatch"));
         }
         let kind = Kind::from_byte(rh.kind).ok_or_else(|| damaged("unknown record kind"))?;
-        let mut rec =
-            Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload: body.to_vec() };
+        let mut rec = Record {
+            offset: off,
+            data_version: rh.data_version,
+            kind,
+            payload_crc: rh.payload_crc,
+            payload: body.to_vec(),
+        };
         let plain = rec.plaintext(path, from)?;
         let stmts = decode_statements(plain).map_err(|what| damaged(&what))?;
         let at = dst_at + out.len() as u64;

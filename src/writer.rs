@@ -227,7 +227,10 @@ pub fn install_generation(root: &Path, from: &crate::destination::GenerationFile
     let layout = Layout::new(root);
     let header = journal::JournalReader::open(&from.journal)?.header;
     if header.generation != from.generation {
-        return Err(StoreError::Invalid { path: from.journal.clone(), what: "generation changed while copying".into() });
+        return Err(StoreError::Invalid {
+            path: from.journal.clone(),
+            what: "generation changed while copying".into(),
+        });
     }
     let g = GenName { generation: header.generation, base_version: header.base.version() };
     let copy = |src: &Path, dst: &Path, len: Option<u64>| {
@@ -239,7 +242,9 @@ pub fn install_generation(root: &Path, from: &crate::destination::GenerationFile
             }
             .map_err(StoreError::io("copy into", tmp))?;
             match len {
-                Some(n) if copied != n => Err(StoreError::Invalid { path: src.into(), what: "shorter than expected".into() }),
+                Some(n) if copied != n => {
+                    Err(StoreError::Invalid { path: src.into(), what: "shorter than expected".into() })
+                }
                 _ => Ok(()),
             }
         })
@@ -256,7 +261,11 @@ pub fn install_generation(root: &Path, from: &crate::destination::GenerationFile
     let mut removed = false;
     for entry in fs::read_dir(root).map_err(StoreError::io("list", root))? {
         let p = entry.map_err(StoreError::io("list", root))?.path();
-        let newer = p.file_name().and_then(|n| n.to_str()).and_then(crate::layout::generation_of).is_some_and(|n| n > g.generation);
+        let newer = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(crate::layout::generation_of)
+            .is_some_and(|n| n > g.generation);
         if newer {
             fs::remove_file(&p).map_err(StoreError::io("remove", &p))?;
             removed = true;

@@ -33,7 +33,8 @@ impl FileDestination {
                 layout::url_for(&root.with_extension("cln-backup")),
             ));
         }
-        let (w, report) = Writer::open(root, keys).map_err(|e| format!("Cannot open the backup at {url}: {}", e.explain()))?;
+        let (w, report) =
+            Writer::open(root, keys).map_err(|e| format!("Cannot open the backup at {url}: {}", e.explain()))?;
         let mut notes = Vec::new();
         if !report.removed.is_empty() {
             let names: Vec<_> =
@@ -103,7 +104,13 @@ impl Destination for FileDestination {
     ) -> Result<bool, StoreError> {
         lock(&self.writer).seal_for_next(data_version, kind, replace_last, record, out)
     }
-    fn append_copy(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+    fn append_copy(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
         let mut w = lock(&self.writer);
         if replace_last {
             w.drop_last_transaction()?;

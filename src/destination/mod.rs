@@ -93,7 +93,13 @@ pub trait Destination: Send {
     }
     /// As `append`, for a record as another copy of this backup holds it at the same place
     /// (sealed records are bound to their place): catching a lagging copy up.
-    fn append_copy(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+    fn append_copy(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
         self.append(data_version, kind, replace_last, record)
     }
     /// Bytes the destination holds for this backup.
@@ -220,7 +226,9 @@ pub fn check_distinct(urls: &[String], base: &Path) -> Result<Vec<Target>, Strin
     for u in urls {
         let t = parse(u, base)?;
         let canon = match &t {
-            Target::File(p) => crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n)),
+            Target::File(p) => {
+                crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n))
+            }
             Target::Postgres(_) | Target::Socket(_) => None,
         };
         if let Some((_, _, first)) = seen.iter().find(|(t2, c2, _)| *t2 == t || (canon.is_some() && *c2 == canon)) {

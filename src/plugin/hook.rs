@@ -197,8 +197,15 @@ impl Core {
             std::io::Write::write_all(f, text.as_bytes()).map_err(crate::error::StoreError::io("write", tmp))
         });
         match r {
-            Ok(()) => info!("Recorded {}={} in {}", options::MIN_DESTINATIONS.name, self.settings.min_destinations, path.display()),
-            Err(e) => warn!("Could not record {} in {}: {}", options::MIN_DESTINATIONS.name, path.display(), e.explain()),
+            Ok(()) => info!(
+                "Recorded {}={} in {}",
+                options::MIN_DESTINATIONS.name,
+                self.settings.min_destinations,
+                path.display()
+            ),
+            Err(e) => {
+                warn!("Could not record {} in {}: {}", options::MIN_DESTINATIONS.name, path.display(), e.explain())
+            }
         }
     }
 
@@ -351,8 +358,8 @@ impl Core {
                 if i > 0 {
                     lock(&status).begin();
                 }
-            match compact::run_tracked(writer, &status, &log, &mut crate::fsutil::Throttle::new(rate)) {
-                Ok(Outcome::Done(s)) => info!(
+                match compact::run_tracked(writer, &status, &log, &mut crate::fsutil::Throttle::new(rate)) {
+                    Ok(Outcome::Done(s)) => info!(
                     "Compaction done: folded {} records into generation {} at data_version {}; {:.1} MB -> {:.1} MB \
                      in {:.2} s; the final switch held db_write for {} µs",
                     s.records_folded,
@@ -363,9 +370,9 @@ impl Core {
                     s.seconds,
                     s.switch_hold_us
                 ),
-                Ok(Outcome::Nothing(why)) => info!("Compaction: {why}"),
-                Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
-            }
+                    Ok(Outcome::Nothing(why)) => info!("Compaction: {why}"),
+                    Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
+                }
             }
             flag.store(false, Ordering::Relaxed);
         });

@@ -75,7 +75,14 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { autocompact: true, min_journal: 64 << 20, ratio: 2.0, io_rate: 32 << 20, min_destinations: 0, reconnect_timeout_s: 60 }
+        Settings {
+            autocompact: true,
+            min_journal: 64 << 20,
+            ratio: 2.0,
+            io_rate: 32 << 20,
+            min_destinations: 0,
+            reconnect_timeout_s: 60,
+        }
     }
 }
 

@@ -8,10 +8,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::keys::KeySource;
 use crate::error::StoreError;
 use crate::fsutil;
 use crate::journal::{self, Base, Header, Kind};
+use crate::keys::KeySource;
 use crate::layout::GenName;
 use crate::net::identity::{self, PublicKey};
 use crate::net::message::{Code, Manifest, State};

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 
 use super::{transfer, url, PgError};
+use crate::cli::lightningd_running;
 use crate::error::StoreError;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
-use crate::cli::lightningd_running;
 use crate::{fsutil, snapshot, writer};
 
 fn explain(e: PgError) -> anyhow::Error {

@@ -574,11 +574,14 @@ impl PgDestination {
             let conn = self.conn.as_ref().map(|c| &c.session.client);
             let Some(client) = conn else { return Ok(false) };
             let seq = before.next_seq;
-            let same = block_on(&self.rt, client.query_opt(
-                "SELECT data_version = $3 AND kind = $4 AND data = $5 FROM cln_backup.records
+            let same = block_on(
+                &self.rt,
+                client.query_opt(
+                    "SELECT data_version = $3 AND kind = $4 AND data = $5 FROM cln_backup.records
                   WHERE name = $1 AND generation = $2 AND seq = $6",
-                &[&self.name, &after.generation, &(dv as i64), &(kind as i16), &record, &seq],
-            ));
+                    &[&self.name, &after.generation, &(dv as i64), &(kind as i16), &record, &seq],
+                ),
+            );
             if let Ok(Some(row)) = same {
                 if row.get::<_, bool>(0) {
                     return Ok(true);
