@@ -447,7 +447,7 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     assert!(stderr(&o).contains("only into an empty backup"), "{}", stderr(&o));
     let pin = identity::parse_public(lock["server_key"].as_str().unwrap()).unwrap();
     // as the plugin will: key from hsm_secret, pin from backup.lock
-    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    let mut d = cln_backup::destination::socket::node::connect_node(&ldir, &u, BOUND).unwrap();
     assert_eq!(d.node_public_key(), key.public());
     assert_eq!(d.position().version, trace[half - 1].data_version);
     for r in &trace[half..1000] {
@@ -895,7 +895,7 @@ fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connecti
     assert!(!tmp.path().join("node.bkp.paired-client").exists());
     // lightningd's first start makes hsm_secret; the plugin connects and pairs
     std::fs::write(ldir.join("hsm_secret"), [20u8; 32]).unwrap();
-    let mut d = cln_backup::destination::socket::cli::connect_node(&ldir, &u, BOUND).unwrap();
+    let mut d = cln_backup::destination::socket::node::connect_node(&ldir, &u, BOUND).unwrap();
     server.wait_log("paired");
     for r in trace("small") {
         push(&mut d, r).unwrap();

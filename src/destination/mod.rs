@@ -152,13 +152,13 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
             Ok((Box::new(d), notes))
         }
         Target::Postgres(u) => {
-            let name = postgres::init::default_name(base).unwrap_or_default();
+            let name = postgres::url::default_name(base).unwrap_or_default();
             let d = postgres::PgDestination::open(&u, &name, DEFAULT_RECONNECT_TIMEOUT)
                 .map_err(|e| format!("Cannot open the backup at {}: {}", postgres::url::redact(&u), e.explain()))?;
             Ok((Box::new(d), vec![]))
         }
         Target::Socket(u) => {
-            let d = socket::cli::connect_node(base, &u, DEFAULT_RECONNECT_TIMEOUT)
+            let d = socket::node::connect_node(base, &u, DEFAULT_RECONNECT_TIMEOUT)
                 .map_err(|e| format!("Cannot open the backup at {u}: {e:#}"))?;
             Ok((Box::new(socket::seam::Socket::new(d)), vec![]))
         }

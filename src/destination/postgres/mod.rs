@@ -18,7 +18,6 @@
 //! current-thread runtime. Call it from a plain thread or `spawn_blocking`; called from
 //! inside a tokio task it still works, on a scoped thread, at the cost of a thread spawn.
 
-pub mod init;
 mod seam;
 mod tls;
 pub mod transfer;

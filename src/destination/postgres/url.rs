@@ -2,7 +2,7 @@
 //! `sslrootcert` handled here (tokio-postgres knows no `verify-full`), and the password
 //! from the URL, `PGPASSWORD` or the passfile (`PGPASSFILE`, else `~/.pgpass`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::Config;
@@ -232,6 +232,25 @@ fn split_passfile_line(line: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The URL with `backup=NAME` added when it has none, so every later user agrees.
+pub fn with_backup_name(url_str: &str, name: &str) -> String {
+    let has = url_str.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("backup=")));
+    if has {
+        url_str.to_string()
+    } else if url_str.contains('?') {
+        format!("{url_str}&backup={name}")
+    } else {
+        format!("{url_str}?backup={name}")
+    }
+}
+
+/// The default backup name for a node: its lightning dir's name (e.g. `bitcoin`).
+pub fn default_name(lightning_dir: &Path) -> Option<String> {
+    let abs = std::path::absolute(lightning_dir).ok()?;
+    let n = abs.file_name()?.to_string_lossy().into_owned();
+    check_name(&n).ok().map(|_| n)
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //! - `client`: `SocketDestination`, the seam's synchronous calls over its own runtime.
 //! - `cli`: `backup-cli init|restore|verify socket:...`.
 
-pub mod cli;
 pub mod client;
+pub mod node;
 pub mod seam;
 
 pub use client::{SocketDestination, SocketError};

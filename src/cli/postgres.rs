@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{transfer, url, PgError};
 use crate::cli::lightningd_running;
+use crate::destination::postgres::url::{default_name, with_backup_name};
+use crate::destination::postgres::{transfer, url, PgError};
 use crate::error::StoreError;
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
@@ -16,25 +17,6 @@ use crate::{fsutil, snapshot, writer};
 
 fn explain(e: PgError) -> anyhow::Error {
     anyhow!(e.explain())
-}
-
-/// The URL with `backup=NAME` added when it has none, so every later user agrees.
-pub fn with_backup_name(url_str: &str, name: &str) -> String {
-    let has = url_str.split_once('?').is_some_and(|(_, q)| q.split('&').any(|kv| kv.starts_with("backup=")));
-    if has {
-        url_str.to_string()
-    } else if url_str.contains('?') {
-        format!("{url_str}&backup={name}")
-    } else {
-        format!("{url_str}?backup={name}")
-    }
-}
-
-/// The default backup name for a node: its lightning dir's name (e.g. `bitcoin`).
-pub fn default_name(lightning_dir: &Path) -> Option<String> {
-    let abs = std::path::absolute(lightning_dir).ok()?;
-    let n = abs.file_name()?.to_string_lossy().into_owned();
-    url::check_name(&n).ok().map(|_| n)
 }
 
 /// Creates the backup in PostgreSQL from the node's database (or empty for a new node) and

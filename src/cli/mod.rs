@@ -1,4 +1,8 @@
 //! `backup-cli`: the operator's commands. Errors become messages with what to do.
+//! `postgres` and `socket` are the edges of those destination kinds (init, restore, verify).
+
+mod postgres;
+mod socket;
 
 use std::fs;
 use std::io::{IsTerminal, Write};
@@ -9,8 +13,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::destination::postgres as pg;
-use crate::destination::socket;
 use crate::destination::{self, inspect};
 use crate::error::StoreError;
 use crate::keys::{self, KeySource};
@@ -227,16 +229,16 @@ fn run(cmd: Cmd) -> Result<()> {
                 (l, p) => l.or(p),
             };
             if args.len() == 1 && is_socket_url(&args[0]) {
-                return socket::cli::init(ldir.as_deref(), &args[0]);
+                return socket::init(ldir.as_deref(), &args[0]);
             }
             if args.iter().any(|u| is_socket_url(u)) {
                 bail!("a socket: destination is created on its own: init it with the server's URL alone");
             }
-            if args.iter().any(|u| pg::is_postgres_url(u)) {
+            if args.iter().any(|u| crate::destination::postgres::is_postgres_url(u)) {
                 if args.len() > 1 {
                     bail!("a postgres:// destination is created on its own: init it, then add file destinations with add-destination");
                 }
-                return pg::init::init(ldir.as_deref(), &args[0]).map(|_| ());
+                return postgres::init(ldir.as_deref(), &args[0]).map(|_| ());
             }
             let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
             init(ldir.as_deref(), &args, min_destinations, &cwd, sealing)
@@ -250,15 +252,15 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
             if is_socket_url(&url) {
-                let (dest, s) = socket::cli::restore(&url, &dest, &mut progress_bar("Restoring"))?;
+                let (dest, s) = socket::restore(&url, &dest, &mut progress_bar("Restoring"))?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());
                 return Ok(());
             }
-            if pg::is_postgres_url(&url) {
+            if crate::destination::postgres::is_postgres_url(&url) {
                 let (dest, s) =
-                    pg::init::restore(&url, &dest, &mut progress_bar("Downloading"), &mut progress_bar("Restoring"))?;
+                    postgres::restore(&url, &dest, &mut progress_bar("Downloading"), &mut progress_bar("Restoring"))?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());
@@ -285,13 +287,13 @@ fn run(cmd: Cmd) -> Result<()> {
                     println!("== {u}");
                 }
                 if is_socket_url(u) {
-                    let s = socket::cli::verify(u, &mut progress_bar("Verifying"))?;
+                    let s = socket::verify(u, &mut progress_bar("Verifying"))?;
                     finish_progress();
                     print_summary("Verified", &s);
                     continue;
                 }
-                if pg::is_postgres_url(u) {
-                    let s = pg::init::verify(u, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
+                if crate::destination::postgres::is_postgres_url(u) {
+                    let s = postgres::verify(u, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
                     finish_progress();
                     print_summary("Verified", &s);
                     continue;
@@ -905,13 +907,13 @@ fn finish_progress() {
 const DEMO_TRACES: &[(&str, &[u8], &[u8])] = &[
     (
         "small",
-        include_bytes!("../plugin-tests/fixtures/small/trace.jsonl.gz"),
-        include_bytes!("../plugin-tests/fixtures/small/final.sqlite3.gz"),
+        include_bytes!("../../plugin-tests/fixtures/small/trace.jsonl.gz"),
+        include_bytes!("../../plugin-tests/fixtures/small/final.sqlite3.gz"),
     ),
     (
         "channels",
-        include_bytes!("../plugin-tests/fixtures/channels/trace.jsonl.gz"),
-        include_bytes!("../plugin-tests/fixtures/channels/final.sqlite3.gz"),
+        include_bytes!("../../plugin-tests/fixtures/channels/trace.jsonl.gz"),
+        include_bytes!("../../plugin-tests/fixtures/channels/final.sqlite3.gz"),
     ),
 ];
 

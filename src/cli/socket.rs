@@ -8,34 +8,16 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::SocketDestination;
+use crate::destination::socket::node::{lock_body, pinned_server_key};
+use crate::destination::socket::SocketDestination;
 use crate::error::StoreError;
-use crate::net::identity::{self, PublicKey, SecretKey};
+use crate::net::identity::{self, SecretKey};
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
 use crate::{fsutil, journal, layout, snapshot, writer};
 
 /// How long the command line waits for the server (the plugin's default bound).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// backup.lock for a socket: destination.
-pub fn lock_body(url: &str, server_key: &PublicKey) -> serde_json::Value {
-    serde_json::json!({ "backend_url": url, "server_key": identity::to_hex(server_key) })
-}
-
-/// The server key pinned in `ldir`'s backup.lock for `url`, if any.
-pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
-    let p = ldir.join(LOCK_NAME);
-    let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parse {}", p.display()))?;
-    if v["backend_url"].as_str() != Some(url) {
-        return Ok(None);
-    }
-    match v["server_key"].as_str() {
-        Some(k) => Ok(Some(identity::parse_public(k).map_err(|e| anyhow!("{}: server_key: {e}", p.display()))?)),
-        None => Ok(None),
-    }
-}
 
 /// `backup-cli init --lightning-dir DIR socket:HOST:PORT`: pairs with the server, pins its
 /// key, uploads the node's database as the first generation (if it has one), writes backup.lock.
@@ -96,7 +78,7 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
 /// the plugin's first connection (with the key from the hsm_secret lightningd then makes)
 /// pairs with the server's empty backup.
 fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
-    let server_key = super::client::learn_server_key(url, CONNECT_TIMEOUT)?;
+    let server_key = crate::destination::socket::client::learn_server_key(url, CONNECT_TIMEOUT)?;
     println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
     println!(
         "No hsm_secret in {} yet: the node pairs with the server when the plugin first connects, after \
@@ -124,21 +106,6 @@ fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path) -> Result<
     dest.install_generation(st.generation, dv, journal::HEADER_LEN, &snap, &mut |_, _| {})?;
     println!("Successfully written initial snapshot to {}", dest.url());
     Ok(())
-}
-
-/// The plugin's writer connection for `url` from `ldir`: the node's key from its
-/// hsm_secret, the server's key pinned in its backup.lock (required).
-pub fn connect_node(ldir: &Path, url: &str, reconnect_timeout: Duration) -> Result<SocketDestination> {
-    let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
-    let pin = pinned_server_key(ldir, url)?.ok_or_else(|| {
-        anyhow!(
-            "{}/{LOCK_NAME} pins no server key for {url}: run `backup-cli init --lightning-dir {} {url}` \
-             (lightningd stopped) to pair with the server and pin its key",
-            ldir.display(),
-            ldir.display()
-        )
-    })?;
-    Ok(SocketDestination::connect(url, key, Some(pin), reconnect_timeout, true)?)
 }
 
 /// Where init records which lightning dir uses which socket: URL, so a restore drill or a
