@@ -561,3 +561,43 @@ fn pg_restore_while_the_writer_writes_gives_a_consistent_prefix() {
     }
     assert!(seen.len() >= 2, "every restore saw the same records: {seen:?}");
 }
+
+/// A node backed up in PostgreSQL gets a file copy too: `add-destination` seeds it from the
+/// database (the most advanced copy), and from then on every write goes to both.
+#[test]
+fn pg_then_a_file_copy_added_and_both_written() {
+    let url = pgharness::fresh_db("addfile");
+    new_backup(&url, "n");
+    let u = if url.contains('?') { format!("{url}&backup=n") } else { format!("{url}?backup=n") };
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("backup.lock"), serde_json::json!({ "backend_url": u }).to_string()).unwrap();
+    let t = trace("channels");
+    let half = t.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    let copy = tmp.path().join("copy.bkp");
+    let o = cli(&["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(t, half..t.len()).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    let kinds: Vec<_> = st["destinations"].as_array().unwrap().iter().map(|d| d["kind"].clone()).collect();
+    assert_eq!(kinds, vec![serde_json::json!("postgres"), serde_json::json!("file")], "{st:#}");
+    assert!(st["destinations"].as_array().unwrap().iter().all(|d| d["state"] == "in-sync"), "{st:#}");
+    node.stop().unwrap();
+    let fin = final_db("channels", tmp.path());
+    let (r, _) = restore(&url, "n", tmp.path(), "from-pg.sqlite3");
+    assert_same(&r, &fin);
+    let dest = tmp.path().join("from-file.sqlite3");
+    let o = cli(&["restore", &url_of(&copy), dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &fin);
+}
+
+fn url_of(p: &Path) -> String {
+    format!("file://{}", p.display())
+}

@@ -236,7 +236,7 @@ fn run(cmd: Cmd) -> Result<()> {
             }
             if args.iter().any(|u| crate::destination::postgres::is_postgres_url(u)) {
                 if args.len() > 1 {
-                    bail!("a postgres:// destination is created on its own: init it, then add file destinations with add-destination");
+                    bail!("a postgres:// destination is created on its own: init it alone, then add file destinations with add-destination");
                 }
                 return postgres::init(ldir.as_deref(), &args[0]).map(|_| ());
             }

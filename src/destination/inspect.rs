@@ -12,25 +12,38 @@ use crate::versions::Position;
 #[derive(Debug, Clone)]
 pub struct Copy {
     pub url: String,
+    /// A remote copy's local download, which `files` points into; removed with the Copy.
+    pub scratch: Option<std::sync::Arc<Scratch>>,
     pub tip: Tip,
     /// When its journal was last written (the file's mtime).
     pub last_write: Option<SystemTime>,
     pub files: GenerationFiles,
 }
 
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Reads a copy's current generation to its end (checksums included).
 pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
     match super::parse(url, base)? {
         Target::File(root) => inspect_dir(url, &root),
-        // A remote copy is read through a local download.
+        // A remote copy is read through a local download, kept while the Copy lives.
         Target::Postgres(u) => {
-            let dir = std::env::temp_dir().join(format!("cln-backup-inspect-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            let got = super::postgres::transfer::download(&u, None, &dir, &mut |_, _| {})
-                .map_err(|e| e.explain())
-                .and_then(|_| inspect_dir(url, &dir));
-            let _ = std::fs::remove_dir_all(&dir);
-            got
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let scratch = Scratch(std::env::temp_dir().join(format!("cln-backup-inspect-{}-{n}", std::process::id())));
+            let _ = std::fs::remove_dir_all(&scratch.0);
+            super::postgres::transfer::download(&u, None, &scratch.0, &mut |_, _| {}).map_err(|e| e.explain())?;
+            let mut c = inspect_dir(url, &scratch.0)?;
+            c.scratch = Some(std::sync::Arc::new(scratch));
+            Ok(c)
         }
         Target::Socket(u) => Err(format!(
             "{u}: a socket: copy is compared by restoring it (backup-cli restore {u} DEST) in this version"
@@ -58,6 +71,7 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
     let generation = view.header.generation;
     Ok(Copy {
         url: url.to_string(),
+        scratch: None,
         tip: Tip { position, generation, journal_len: end, last_crc, last_tx_offset },
         last_write,
         files: GenerationFiles {
