@@ -552,8 +552,3 @@ fn frame(buf: &mut Vec<u8>, rec: &journal::Record) {
     buf.clear();
     journal::frame_payload(buf, rec.data_version, rec.kind, &rec.payload);
 }
-
-/// A generation's files, to seed a new destination (`add-destination`).
-pub fn seed(files: &GenerationFiles, dest: &mut dyn Destination) -> Result<(), StoreError> {
-    dest.install(files)
-}
