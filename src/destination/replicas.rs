@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::{Destination, GenerationFiles, Tip};
+use super::{Destination, Tip};
 use crate::clock::fmt_time;
 use crate::compact::lock;
 use crate::error::StoreError;
