@@ -957,7 +957,13 @@ fn the_plugin_writes_through_the_server() {
     }
     node.start().unwrap();
     node.initialized = false;
-    assert_eq!(node.replay(trace, 2 * third..trace.len()).unwrap(), None);
+    let near_end = trace.len() - 20;
+    assert_eq!(node.replay(trace, 2 * third..near_end).unwrap(), None);
+    // compaction over the wire: on a second connection, beside the writer
+    let v = node.plugin().unwrap().cli("backup-compact", serde_json::json!({})).unwrap();
+    assert_eq!(v["result"], "compaction started", "{v}");
+    assert_eq!(node.replay(trace, near_end..trace.len()).unwrap(), None);
+    wait_for_log(node.plugin().unwrap(), "info", "compacted on the server into generation 2");
     node.stop().unwrap();
     drop(server);
     let _ = std::fs::remove_file(ldir.join("lightningd.sqlite3"));

@@ -111,12 +111,21 @@ pub trait Destination: Send {
     fn writer(&self) -> Option<Arc<Mutex<Writer>>> {
         None
     }
+    /// A compaction that runs on the destination's side, beside the writer, without its
+    /// lock: given a scratch directory, it says what it did. None for kinds compacted
+    /// through their file writer (or not yet from the plugin).
+    fn background_compaction(&self) -> Option<BackgroundCompaction> {
+        None
+    }
     /// The bound on a network destination's reconnects and stalled commits.
     fn set_reconnect_timeout(&mut self, _timeout: std::time::Duration) {}
     /// Replaces what the destination holds with `from`, a whole generation (catch-up when
     /// it is far behind, and `add-destination`).
     fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError>;
 }
+
+/// A compaction job for a network destination (see `Destination::background_compaction`).
+pub type BackgroundCompaction = Box<dyn FnOnce(&Path) -> Result<String, String> + Send>;
 
 /// A destination URL, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]

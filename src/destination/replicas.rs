@@ -372,6 +372,15 @@ impl Replicas {
             .collect()
     }
 
+    /// Compactions that in-sync network destinations run beside their writer.
+    pub fn background_compactions(&self) -> Vec<(String, super::BackgroundCompaction)> {
+        self.slots
+            .iter()
+            .filter(|s| s.state == State::InSync)
+            .filter_map(|s| s.dest.as_ref().and_then(|d| lock(d).background_compaction()).map(|j| (s.url.clone(), j)))
+            .collect()
+    }
+
     /// Per-destination status.
     pub fn status(&self) -> Vec<Value> {
         self.slots

@@ -292,16 +292,24 @@ impl Core {
     }
 
     pub fn compact_command(&mut self) -> Value {
-        let writers = match &self.backend {
-            Backend::Ready(r) => lock(r).in_sync_writers(),
+        let (writers, remote) = match &self.backend {
+            Backend::Ready(r) => {
+                let r = lock(r);
+                (r.in_sync_writers(), r.background_compactions())
+            }
             Backend::Halted(reason) => return json!({"result": "backup halted", "reason": reason}),
-        };
-        let Some((_, writer)) = writers.first().cloned() else {
-            return json!({"result": "nothing to compact", "reason": "no file destination is in sync"});
         };
         if self.compacting.load(Ordering::Relaxed) {
             return json!({"result": "compaction already running", "compaction": *lock(&self.compaction)});
         }
+        let Some((_, writer)) = writers.first().cloned() else {
+            if remote.is_empty() {
+                return json!({"result": "nothing to compact", "reason": "no destination in sync can be compacted"});
+            }
+            let urls: Vec<String> = remote.iter().map(|(u, _)| u.clone()).collect();
+            self.start_compaction(writers, remote, "requested by backup-compact".into());
+            return json!({"result": "compaction started", "destinations": urls});
+        };
         let (plan, len, records) = {
             let w = lock(&writer);
             (w.plan(), w.journal_len(), w.records())
@@ -312,7 +320,7 @@ impl Core {
                 "reason": format!("the journal holds {records} record(s); its last transaction stays until lightningd commits the next one"),
             });
         }
-        self.start_compaction(writers, "requested by backup-compact".into());
+        self.start_compaction(writers, remote, "requested by backup-compact".into());
         json!({"result": "compaction started", "journal_bytes": len, "records": records})
     }
 
@@ -332,12 +340,18 @@ impl Core {
         }
         if let Some(reason) = self.settings.reason_to_compact(journal, snapshot) {
             self.auto_backoff = journal + self.settings.min_journal.max(1 << 20);
-            self.start_compaction(writers, reason);
+            let remote = lock(r).background_compactions();
+            self.start_compaction(writers, remote, reason);
         }
     }
 
     /// Compacts each in-sync file destination in turn, in the background.
-    fn start_compaction(&mut self, writers: Vec<(String, Arc<Mutex<Writer>>)>, reason: String) {
+    fn start_compaction(
+        &mut self,
+        writers: Vec<(String, Arc<Mutex<Writer>>)>,
+        remote: Vec<(String, crate::destination::BackgroundCompaction)>,
+        reason: String,
+    ) {
         self.compacting.store(true, Ordering::Relaxed);
         lock(&self.compaction).begin();
         let rate = self.settings.io_rate;
@@ -374,6 +388,17 @@ impl Core {
                     Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
                 }
             }
+            // Network destinations fold on their own side, beside the writer.
+            for (url, job) in remote {
+                info!("Compacting {url} beside its writer");
+                let work = std::env::temp_dir().join(format!("cln-backup-compact-{}", std::process::id()));
+                match job(&work) {
+                    Ok(done) => info!("Compaction done: {done}"),
+                    Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),
+                }
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            lock(&status).state = "idle";
             flag.store(false, Ordering::Relaxed);
         });
     }

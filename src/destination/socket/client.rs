@@ -72,6 +72,20 @@ pub struct SocketDestination {
     link: Link,
 }
 
+/// A reading connection yet to be opened (see `SocketDestination::reader`).
+pub struct ReaderSpec {
+    url: String,
+    key: SecretKey,
+    server_key: Option<PublicKey>,
+    timeout: Duration,
+}
+
+impl ReaderSpec {
+    pub fn connect(self) -> Result<SocketDestination, SocketError> {
+        SocketDestination::connect(&self.url, self.key, self.server_key, self.timeout, false)
+    }
+}
+
 impl Drop for SocketDestination {
     fn drop(&mut self) {
         self.link.conn = None;
@@ -151,6 +165,12 @@ impl SocketDestination {
     }
     pub fn node_public_key(&self) -> PublicKey {
         self.link.key.public()
+    }
+    /// What it takes to open a second, reading connection to the same backup (for
+    /// compaction beside the writer); connecting is left to the caller's thread.
+    pub fn reader(&self) -> ReaderSpec {
+        let l = &self.link;
+        ReaderSpec { url: l.url.clone(), key: l.key.clone(), server_key: l.server_key, timeout: l.reconnect_timeout }
     }
     /// The server's state as of the last answer.
     pub fn server_state(&self) -> State {

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use super::client::{SocketDestination, SocketError};
-use crate::destination::{Destination, GenerationFiles, Tip};
+use crate::destination::{BackgroundCompaction, Destination, GenerationFiles, Tip};
 use crate::error::StoreError;
 use crate::journal::Kind;
 use crate::versions::Position;
@@ -64,6 +64,23 @@ impl Destination for Socket {
     }
     fn details(&self) -> serde_json::Value {
         self.dest.status()
+    }
+    /// On a second connection: the node reads the backup back, folds it, uploads the new
+    /// snapshot, and the server swaps generations; the writer's appends go on meanwhile.
+    fn background_compaction(&self) -> Option<BackgroundCompaction> {
+        let url = self.dest.url().to_string();
+        let reader = self.dest.reader();
+        Some(Box::new(move |work| {
+            let mut r = reader.connect().map_err(|e| format!("{url}: {e}"))?;
+            match r.compact(work, &mut |_, _| {}) {
+                Ok(Some(st)) => Ok(format!(
+                    "{url}: compacted on the server into generation {} at data_version {} ({} journal bytes left)",
+                    st.generation, st.version, st.journal_len
+                )),
+                Ok(None) => Ok(format!("{url}: nothing to fold yet")),
+                Err(e) => Err(format!("{url}: {e}")),
+            }
+        }))
     }
     fn install(&mut self, _from: &GenerationFiles) -> Result<(), StoreError> {
         Err(StoreError::Remote {
