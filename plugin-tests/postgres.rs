@@ -588,6 +588,16 @@ fn pg_then_a_file_copy_added_and_both_written() {
     let kinds: Vec<_> = st["destinations"].as_array().unwrap().iter().map(|d| d["kind"].clone()).collect();
     assert_eq!(kinds, vec![serde_json::json!("postgres"), serde_json::json!("file")], "{st:#}");
     assert!(st["destinations"].as_array().unwrap().iter().all(|d| d["state"] == "in-sync"), "{st:#}");
+    // compaction from the plugin: the file copy through its writer, PostgreSQL beside its writer
+    let v = node.plugin().unwrap().cli("backup-compact", serde_json::json!({})).unwrap();
+    assert_eq!(v["result"], "compaction started", "{v}");
+    wait_for_log(node.plugin().unwrap(), "info", "compacted into generation 2");
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert_eq!(st["destinations"][0]["generation"], 2, "{st:#}");
+    // the password never reaches lightningd's log nor the status
+    let logs = node.plugin().unwrap().logs();
+    assert!(!logs.iter().any(|(_, m)| m.contains(pgharness::PASSWORD)), "{logs:?}");
+    assert!(!st.to_string().contains(pgharness::PASSWORD), "{st:#}");
     node.stop().unwrap();
     let fin = final_db("channels", tmp.path());
     let (r, _) = restore(&url, "n", tmp.path(), "from-pg.sqlite3");

@@ -561,7 +561,7 @@ fn pick_most_advanced(ldir: &Path) -> Result<String> {
         match c {
             Ok(c) => println!(
                 "  {}: data_version {}, generation {}, last write {}",
-                c.url,
+                destination::shown(&c.url),
                 c.tip.position.version,
                 c.tip.generation,
                 c.last_write.map_or("unknown".into(), crate::clock::fmt_time)
@@ -572,7 +572,7 @@ fn pick_most_advanced(ldir: &Path) -> Result<String> {
     let Some((best, why)) = inspect::most_advanced(&copies) else {
         bail!("none of the {} destinations in {LOCK_NAME} can be read: see above", lf.urls.len());
     };
-    println!("Restoring from {}: {why}", best.url);
+    println!("Restoring from {}: {why}", destination::shown(&best.url));
     Ok(best.url.clone())
 }
 
@@ -603,7 +603,7 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let Some((best, why)) = inspect::most_advanced(&copies) else {
         bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
     };
-    println!("Seeding {url} from {}: {why}", best.url);
+    println!("Seeding {url} from {}: {why}", destination::shown(&best.url));
     writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {
         let _ = fs::remove_dir_all(&root);

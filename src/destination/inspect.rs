@@ -92,9 +92,9 @@ pub fn most_advanced(copies: &[Result<Copy, String>]) -> Option<(&Copy, String)>
         .filter(|c| c.url != best.url)
         .map(|c| {
             if c.tip.same_end(&best.tip) {
-                format!("{} holds the same", c.url)
+                format!("{} holds the same", super::shown(&c.url))
             } else {
-                format!("{} holds only up to data_version {}", c.url, c.tip.position.version)
+                format!("{} holds only up to data_version {}", super::shown(&c.url), c.tip.position.version)
             }
         })
         .chain(copies.iter().filter_map(|c| c.as_ref().err().map(|e| format!("unreadable: {e}"))))

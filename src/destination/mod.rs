@@ -114,8 +114,14 @@ pub trait Destination: Send {
     /// A compaction that runs on the destination's side, beside the writer, without its
     /// lock: given a scratch directory, it says what it did. None for kinds compacted
     /// through their file writer (or not yet from the plugin).
-    fn background_compaction(&self) -> Option<BackgroundCompaction> {
+    /// `me` is this destination as the replicas hold it, for a short switch at the end.
+    fn background_compaction(&self, _me: Shared) -> Option<BackgroundCompaction> {
         None
+    }
+    /// Makes a generation that `background_compaction` built current (a short step, with
+    /// db_write held by this destination's lock). `prepared` is what the job built.
+    fn switch_generation(&mut self, _prepared: Box<dyn std::any::Any + Send>) -> Result<(), StoreError> {
+        Err(StoreError::Invalid { path: self.url().into(), what: "this kind has no generations to switch".into() })
     }
     /// The bound on a network destination's reconnects and stalled commits.
     fn set_reconnect_timeout(&mut self, _timeout: std::time::Duration) {}
@@ -123,6 +129,9 @@ pub trait Destination: Send {
     /// it is far behind, and `add-destination`).
     fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError>;
 }
+
+/// A destination as the replicas hold it: shared with its worker thread and the catch-up.
+pub type Shared = Arc<Mutex<Box<dyn Destination>>>;
 
 /// A compaction job for a network destination (see `Destination::background_compaction`).
 pub type BackgroundCompaction = Box<dyn FnOnce(&Path) -> Result<String, String> + Send>;
@@ -146,6 +155,15 @@ pub fn parse(url: &str, base: &Path) -> Result<Target, String> {
         return postgres::url::parse(url).map(|_| Target::Postgres(url.to_string())).map_err(|e| e.explain());
     }
     crate::layout::parse_url(url, base).map(Target::File)
+}
+
+/// A URL as logs, status and messages show it: a PostgreSQL password is hidden.
+pub fn shown(url: &str) -> String {
+    if postgres::is_postgres_url(url) {
+        postgres::url::redact(url)
+    } else {
+        url.to_string()
+    }
 }
 
 /// How long a network destination may take to reconnect or commit before it counts as

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::{Destination, Tip};
+use super::Tip;
 use crate::clock::fmt_time;
 use crate::compact::lock;
 use crate::error::StoreError;
@@ -38,7 +38,7 @@ pub enum State {
     Behind,
 }
 
-type Shared = Arc<Mutex<Box<dyn Destination>>>;
+use super::Shared;
 
 impl Slot {
     /// The version its copy holds up to, when it is open.
@@ -48,7 +48,10 @@ impl Slot {
 }
 
 pub struct Slot {
+    /// As shown in logs and status (no password).
     pub url: String,
+    /// As written in backup.lock, to open it again.
+    raw: String,
     dest: Option<Shared>,
     pub state: State,
     pub last_error: Option<String>,
@@ -99,7 +102,8 @@ impl Replicas {
                 }
             };
             slots.push(Slot {
-                url: url.clone(),
+                url: super::shown(url),
+                raw: url.clone(),
                 dest,
                 state: State::InSync,
                 last_error: error,
@@ -377,7 +381,9 @@ impl Replicas {
         self.slots
             .iter()
             .filter(|s| s.state == State::InSync)
-            .filter_map(|s| s.dest.as_ref().and_then(|d| lock(d).background_compaction()).map(|j| (s.url.clone(), j)))
+            .filter_map(|s| {
+                s.dest.as_ref().and_then(|d| lock(d).background_compaction(d.clone())).map(|j| (s.url.clone(), j))
+            })
             .collect()
     }
 
@@ -438,7 +444,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.state == State::Behind)
-            .map(|(i, s)| (i, s.url.clone(), s.dest.clone()))
+            .map(|(i, s)| (i, s.raw.clone(), s.dest.clone()))
             .collect();
         let source = r
             .slots
@@ -454,10 +460,11 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         lock(replicas).warn_lagging();
         return false; // nothing in sync to copy from: the db_write path halts meanwhile
     };
-    for (i, url, dest) in work {
+    for (i, raw, dest) in work {
+        let url = super::shown(&raw);
         let dest = match dest {
             Some(d) => d,
-            None => match super::open(&url, base) {
+            None => match super::open(&raw, base) {
                 Ok((d, notes)) => {
                     notes.iter().for_each(|n| info!("{n}"));
                     let d: Shared = Arc::new(Mutex::new(d));

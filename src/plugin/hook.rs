@@ -115,7 +115,7 @@ impl Core {
             Err(e) => return Err(format!("Cannot read {}: {e}", lock_path.display())),
         };
         let lf = LockFile::parse(&text, &lock_path)?;
-        self.url = Some(lf.urls[0].clone());
+        self.url = Some(crate::destination::shown(&lf.urls[0]));
         for u in &lf.urls {
             crate::destination::parse(u, &self.lightning_dir)
                 .map_err(|e| format!("backup.lock names an unusable backup URL: {e}"))?;
@@ -392,6 +392,11 @@ impl Core {
             for (url, job) in remote {
                 info!("Compacting {url} beside its writer");
                 let work = std::env::temp_dir().join(format!("cln-backup-compact-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&work);
+                if let Err(e) = std::fs::create_dir_all(&work) {
+                    warn!("Compaction of {url} not started: cannot create {}: {e}", work.display());
+                    continue;
+                }
                 match job(&work) {
                     Ok(done) => info!("Compaction done: {done}"),
                     Err(e) => warn!("Compaction failed; the backup is unchanged and complete, db_write goes on: {e}"),

@@ -341,6 +341,8 @@ pub struct PgDestination {
     /// Payload CRC of the last record (0 when unknown): what tells copies apart, with the position.
     last_crc: u32,
     last_write: Option<std::time::SystemTime>,
+    /// The URL as given (with its password), for the connections compaction opens.
+    raw_url: String,
 }
 
 impl PgDestination {
@@ -368,6 +370,7 @@ impl PgDestination {
             last_error: None,
             last_crc: 0,
             last_write: None,
+            raw_url: url.to_string(),
         };
         let deadline = Instant::now() + reconnect_timeout;
         d.ensure_connected(deadline, true)?;

@@ -2,8 +2,10 @@
 
 use std::time::SystemTime;
 
+use super::transfer::{self, PreparedGeneration};
 use super::{PgDestination, PgError};
-use crate::destination::{Destination, GenerationFiles, Tip};
+use crate::compact::lock;
+use crate::destination::{BackgroundCompaction, Destination, GenerationFiles, Shared, Tip};
 use crate::error::StoreError;
 use crate::journal::Kind;
 
@@ -49,6 +51,30 @@ impl Destination for PgDestination {
     }
     fn set_reconnect_timeout(&mut self, timeout: std::time::Duration) {
         PgDestination::set_reconnect_timeout(self, timeout);
+    }
+    /// Builds the next generation on its own connection (download up to the fold point,
+    /// rebuild, upload the snapshot in chunks), then switches in one short transaction with
+    /// this destination's lock held, then removes old generations in steps.
+    fn background_compaction(&self, me: Shared) -> Option<BackgroundCompaction> {
+        let plan = self.plan()?;
+        let (url, name, shown) = (self.raw_url.clone(), self.name().to_string(), PgDestination::url(self).to_string());
+        Some(Box::new(move |work| {
+            let why = |e: PgError| format!("{shown}: {}", e.explain());
+            let next = transfer::build_generation(&url, &name, plan, work, &mut |_, _, _| {}).map_err(why)?;
+            let generation = next.generation;
+            lock(&me).switch_generation(Box::new(next)).map_err(|e| format!("{shown}: {}", e.explain()))?;
+            let removed = transfer::remove_old_generations(&url, &name, &mut |_| {}).map_err(why)?;
+            Ok(format!("{shown}: compacted into generation {generation}; {removed} old rows removed in steps"))
+        }))
+    }
+    fn switch_generation(&mut self, prepared: Box<dyn std::any::Any + Send>) -> Result<(), StoreError> {
+        let next = prepared.downcast::<PreparedGeneration>().map_err(|_| StoreError::Invalid {
+            path: PgDestination::url(self).into(),
+            what: "not a generation built for PostgreSQL".into(),
+        })?;
+        self.install_generation(&next)?;
+        // the records after the fold point moved into the new generation as they were
+        Ok(())
     }
     fn install(&mut self, _from: &GenerationFiles) -> Result<(), StoreError> {
         Err(StoreError::Remote {

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use super::client::{SocketDestination, SocketError};
-use crate::destination::{BackgroundCompaction, Destination, GenerationFiles, Tip};
+use crate::destination::{BackgroundCompaction, Destination, GenerationFiles, Shared, Tip};
 use crate::error::StoreError;
 use crate::journal::Kind;
 use crate::versions::Position;
@@ -67,7 +67,7 @@ impl Destination for Socket {
     }
     /// On a second connection: the node reads the backup back, folds it, uploads the new
     /// snapshot, and the server swaps generations; the writer's appends go on meanwhile.
-    fn background_compaction(&self) -> Option<BackgroundCompaction> {
+    fn background_compaction(&self, _me: Shared) -> Option<BackgroundCompaction> {
         let url = self.dest.url().to_string();
         let reader = self.dest.reader();
         Some(Box::new(move |work| {
