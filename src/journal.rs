@@ -479,7 +479,8 @@ impl JournalReader {
     }
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads until `buf` is full or the file ends; how much it read.
+pub fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..])? {

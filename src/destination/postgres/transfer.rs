@@ -4,7 +4,7 @@
 //! one short transaction, remove old rows in small steps).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -152,7 +152,7 @@ async fn upload_generation(
             .map_err(db_err(url, "prepare the snapshot upload"))?;
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = read_full(&mut f, &mut buf).map_err(StoreError::io("read snapshot", path))?;
+            let n = crate::journal::read_full(&mut f, &mut buf).map_err(StoreError::io("read snapshot", path))?;
             if n == 0 {
                 break;
             }
@@ -181,17 +181,6 @@ async fn upload_generation(
         .await
         .map_err(db_err(url, "record the generation"))?;
     Ok(())
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// Creates backup `name` (the URL's `backup=` wins) from a local file-layout directory

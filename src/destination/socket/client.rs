@@ -218,7 +218,7 @@ impl SocketDestination {
             "peer": l.target.to_string(),
             "server_key_fingerprint": l.server_key.as_ref().map(identity::fingerprint),
             "connected": l.conn.is_some(),
-            "connected_since": l.connected_since.map(rfc3339),
+            "connected_since": l.connected_since.map(crate::clock::fmt_time),
             "reconnects": l.reconnects,
             "resumed_landed": l.landed_before_drop,
             "resumed_resent": l.resent,
@@ -299,22 +299,6 @@ impl SocketDestination {
         let _ = std::fs::remove_dir_all(work);
         r
     }
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let s = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let (days, rem) = (s / 86400, s % 86400);
-    // civil-from-days (Howard Hinnant)
-    let z = days as i64 + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 fn record_tail(record: &[u8]) -> u32 {
