@@ -192,7 +192,7 @@ pub fn entry() -> ExitCode {
 }
 
 /// True when something answers on the RPC socket: lightningd is running on that dir.
-pub fn lightningd_running(lightning_dir: &Path) -> bool {
+fn lightningd_running(lightning_dir: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(lightning_dir.join("lightning-rpc")).is_ok()
 }
 
@@ -472,23 +472,7 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         );
         return Ok(());
     };
-    if !ldir.is_dir() {
-        bail!(
-            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
-            ldir.display()
-        );
-    }
-    if lightningd_running(ldir) {
-        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
-    }
-    let lock = ldir.join(LOCK_NAME);
-    if lock.exists() {
-        bail!(
-            "{} already exists: this node already has a backup. To start a new one, stop lightningd and move {} away first",
-            lock.display(),
-            lock.display()
-        );
-    }
+    let lock = ready_for_init(ldir)?;
     let db = ldir.join(restore::DB_NAME);
     let (meta, key) = sealing.prepare(Some(ldir), db.exists())?;
     let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
@@ -517,6 +501,29 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
+}
+
+/// Checks that `ldir` can get a new backup (it exists, lightningd is stopped, it has no
+/// backup.lock yet) and gives the path its backup.lock will have.
+fn ready_for_init(ldir: &Path) -> Result<PathBuf> {
+    if !ldir.is_dir() {
+        bail!(
+            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
+            ldir.display()
+        );
+    }
+    if lightningd_running(ldir) {
+        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
+    }
+    let lock = ldir.join(LOCK_NAME);
+    if lock.exists() {
+        bail!(
+            "{} already exists: this node already has a backup. To start a new one, stop lightningd and move {} away first",
+            lock.display(),
+            lock.display()
+        );
+    }
+    Ok(lock)
 }
 
 /// Creates every destination from the same database image, with the same metadata (one

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::cli::lightningd_running;
 use crate::destination::postgres::url::{default_name, with_backup_name};
 use crate::destination::postgres::{transfer, url, PgError};
 use crate::error::StoreError;
@@ -44,25 +43,7 @@ pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
             println!("Put {{\"backend_url\": \"{display}\"}} into {LOCK_NAME} in the node's lightning dir.");
             return Ok(());
         };
-        if !ldir.is_dir() {
-            bail!(
-                "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
-                ldir.display()
-            );
-        }
-        if lightningd_running(ldir) {
-            bail!(
-                "lightningd is running on {}: stop it first (lightning-cli stop), then run init again",
-                ldir.display()
-            );
-        }
-        let lock = ldir.join(LOCK_NAME);
-        if lock.exists() {
-            bail!(
-                "{} already exists: this node already has a backup. To start a new one, stop lightningd and move it away first",
-                lock.display()
-            );
-        }
+        let lock = super::ready_for_init(ldir)?;
         let db = ldir.join(restore::DB_NAME);
         if db.exists() {
             let tmp = scratch.join("db.sqlite3");

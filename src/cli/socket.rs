@@ -29,22 +29,7 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
              derived from DIR/hsm_secret"
         );
     };
-    if !ldir.is_dir() {
-        bail!(
-            "lightning dir {} does not exist: give the network's directory, e.g. ~/.lightning/bitcoin",
-            ldir.display()
-        );
-    }
-    if crate::cli::lightningd_running(ldir) {
-        bail!("lightningd is running on {}: stop it first (lightning-cli stop), then run init again", ldir.display());
-    }
-    let lock = ldir.join(LOCK_NAME);
-    if lock.exists() {
-        bail!(
-            "{} already exists: this node already has a backup. To start a new one, stop lightningd and move it away first",
-            lock.display()
-        );
-    }
+    let lock = super::ready_for_init(ldir)?;
     let db = ldir.join(restore::DB_NAME);
     if !ldir.join("hsm_secret").exists() && !db.exists() {
         return init_new_node(ldir, url, &lock);

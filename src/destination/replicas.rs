@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::Tip;
+use super::{Shared, Tip};
 use crate::clock::fmt_time;
 use crate::compact::lock;
 use crate::error::StoreError;
@@ -36,15 +36,6 @@ pub enum State {
     InSync,
     /// Reachable or not, it lacks writes the others hold.
     Behind,
-}
-
-use super::Shared;
-
-impl Slot {
-    /// The version its copy holds up to, when it is open.
-    pub fn latest_version(&self) -> Option<u32> {
-        self.dest.as_ref().map(|d| lock(d).tip().position.version)
-    }
 }
 
 pub struct Slot {
@@ -217,45 +208,41 @@ impl Replicas {
         &self.slots
     }
 
-    /// The in-sync copy that decides (the first one).
-    fn reference(&self) -> Option<Tip> {
-        self.slots.iter().find(|s| s.state == State::InSync).and_then(|s| s.dest.as_ref()).map(|d| lock(d).tip())
-    }
-
     /// Applies one db_write to every in-sync destination, in parallel. Ok once at least
-    /// `required()` of them hold it durably; the ones that failed are then `behind`.
-    pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> Result<Applied, Refusal> {
+    /// `required()` of them hold it durably, with the version the backup held before; the
+    /// ones that failed are then `behind`.
+    pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> Result<(Applied, u32), Refusal> {
         let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
-        let Some(tip) = self.reference() else {
-            return Err(Refusal::Versions(self.not_enough("no destination holds the backup's latest state", 0)));
-        };
-        let decision = versions::decide(tip.position, data_version, kind);
-        if let Some(m) = decision.halt_message() {
-            return Err(Refusal::Versions(m));
-        }
-        let replace = decision == Decision::ReplaceLast;
-        self.buf.clear();
-        journal::encode_record(&mut self.buf, data_version, kind, writes);
         let targets: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].state == State::InSync && self.slots[i].dest.is_some())
             .collect();
-        let mut results: Vec<(usize, Result<(), StoreError>, Duration)> = Vec::with_capacity(targets.len());
-        // Sealed once, for the first copy's place; every copy at that same place stores the
-        // same bytes, and any other (mid-compaction) seals the record for its own place.
-        let mut sealed = false;
-        let mut place = None;
-        if let Some(d) = targets.first().and_then(|&f| self.slots[f].dest.as_ref()) {
-            let mut d = lock(d);
-            sealed = d
+        let Some(first) = targets.first().and_then(|&f| self.slots[f].dest.clone()) else {
+            return Err(Refusal::Versions(self.not_enough("no destination holds the backup's latest state", 0)));
+        };
+        // The first in-sync copy decides, and the record is sealed once, for its place;
+        // every copy at that same place stores the same bytes, any other (mid-compaction)
+        // seals it for its own place.
+        let (tip, replace, sealed) = {
+            let mut d = lock(&first);
+            let tip = d.tip();
+            let decision = versions::decide(tip.position, data_version, kind);
+            if let Some(m) = decision.halt_message() {
+                return Err(Refusal::Versions(m));
+            }
+            let replace = decision == Decision::ReplaceLast;
+            self.buf.clear();
+            journal::encode_record(&mut self.buf, data_version, kind, writes);
+            let sealed = d
                 .seal_for_next(data_version, kind, replace, &self.buf, &mut self.sealed_buf)
                 .map_err(Refusal::Store)?;
-            place = Some(d.tip());
-        }
+            (tip, replace, sealed)
+        };
+        let mut results: Vec<(usize, Result<(), StoreError>, Duration)> = Vec::with_capacity(targets.len());
         let copy: Vec<bool> = targets
             .iter()
-            .map(|&i| {
-                sealed
-                    && self.slots[i].dest.as_ref().is_some_and(|d| place.is_some_and(|p| lock(d).tip().same_place(&p)))
+            .enumerate()
+            .map(|(k, &i)| {
+                sealed && (k == 0 || self.slots[i].dest.as_ref().is_some_and(|d| lock(d).tip().same_place(&tip)))
             })
             .collect();
         let many = targets.len() > 1;
@@ -331,7 +318,7 @@ impl Replicas {
             let (i, why) = failures.first().cloned().unwrap_or((0, "not written".into()));
             return Err(Refusal::Versions(self.not_enough(&format!("{} failed: {why}", self.slots[i].url), held)));
         }
-        Ok(if replace { Applied::Replaced } else { Applied::Appended })
+        Ok((if replace { Applied::Replaced } else { Applied::Appended }, tip.position.version))
     }
 
     fn not_enough(&self, why: &str, held: usize) -> String {

@@ -265,22 +265,20 @@ impl Core {
                 st.max_hook_stall_us = st.max_hook_stall_us.max(us);
             }
         }
-        let before = r.slots().iter().find_map(|s| s.latest_version());
         let result = r.apply(call.data_version, &call.writes);
         let behind = r.any_behind();
         drop(r);
         if behind {
             self.start_catch_up(&replicas);
         }
-        let before = before.unwrap_or(0);
         match result {
-            Ok(Applied::Appended) => {
+            Ok((Applied::Appended, before)) => {
                 if !self.first_write_done {
                     info!("Versions match up: backup at {before}, lightningd sent {}", call.data_version);
                 }
                 Ok(())
             }
-            Ok(Applied::Replaced) => {
+            Ok((Applied::Replaced, before)) => {
                 info!(
                     "Last changes not applied: lightningd never committed data_version {before}; \
                      replaced it in the backup with the batch it sent now"
