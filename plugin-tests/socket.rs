@@ -976,3 +976,16 @@ fn the_plugin_writes_through_the_server() {
     assert_same(&db, &final_db("channels", tmp.path()));
     drop(server);
 }
+
+/// A server backup made with init's default (sealed, for a node's own disk) is refused at
+/// the server's start with what to run instead: the server holds what the node sends.
+#[test]
+fn a_sealed_backup_is_refused_by_the_server_with_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("node.bkp");
+    let o = cli(&["init", &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new(CLI).args(["server", &url(&root), &format!("127.0.0.1:{}", free_port())]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("init --no-encryption"), "{}", stderr(&o));
+}

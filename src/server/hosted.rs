@@ -110,6 +110,16 @@ impl Hosted {
             ),
             r => r.map_err(|e| anyhow::anyhow!(e.explain()))?,
         };
+        if writer.is_sealed() {
+            // The server holds what the node sends and never a key: a backup sealed on this
+            // side could not even be compacted here.
+            anyhow::bail!(
+                "{} was made sealed (the default of `backup-cli init`), but a server backup holds what the node \
+                 sends and never a key: move it away and make it with `backup-cli init --no-encryption {}`",
+                root.display(),
+                crate::layout::url_for(root)
+            );
+        }
         if let Some((off, len)) = report.torn_tail {
             log::warn!("{}: cut a torn record of {len} bytes at offset {off}", root.display());
         }
