@@ -21,6 +21,12 @@ fn small_backup() -> (Setup, PathBuf, PathBuf, u64) {
     while let Some(rec) = r.next_record().unwrap() {
         last = rec.offset;
     }
+    // The writer keeps zero-filled room after its data; these tests cut and flip the data.
+    let (data_end, physical) = (r.position(), std::fs::metadata(&journal).unwrap().len());
+    assert!(r.torn_tail.is_none() && physical > data_end, "journal not preallocated: {physical} <= {data_end}");
+    let padding = std::fs::read(&journal).unwrap().split_off(data_end as usize);
+    assert!(padding.iter().all(|&b| b == 0), "the room after the data is not zero-filled");
+    std::fs::OpenOptions::new().write(true).open(&journal).unwrap().set_len(data_end).unwrap();
     let db = s.tmp.path().join("node-final.sqlite3");
     std::fs::copy(node.db_path(), &db).unwrap();
     (s, db, journal, last)
@@ -64,9 +70,13 @@ fn journal_truncated_at_every_offset_of_its_last_record() {
         assert!(p.has_log("Cut a torn record"), "{:?}", p.logs());
         p.close().unwrap();
         let now = std::fs::read(&wj).unwrap();
-        // The record is sealed anew (a fresh nonce): its length matches, and all before it.
+        // The record is sealed anew (a fresh nonce): its length matches, and all before it;
+        // zero-filled room follows.
         assert!(
-            now.len() == full.len() && now[..last as usize] == full[..last as usize],
+            now.len() > full.len()
+                && now[..last as usize] == full[..last as usize]
+                && now[full.len()..].iter().all(|&b| b == 0)
+                && cln_backup::restore::verify(&work, &mut |_, _| {}).unwrap().version == rec.data_version,
             "cut at {cut}: the journal is not whole again ({} bytes, want {})",
             now.len(),
             full.len()

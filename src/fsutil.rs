@@ -73,6 +73,37 @@ pub fn write_atomic(path: &Path, replace: bool, fill: impl FnOnce(&mut File, &Pa
     result
 }
 
+/// How far ahead of its data a journal is allocated and zero-filled.
+pub const PREALLOC: u64 = 1 << 20;
+
+/// Appends `bytes` at `offset` durably; `alloc` is how far the file is already allocated and
+/// zero-filled. Sequence: write; if that passed `alloc`, zero-fill up to the next `PREALLOC`
+/// boundary and fsync (the new length is metadata); else fdatasync, which then has only data
+/// blocks to write: no allocation, no length, no journal commit of the filesystem.
+/// Readers take trailing zeros for the end of the data (`journal::JournalReader`).
+pub fn append_durable(file: &File, offset: u64, bytes: &[u8], alloc: &mut u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let end = offset + bytes.len() as u64;
+    file.write_all_at(bytes, offset)?;
+    if end <= *alloc {
+        return file.sync_data();
+    }
+    let grown = (end / PREALLOC + 1) * PREALLOC;
+    let zeros = [0u8; 64 << 10];
+    let mut at = end;
+    // Short of space for the padding, the record alone still goes in (padding is optional).
+    while at < grown {
+        let n = (grown - at).min(zeros.len() as u64) as usize;
+        if file.write_all_at(&zeros[..n], at).is_err() {
+            break;
+        }
+        at += n as u64;
+    }
+    file.sync_all()?;
+    *alloc = at;
+    Ok(())
+}
+
 /// Paces background I/O to `rate` bytes a second (0: no limit), so the disk stays free
 /// most of the time for db_write's small fdatasyncs. A step charges its bytes once done,
 /// then sleeps off what it got ahead; idle time is not saved up for a burst.

@@ -339,6 +339,15 @@ pub fn whole_records_len(buf: &[u8]) -> usize {
     p
 }
 
+/// What a read at the reader's position found.
+enum Found {
+    Whole(Record),
+    /// The file shrank under the reader: the data ends here.
+    End,
+    /// Not a whole valid record: (offset, why).
+    Invalid(u64, &'static str),
+}
+
 /// Reads a journal's records in order, up to the length the file had when opened.
 pub struct JournalReader {
     path: PathBuf,
@@ -393,30 +402,50 @@ impl JournalReader {
 
     /// The next valid record, or None at the end (clean, or a torn tail: see `torn_tail`).
     pub fn next_record(&mut self) -> Result<Option<Record>> {
-        let off = self.pos;
-        if off >= self.len || self.torn_tail.is_some() {
+        if self.pos >= self.len || self.torn_tail.is_some() {
             return Ok(None);
         }
+        match self.read_record()? {
+            Found::Whole(rec) => Ok(Some(rec)),
+            Found::End => Ok(None),
+            // The buffer may hold bytes from before the writer finished this record (a
+            // reader beside a live writer reads into its zero-filled room): read it again.
+            Found::Invalid(..) => match self.reread()? {
+                Found::Whole(rec) => Ok(Some(rec)),
+                Found::End => Ok(None),
+                Found::Invalid(off, what) => self.end_at(off, what),
+            },
+        }
+    }
+
+    /// Reads the record at `pos` again from the file, not the buffer.
+    fn reread(&mut self) -> Result<Found> {
+        self.file.seek(SeekFrom::Start(self.pos)).map_err(StoreError::io("seek", &self.path))?;
+        self.read_record()
+    }
+
+    fn read_record(&mut self) -> Result<Found> {
+        let off = self.pos;
         if self.len - off < RECORD_HEADER_LEN as u64 {
-            return self.end_at(off, "record header cut short");
+            return Ok(Found::Invalid(off, "record header cut short"));
         }
         let mut h = [0u8; RECORD_HEADER_LEN];
         if let Err(e) = self.file.read_exact(&mut h) {
             return self.cut_short(off, e);
         }
         let Some(rh) = parse_record_header(&h) else {
-            return self.end_at(off, "record header checksum mismatch");
+            return Ok(Found::Invalid(off, "record header checksum mismatch"));
         };
         let end = off + RECORD_HEADER_LEN as u64 + rh.len as u64;
         if rh.len > MAX_PAYLOAD || end > self.len {
-            return self.end_at(off, "record runs past the end of the file");
+            return Ok(Found::Invalid(off, "record runs past the end of the file"));
         }
         let mut payload = vec![0u8; rh.len as usize];
         if let Err(e) = self.file.read_exact(&mut payload) {
             return self.cut_short(off, e);
         }
         if crc32c::crc32c(&payload) != rh.payload_crc {
-            return self.end_at(off, "record payload checksum mismatch");
+            return Ok(Found::Invalid(off, "record payload checksum mismatch"));
         }
         let Some(kind) = Kind::from_byte(rh.kind) else {
             return Err(StoreError::Damaged {
@@ -426,25 +455,37 @@ impl JournalReader {
             });
         };
         self.pos = end;
-        Ok(Some(Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload }))
+        Ok(Found::Whole(Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload }))
     }
 
     /// A read at `off` came up short. If the file shrank since it was opened, the writer
     /// dropped a transaction lightningd never committed (it truncates at a record
     /// boundary), so the data ends at `off`; anything else is an I/O error.
-    fn cut_short(&mut self, off: u64, e: std::io::Error) -> Result<Option<Record>> {
+    fn cut_short(&mut self, off: u64, e: std::io::Error) -> Result<Found> {
         let now = self.file.get_ref().metadata().map(|m| m.len()).unwrap_or(self.len);
         if e.kind() == std::io::ErrorKind::UnexpectedEof && now < self.len {
             self.len = off;
             self.pos = off;
-            return Ok(None);
+            return Ok(Found::End);
         }
         Err(StoreError::io("read journal", &self.path)(e))
     }
 
-    /// Reading stops at `off`: a torn tail if no valid record follows, else damage.
+    /// Reading stops at `off`: the end of the data if only zeros follow (the writer's
+    /// preallocation), else a torn tail if no valid record follows, else damage.
     fn end_at(&mut self, off: u64, what: &str) -> Result<Option<Record>> {
+        if self.zeros_from(off)? {
+            self.len = off;
+            return Ok(None);
+        }
         if let Some(later) = self.find_valid_record_after(off)? {
+            // A live writer appends in order: if the record at `off` is whole by now, the
+            // later one came after it, and nothing is damaged.
+            match self.reread()? {
+                Found::Whole(rec) => return Ok(Some(rec)),
+                Found::End => return Ok(None),
+                Found::Invalid(..) => {}
+            }
             return Err(StoreError::Damaged {
                 path: self.path.clone(),
                 offset: off,
@@ -456,6 +497,22 @@ impl JournalReader {
         Ok(None)
     }
 
+    /// Whether the file holds only zero bytes from `off` to the end this reader covers.
+    fn zeros_from(&self, off: u64) -> Result<bool> {
+        let file = self.file.get_ref();
+        let mut buf = vec![0u8; (1 << 16).min(self.len.saturating_sub(off)) as usize];
+        let mut at = off;
+        while at < self.len {
+            let n = ((self.len - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at).map_err(StoreError::io("read journal", &self.path))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
     fn find_valid_record_after(&self, off: u64) -> Result<Option<u64>> {
         let file = self.file.get_ref();
         let io = StoreError::io("read journal", &self.path);
@@ -465,7 +522,10 @@ impl JournalReader {
         // Only the part after `off` matters; a torn tail is one write, so this is small
         // unless the file is damaged.
         file.read_exact_at(&mut buf, off).map_err(io)?;
-        for p in 1..tail_len.saturating_sub(RECORD_HEADER_LEN - 1) {
+        // A record's kind byte (its 9th) is never zero: none starts in the zero padding.
+        let last = buf.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let starts = last.saturating_sub(8).min(tail_len.saturating_sub(RECORD_HEADER_LEN - 1));
+        for p in 1..starts {
             let Some(rh) = parse_record_header(&buf[p..p + RECORD_HEADER_LEN]) else {
                 continue;
             };
@@ -592,6 +652,41 @@ mod tests {
         let (recs, torn) = read_all(&p).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(torn.unwrap().0, offs[2]);
+    }
+
+    #[test]
+    fn zero_padding_is_the_end_and_a_torn_record_in_it_is_a_torn_tail() {
+        let (_d, p, offs) = journal(&sample());
+        let data = std::fs::read(&p).unwrap();
+        let mut padded = data.clone();
+        padded.resize(data.len() + 3 * 65536 + 5, 0);
+        std::fs::write(&p, &padded).unwrap();
+        let mut r = JournalReader::open(&p).unwrap();
+        let mut n = 0;
+        while r.next_record().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!((n, r.position(), r.torn_tail, r.len()), (3, data.len() as u64, None, data.len() as u64));
+        // a record cut short inside the padding (a crash mid-append): torn, at its start
+        for cut in [offs[2] as usize + 3, offs[2] as usize + 20, data.len() - 1] {
+            let mut torn = data[..cut].to_vec();
+            torn.resize(padded.len(), 0);
+            std::fs::write(&p, &torn).unwrap();
+            let (recs, t) = read_all(&p).unwrap();
+            assert_eq!((recs.len(), t.map(|t| t.0)), (2, Some(offs[2])), "cut at {cut}");
+        }
+        // zeros over a record that a valid one follows: damage, not padding
+        let mut holed = padded.clone();
+        holed[offs[1] as usize..offs[2] as usize].fill(0);
+        std::fs::write(&p, &holed).unwrap();
+        let e = read_all(&p).unwrap_err();
+        assert!(matches!(e, StoreError::Damaged { offset, .. } if offset == offs[1]), "{e}");
+        // stray bytes after the padding are not the end of the data either
+        let mut stray = padded;
+        *stray.last_mut().unwrap() = 7;
+        std::fs::write(&p, &stray).unwrap();
+        let (recs, t) = read_all(&p).unwrap();
+        assert_eq!((recs.len(), t.map(|t| t.0)), (3, Some(data.len() as u64)));
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Writer {
     path: PathBuf,
     header: Header,
     end: u64,
+    /// How far the journal is allocated and zero-filled (`fsutil::append_durable`).
+    alloc: u64,
     position: Position,
     last_tx_offset: Option<u64>,
     records: u64,
@@ -399,6 +401,7 @@ impl Writer {
             file.set_len(end).and_then(|_| file.sync_all()).map_err(StoreError::io("truncate torn tail", &path))?;
             report.torn_tail = Some(t);
         }
+        let alloc = file.metadata().map_or(end, |m| m.len().max(end));
         let last_write = fs::metadata(&path).and_then(|m| m.modified()).ok();
         let w = Writer {
             layout,
@@ -408,6 +411,7 @@ impl Writer {
             path,
             header,
             end,
+            alloc,
             position,
             last_tx_offset,
             records,
@@ -539,9 +543,9 @@ impl Writer {
     /// One write at the journal's end, then fdatasync; the state follows only on success.
     fn write_record(&mut self, data_version: u32, kind: Kind, record: &[u8]) -> Result<()> {
         let offset = self.end;
-        let r = self.file.write_all_at(record, offset).and_then(|_| self.file.sync_data());
-        if let Err(e) = r {
+        if let Err(e) = fsutil::append_durable(&self.file, offset, record, &mut self.alloc) {
             // Best effort: take the partial record back; the next open cuts it anyway.
+            self.alloc = offset;
             self.poisoned = self.file.set_len(offset).and_then(|_| self.file.sync_all()).is_err();
             return Err(StoreError::io("append to journal", &self.path)(e));
         }
@@ -642,6 +646,7 @@ impl Writer {
             .map_err(StoreError::io("truncate journal", &self.path))?;
         self.records = self.records_before_last_tx;
         self.end = offset;
+        self.alloc = offset;
         self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
         self.last_tx_offset = None;
         self.truncations += 1;
@@ -736,6 +741,7 @@ impl Writer {
         self.path = next.final_path;
         self.header = next.header;
         self.end = shift(self.end);
+        self.alloc = self.end;
         self.last_tx_offset = self.last_tx_offset.map(shift);
         self.records -= next.records_folded;
         self.records_before_last_tx -= next.records_folded;
@@ -830,6 +836,40 @@ mod tests {
         let (w, _) = Writer::open(&root, &KeySource::default()).unwrap();
         assert_eq!(w.position(), Position { version: 2, droppable: true });
         assert_eq!(w.records(), 3);
+    }
+
+    #[test]
+    fn appends_go_into_zero_filled_room_and_reopen_finds_the_end() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("b.bkp");
+        create(&root, None, None, None).unwrap();
+        let (mut w, _) = Writer::open(&root, &KeySource::default()).unwrap();
+        for v in 1..=50 {
+            w.apply(v, &tx(v, "INSERT INTO t VALUES (1)")).unwrap();
+        }
+        let (end, path) = (w.journal_len(), w.journal_path().to_path_buf());
+        let physical = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(physical % fsutil::PREALLOC, 0, "allocated in whole steps");
+        assert!(physical > end);
+        w.apply(51, &tx(51, "INSERT INTO t VALUES (2)")).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), physical, "no growth for an append that fits");
+        w.apply(51, &tx(51, "INSERT INTO t VALUES (3)")).unwrap(); // replaced: truncated, then grown again
+        let end = w.journal_len();
+        drop(w);
+        let (mut w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
+        assert!(rep.torn_tail.is_none(), "padding is not a torn tail");
+        assert_eq!((w.journal_len(), w.position().version, w.records()), (end, 51, 51));
+        // a crash mid-append into the padding: the partial record is cut at the next open
+        w.apply(52, &tx(52, "INSERT INTO t VALUES (4)")).unwrap();
+        let end = w.journal_len();
+        drop(w);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut half = Vec::new();
+        journal::encode_record(&mut half, 53, Kind::Transaction, &tx(53, "INSERT INTO t VALUES (5)"));
+        f.write_all_at(&half[..half.len() / 2], end).unwrap();
+        let (w, rep) = Writer::open(&root, &KeySource::default()).unwrap();
+        assert_eq!(rep.torn_tail.map(|t| t.0), Some(end));
+        assert_eq!((w.journal_len(), w.position().version), (end, 52));
     }
 
     #[test]
