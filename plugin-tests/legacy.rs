@@ -96,6 +96,20 @@ fn migrate_real_v1_backup_then_continue() {
     }
     node.stop().unwrap();
     assert_eq!(std::fs::read(&v1).unwrap(), before, "the v1 file was written to");
+    // Read-only, it is still a destination: verify and restore find it through backup.lock,
+    // and it cannot seed a copy
+    let l = ldir.to_str().unwrap();
+    let o = cli(&["verify", "--lightning-dir", l]);
+    assert!(o.status.success() && stdout(&o).contains("1190"), "{}{}", stdout(&o), stderr(&o));
+    let out = tmp.path().join("from-lock.sqlite3");
+    let o = cli(&["restore", "--lightning-dir", l, out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("data_version 1190") && stdout(&o).contains("it is the only copy"), "{}", stdout(&o));
+    assert_same(&out, &final_db("channels", tmp.path()));
+    let extra = tmp.path().join("extra.bkp");
+    let o = cli(&["add-destination", "--lightning-dir", l, &url(&extra)]);
+    assert!(!o.status.success() && stderr(&o).contains("backup-cli migrate"), "{}", stderr(&o));
+    assert!(!extra.exists());
     let new = tmp.path().join("node.bkp");
     let o = cli(&["migrate", &url(&v1), &url(&new), "--lightning-dir", ldir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));

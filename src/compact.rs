@@ -28,7 +28,7 @@ use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
 use crate::keys::KeyError;
 use crate::layout::GenName;
 use crate::meta::key_err;
-use crate::restore::{finish_db, open_build_db, sql_err, Applier};
+use crate::apply::{finish_db, open_build_db, sql_err, Applier};
 use crate::seal::Sealer;
 use crate::snapshot;
 use crate::versions::Position;

@@ -24,7 +24,7 @@ use std::time::Instant;
 use crate::error::{Result, StoreError};
 use crate::fsutil;
 use crate::journal::{self, Kind};
-use crate::restore::{finish_db, open_build_db, resolve_dest, sql_err, Applier, Summary};
+use crate::apply::{finish_db, open_build_db, resolve_dest, sql_err, Applier, Summary};
 use crate::versions::{self, Decision, Position};
 
 pub const HEADER_LEN: u64 = 512;

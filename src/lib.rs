@@ -5,6 +5,7 @@
 //! Storage: `layout` (files of a backup), `journal` (record format), `snapshot`,
 //! `writer`, `reader`, `restore`; rules: `versions`; durability: `fsutil`.
 
+pub mod apply;
 pub mod cli;
 pub mod clock;
 pub mod compact;

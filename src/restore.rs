@@ -5,7 +5,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rusqlite::Connection;
 
 use crate::error::{Result, StoreError};
 use crate::fsutil;
@@ -18,28 +17,7 @@ use crate::snapshot;
 use crate::versions::Position;
 use crate::writer::check_chain;
 
-pub const DB_NAME: &str = "lightningd.sqlite3";
-
-/// What a restore or verify went through.
-#[derive(Debug, Clone, Default)]
-pub struct Summary {
-    pub generation: u64,
-    pub snapshot_version: Option<u32>,
-    pub version: u32,
-    pub records: u64,
-    pub transactions: u64,
-    pub statements: u64,
-    pub bytes: u64,
-    pub torn_tail: Option<(u64, u64)>,
-    pub seconds: f64,
-    /// What could not be checked (older formats without checksums, sealed data without the key).
-    pub unverified: Vec<String>,
-    /// Whether the backup is sealed, and the fingerprint of its key (from backup.json).
-    pub sealed: bool,
-    pub key_fingerprint: Option<String>,
-    /// Where the key that opened the backup came from.
-    pub key_origin: Option<String>,
-}
+pub use crate::apply::{finish_db, open_build_db, resolve_dest, sql_err, Applier, Summary, DB_NAME};
 
 /// Where a record sits, for messages.
 #[derive(Debug, Clone, Copy)]
@@ -73,78 +51,6 @@ pub fn find_sealer(
         None if required => Err(key_err(root)(m.missing(&src))),
         None => Ok((meta, None, None)),
     }
-}
-
-/// Where a restore writes: DEST itself, or DEST/lightningd.sqlite3 when DEST is a directory.
-pub fn resolve_dest(dest: &Path) -> PathBuf {
-    if dest.is_dir() {
-        dest.join(DB_NAME)
-    } else {
-        dest.to_path_buf()
-    }
-}
-
-/// Executes records on a database the way lightningd did: transactions inside one
-/// (consecutive ones share a single SQLite transaction, for speed), statements that ran
-/// outside any transaction outside one.
-pub struct Applier<'c> {
-    conn: &'c Connection,
-    in_tx: bool,
-    pub statements: u64,
-}
-
-impl<'c> Applier<'c> {
-    pub fn new(conn: &'c Connection) -> Applier<'c> {
-        Applier { conn, in_tx: false, statements: 0 }
-    }
-
-    /// Continues on a connection whose transaction an earlier applier left open.
-    pub fn resume(conn: &'c Connection, in_tx: bool) -> Applier<'c> {
-        Applier { conn, in_tx, statements: 0 }
-    }
-
-    pub fn in_transaction(&self) -> bool {
-        self.in_tx
-    }
-
-    pub fn apply<S: AsRef<str>>(&mut self, kind: Kind, statements: &[S]) -> rusqlite::Result<()> {
-        match (kind, self.in_tx) {
-            (Kind::Transaction, false) => {
-                self.conn.execute_batch("BEGIN")?;
-                self.in_tx = true;
-            }
-            (Kind::Outside, true) => self.commit()?,
-            _ => {}
-        }
-        for s in statements {
-            self.conn.execute_batch(s.as_ref())?;
-            self.statements += 1;
-        }
-        Ok(())
-    }
-
-    pub fn commit(&mut self) -> rusqlite::Result<()> {
-        if self.in_tx {
-            self.conn.execute_batch("COMMIT")?;
-            self.in_tx = false;
-        }
-        Ok(())
-    }
-}
-
-/// Opens a database being rebuilt: no rollback journal (a failed build is thrown away),
-/// and foreign keys on, as on lightningd's own connection.
-pub fn open_build_db(path: &Path) -> Result<Connection> {
-    let conn = Connection::open(path).map_err(sql_err(path))?;
-    conn.execute_batch(
-        "PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA foreign_keys = ON; PRAGMA cache_size = -16384;",
-    )
-    .map_err(sql_err(path))?;
-    Ok(conn)
-}
-
-pub fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-    move |e| StoreError::Invalid { path: path.into(), what: format!("SQLite: {e}") }
 }
 
 /// Reads every journal record of a view in order, checking checksums and the version chain,
@@ -204,9 +110,6 @@ pub fn restore_with(
     keys: &KeySource,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Summary)> {
-    if crate::legacy::is_v1_file(root) {
-        return crate::legacy::restore(root, dest, progress);
-    }
     let started = Instant::now();
     let dest = resolve_dest(dest);
     if fs::symlink_metadata(&dest).is_ok() {
@@ -356,25 +259,6 @@ fn replay(
     conn.close().map_err(|(_, e)| sql_err(tmp)(e))
 }
 
-/// Final checks of a rebuilt database: a plain file (no WAL), intact, at the expected version.
-pub fn finish_db(conn: &Connection, path: &Path, version: u32) -> Result<()> {
-    let e = sql_err(path);
-    conn.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(())).map_err(&e)?;
-    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(&e)?;
-    if check != "ok" {
-        return Err(StoreError::Invalid { path: path.into(), what: format!("integrity check failed: {check}") });
-    }
-    let dv: Option<i64> =
-        conn.query_row("SELECT intval FROM vars WHERE name = 'data_version'", [], |r| r.get(0)).map_err(&e)?;
-    if dv != Some(version as i64) {
-        return Err(StoreError::Invalid {
-            path: path.into(),
-            what: format!("restored database says data_version {dv:?}, the backup's last version is {version}"),
-        });
-    }
-    Ok(())
-}
-
 /// Reads the whole backup and checks every checksum and the version chain; writes nothing.
 pub fn verify(root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
     verify_with(root, &KeySource::default(), progress)
@@ -384,9 +268,6 @@ pub fn verify(root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary
 /// sealed backup is checked by framing, checksums and version chain, and the summary says
 /// what was left unchecked; a key given but wrong is an error.
 pub fn verify_with(root: &Path, keys: &KeySource, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
-    if crate::legacy::is_v1_file(root) {
-        return crate::legacy::verify(root, progress);
-    }
     let started = Instant::now();
     let given = keys.hsm_secret.is_some() || keys.key_file.is_some();
     let (meta, sealer, origin) = find_sealer(root, keys, None, given)?;

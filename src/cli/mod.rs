@@ -267,7 +267,10 @@ fn run(cmd: Cmd) -> Result<()> {
                 return Ok(());
             }
             let root = url_path(&url)?;
-            let (dest, s) = restore::restore_with(&root, &dest, &key.source(), &mut progress_bar("Restoring"))?;
+            let (dest, s) = match destination::parse(&url, &cwd).map_err(|e| anyhow!(e))? {
+                destination::Target::Legacy(p) => crate::legacy::restore(&p, &dest, &mut progress_bar("Restoring"))?,
+                _ => restore::restore_with(&root, &dest, &key.source(), &mut progress_bar("Restoring"))?,
+            };
             finish_progress();
             print_summary("Restored", &s);
             print_last_write(&root);
@@ -299,7 +302,11 @@ fn run(cmd: Cmd) -> Result<()> {
                     continue;
                 }
                 let root = url_path(u)?;
-                match restore::verify_with(&root, &keys, &mut progress_bar("Verifying")) {
+                let checked = match destination::parse(u, &cwd).map_err(|e| anyhow!(e))? {
+                    destination::Target::Legacy(p) => crate::legacy::verify(&p, &mut progress_bar("Verifying")),
+                    _ => restore::verify_with(&root, &keys, &mut progress_bar("Verifying")),
+                };
+                match checked {
                     Ok(s) => {
                         finish_progress();
                         print_summary("Verified", &s);
@@ -435,6 +442,9 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
     for t in targets {
         match t {
             destination::Target::File(p) => roots.push(p),
+            destination::Target::Legacy(p) => {
+                bail!("{} is a backup of the Python plugin (v1): convert it with `backup-cli migrate`", p.display())
+            }
             destination::Target::Postgres(u) | destination::Target::Socket(u) => {
                 bail!("{u}: a network destination is initialized on its own")
             }
@@ -610,6 +620,13 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let Some((best, why)) = inspect::most_advanced(&copies) else {
         bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
     };
+    if let Ok(destination::Target::Legacy(_)) = destination::parse(&best.url, ldir) {
+        bail!(
+            "{} is a backup of the Python plugin (v1), which cannot seed a new copy: convert it first with \
+             `backup-cli migrate` (see README, 'Coming from the Python backup plugin')",
+            best.url
+        );
+    }
     println!("Seeding {url} from {}: {why}", destination::shown(&best.url));
     writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {

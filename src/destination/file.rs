@@ -14,7 +14,6 @@ use crate::error::StoreError;
 use crate::journal::Kind;
 use crate::keys::KeySource;
 use crate::writer::{self, Writer};
-use crate::{layout, legacy};
 
 pub struct FileDestination {
     url: String,
@@ -26,13 +25,6 @@ impl FileDestination {
     /// Opens the backup at `root` as its one writer. Also gives, in words, what opening
     /// repaired (a torn tail cut, leftovers of a compaction removed).
     pub fn open(url: &str, root: &Path, keys: &KeySource) -> Result<(FileDestination, Vec<String>), String> {
-        if legacy::is_v1_file(root) {
-            return Err(format!(
-                "{url} is a backup of the Python backup plugin (format v1); cln-backup does not write into it. \
-                 With lightningd stopped, convert it: backup-cli migrate {url} {} --lightning-dir <lightning-dir>",
-                layout::url_for(&root.with_extension("cln-backup")),
-            ));
-        }
         let (w, report) =
             Writer::open(root, keys).map_err(|e| format!("Cannot open the backup at {url}: {}", e.explain()))?;
         let mut notes = Vec::new();

@@ -34,6 +34,7 @@ impl Drop for Scratch {
 pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
     match super::parse(url, base)? {
         Target::File(root) => inspect_dir(url, &root),
+        Target::Legacy(path) => inspect_v1(url, &path),
         // A remote copy is read through a local download, kept while the Copy lives.
         Target::Postgres(u) => {
             static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -80,6 +81,26 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
             journal,
             journal_len: end,
         },
+    })
+}
+
+/// A v1 file's version, read through it whole. Its `files` name the v1 file itself: it
+/// cannot seed a copy (`add-destination` refuses it; `migrate` converts it).
+fn inspect_v1(url: &str, path: &Path) -> Result<Copy, String> {
+    let s = crate::legacy::verify(path, &mut |_, _| {}).map_err(|e| format!("{url}: {}", e.explain()))?;
+    let len = std::fs::metadata(path).map_err(|e| format!("{url}: {e}"))?.len();
+    Ok(Copy {
+        url: url.to_string(),
+        scratch: None,
+        tip: Tip {
+            position: Position { version: s.version, droppable: false },
+            generation: 0,
+            journal_len: len,
+            last_crc: 0,
+            last_tx_offset: None,
+        },
+        last_write: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+        files: GenerationFiles { generation: 0, snapshot: None, journal: path.to_path_buf(), journal_len: len },
     })
 }
 

@@ -6,7 +6,9 @@
 //! the version rules: the plugin decides once, above the destinations, what a db_write is
 //! (append, or replace the uncommitted last transaction).
 //!
-//! Kinds: `file` (a directory on a mounted filesystem: today's layout, writer and reader).
+//! Kinds: `file` (a directory on a mounted filesystem: today's layout, writer and reader),
+//! `socket` (`backup-cli server`), `postgres`, and `legacy`: the Python plugin's v1 file,
+//! read-only (restore, verify and `migrate` read it; nothing writes it).
 //! A new kind is one module here and one arm in `parse`.
 
 pub mod file;
@@ -140,6 +142,8 @@ pub type BackgroundCompaction = Box<dyn FnOnce(&Path) -> Result<String, String> 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     File(PathBuf),
+    /// A `file://` URL naming the Python plugin's v1 file: read-only.
+    Legacy(PathBuf),
     /// A libpq URL (`?backup=NAME` names the backup among others in the database).
     Postgres(String),
     /// `socket:HOST:PORT[?proxy=socks5:H:P]`, a `backup-cli server`.
@@ -154,7 +158,8 @@ pub fn parse(url: &str, base: &Path) -> Result<Target, String> {
     if postgres::is_postgres_url(url) {
         return postgres::url::parse(url).map(|_| Target::Postgres(url.to_string())).map_err(|e| e.explain());
     }
-    crate::layout::parse_url(url, base).map(Target::File)
+    let path = crate::layout::parse_url(url, base)?;
+    Ok(if crate::legacy::is_v1_file(&path) { Target::Legacy(path) } else { Target::File(path) })
 }
 
 /// A URL as logs, status and messages show it: a PostgreSQL password is hidden.
@@ -178,6 +183,11 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
             let (d, notes) = file::FileDestination::open(url, &root, &keys)?;
             Ok((Box::new(d), notes))
         }
+        Target::Legacy(root) => Err(format!(
+            "{url} is a backup of the Python backup plugin (format v1); cln-backup does not write into it. \
+             With lightningd stopped, convert it: backup-cli migrate {url} {} --lightning-dir <lightning-dir>",
+            crate::layout::url_for(&root.with_extension("cln-backup")),
+        )),
         Target::Postgres(u) => {
             let name = postgres::url::default_name(base).unwrap_or_default();
             let d = postgres::PgDestination::open(&u, &name, DEFAULT_RECONNECT_TIMEOUT)
@@ -253,7 +263,7 @@ pub fn check_distinct(urls: &[String], base: &Path) -> Result<Vec<Target>, Strin
     for u in urls {
         let t = parse(u, base)?;
         let canon = match &t {
-            Target::File(p) => {
+            Target::File(p) | Target::Legacy(p) => {
                 crate::fsutil::parent_of(p).canonicalize().ok().zip(p.file_name()).map(|(d, n)| d.join(n))
             }
             Target::Postgres(_) | Target::Socket(_) => None,
