@@ -222,13 +222,13 @@ fn insert_space_before_where(s: &str, key: &str, tail: &str) -> String {
 }
 
 /// What was read and how far the database was built.
-struct Built {
-    summary: Summary,
+pub struct Built {
+    pub summary: Summary,
     /// Records left out of the database (from `keep_tail_from` on), re-encoded.
-    tail: Vec<u8>,
+    pub tail: Vec<u8>,
     /// Version of the database built (before the tail).
-    db_version: u32,
-    has_db: bool,
+    pub db_version: u32,
+    pub has_db: bool,
 }
 
 const UNVERIFIED: &str = "the Python plugin's format (v1) has no checksums, so a flipped byte inside a statement or \
@@ -237,7 +237,7 @@ const UNVERIFIED: &str = "the Python plugin's format (v1) has no checksums, so a
 
 /// Reads a v1 file and builds its database into `tmp`, leaving out the last transaction
 /// and what follows it when `keep_tail` is set (they go to `Built::tail`).
-fn build(path: &Path, tmp: Option<&Path>, keep_tail: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<Built> {
+pub fn build(path: &Path, tmp: Option<&Path>, keep_tail: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<Built> {
     let mut reader = V1Reader::open(path)?;
     let total = reader.header.end;
     // A first pass finds where the last transaction starts (records are in version order).
@@ -357,41 +357,6 @@ pub fn restore(path: &Path, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> 
 pub fn verify(path: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
     let started = Instant::now();
     let mut s = build(path, None, false, progress)?.summary;
-    s.seconds = started.elapsed().as_secs_f64();
-    Ok(s)
-}
-
-/// Converts a v1 backup into a new cln-backup backup at `new_root`, at the same version:
-/// a snapshot of everything before the last transaction, and that transaction (with what
-/// follows it) as the journal. Kept out of the snapshot, it can still be dropped if
-/// lightningd never committed it, exactly as in a backup cln-backup wrote itself.
-/// With a sealed `meta` (and its `sealer`) the new backup is sealed.
-pub fn migrate(old: &Path, new_root: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
-    migrate_to(old, new_root, None, None, progress)
-}
-
-/// As `migrate`, recording `meta` in the new backup and sealing it when `meta` says so.
-pub fn migrate_to(
-    old: &Path,
-    new_root: &Path,
-    meta: Option<&crate::meta::Meta>,
-    sealer: Option<&crate::seal::Sealer>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Summary> {
-    let started = Instant::now();
-    if fs::symlink_metadata(new_root).is_ok() {
-        return Err(StoreError::Exists { path: new_root.into() });
-    }
-    let tmp = fsutil::tmp_path(&new_root.with_extension("migrate-db"));
-    let _ = fs::remove_file(&tmp);
-    let result = (|| -> Result<Summary> {
-        let built = build(old, Some(&tmp), true, progress)?;
-        let base = built.has_db.then_some((tmp.as_path(), built.db_version));
-        crate::writer::create_with_records(new_root, base, &built.tail, meta, sealer)?;
-        Ok(built.summary)
-    })();
-    let _ = fs::remove_file(&tmp);
-    let mut s = result?;
     s.seconds = started.elapsed().as_secs_f64();
     Ok(s)
 }

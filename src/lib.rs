@@ -17,6 +17,7 @@ pub mod keys;
 pub mod layout;
 pub mod legacy;
 pub mod meta;
+pub mod migrate;
 pub mod net;
 pub mod plugin;
 pub mod reader;

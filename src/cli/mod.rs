@@ -766,7 +766,7 @@ fn migrate(old: &Path, new: &Path, lightning_dir: Option<&Path>, sealing: Sealin
     }
     let (meta, key) = sealing.prepare(lightning_dir, true)?;
     let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
-    let s = crate::legacy::migrate_to(old, new, Some(&meta), sealer.as_ref(), &mut progress_bar("Migrating"))?;
+    let s = crate::migrate::migrate_to(old, new, Some(&meta), sealer.as_ref(), &mut progress_bar("Migrating"))?;
     print_sealing(&meta, lightning_dir);
     finish_progress();
     let check = restore::verify_with(
