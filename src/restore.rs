@@ -133,6 +133,7 @@ pub fn restore_with(
         }
         result
     })?;
+    summary.bytes = view.total_bytes(); // without the journal's zero padding, now read
     summary.seconds = started.elapsed().as_secs_f64();
     Ok((dest, summary))
 }
@@ -294,6 +295,7 @@ pub fn verify_with(root: &Path, keys: &KeySource, progress: &mut dyn FnMut(u64, 
         summary.snapshot_version = Some(h.data_version);
     }
     for_each_record(&mut view, &mut summary, sealer.as_ref(), |_, _| Ok(()), &mut |n| progress(snap_len + n, total))?;
+    summary.bytes = view.total_bytes(); // without the journal's zero padding, now read
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
