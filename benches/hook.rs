@@ -379,6 +379,8 @@ fn main() {
         sealed_vs_plain(&base);
     } else if std::env::var("CLN_BACKUP_BENCH_ONLY").is_ok_and(|v| v == "socket") {
         socket_append(&base);
+    } else if only == "hook" {
+        hook_restore_and_compaction(&base);
     } else {
         hook_restore_and_compaction(&base);
         socket_append(&base.join("socket"));
