@@ -118,6 +118,11 @@ fn hook_restore_and_compaction(base: &Path) {
         OpenOptions::new().create(true).truncate(true).read(true).write(true).open(base.join("baseline.bin")).unwrap();
     let mut baseline_off = 0u64;
     let mut baseline = Vec::with_capacity(trace.len());
+    // The journal writer alone (no plugin, no IPC): what the preallocated journal saves.
+    let wroot = base.join("writer-only.bkp");
+    cln_backup::writer::create(&wroot, None, None, None).unwrap();
+    let (mut writer, _) = Writer::open(&wroot, &Default::default()).unwrap();
+    let mut writer_only = Vec::with_capacity(trace.len());
     let mut buf = Vec::new();
     let t0 = Instant::now();
     for (i, rec) in trace.iter().enumerate() {
@@ -128,6 +133,9 @@ fn hook_restore_and_compaction(base: &Path) {
         baseline_file.sync_data().unwrap();
         baseline.push(b0.elapsed());
         baseline_off += buf.len() as u64;
+        let w0 = Instant::now();
+        writer.append_copy(rec.data_version, rec.kind(), &buf).unwrap();
+        writer_only.push(w0.elapsed());
         // alternate who goes first, so neither always follows the baseline's fdatasync
         let n = nodes.len();
         for k in 0..n {
@@ -143,6 +151,13 @@ fn hook_restore_and_compaction(base: &Path) {
         "db_write round trip (plugin over stdio) vs bare write+fdatasync of the same bytes, {} calls, {replay_s:.1} s",
         trace.len()
     );
+    let (w50, w99) = (pct(&mut writer_only, 0.5), pct(&mut writer_only, 0.99));
+    println!(
+        "  journal writer alone (preallocated, no plugin): p50 {w50:.0} vs {b50:.0} µs = {:.2}x, p99 {w99:.0} vs {b99:.0} µs = {:.2}x",
+        w50 / b50,
+        w99 / b99
+    );
+    drop(writer);
     let mut h50 = 0.0;
     let mut p50s = Vec::new();
     for (node, (name, bin, _, _)) in nodes.iter_mut().zip(&plugins) {
