@@ -52,7 +52,7 @@ fn feed(d: &mut PgDestination, recs: &[TraceRecord]) {
 /// Downloads + restores backup `name` and returns the database path.
 fn restore(url: &str, name: &str, dir: &Path, file: &str) -> (std::path::PathBuf, pg::Downloaded) {
     let dest = dir.join(file);
-    let (p, _, d) = pg::restore_from(url, Some(name), &dest, &mut |_, _| {}, &mut |_, _| {})
+    let (p, _, d) = pg::restore_from(url, Some(name), &dest, &Default::default(), &mut |_, _| {}, &mut |_, _| {})
         .unwrap_or_else(|e| panic!("restore failed: {}", e.explain()));
     (p, d)
 }
@@ -315,7 +315,7 @@ fn pg_compaction_builds_beside_the_writer_switches_briefly_and_removes_old_rows(
     let plan = d.plan().unwrap();
     // the new generation is built on its own connection while appends go on
     let (u2, work) = (url.clone(), tmp.path().to_path_buf());
-    let builder = std::thread::spawn(move || pg::build_generation(&u2, "n", plan, &work, &mut |_, _, _| {}));
+    let builder = std::thread::spawn(move || pg::build_generation(&u2, "n", plan, &work, None, &mut |_, _, _| {}));
     feed(&mut d, &t[700..900]);
     let next = builder.join().unwrap().unwrap();
     assert!(next.snapshot_bytes > 0);
