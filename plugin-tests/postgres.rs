@@ -821,3 +821,99 @@ fn pg_sealed_plugin_writes_nothing_readable_and_restores_only_with_the_key() {
     let o = pg_restore(&backend, &dest, &["--hsm-secret", key.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The journal bytes of backup `name`'s current generation, as a download rebuilds them.
+fn pg_journal(url: &str, name: &str, dir: &Path) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    let d = pg::download(url, Some(name), &dir.join(format!("dl-{name}")), &mut |_, _| {}).unwrap();
+    let j = cln_backup::layout::Layout::new(&d.dir).list().unwrap().journal;
+    std::fs::read(j).unwrap()
+}
+
+/// `init` with a file and a postgres URL makes one backup (one id, one key); the plugin
+/// seals each record once and both copies store the same bytes; `add-destination` of
+/// another postgres URL next to them is seeded sealed with the same id.
+#[test]
+fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
+    let url = pgharness::fresh_db("withfile");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let t = trace("small");
+    let node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    for r in &t[..40] {
+        node.run_without_plugin(r).unwrap();
+    }
+    drop(node);
+    let copy = tmp.path().join("copy.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock = cln_backup::destination::LockFile::parse(
+        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
+        &ldir.join("backup.lock"),
+    )
+    .unwrap();
+    assert_eq!(lock.urls.len(), 2);
+    assert!(lock.urls[1].contains("backup=regtest"), "{:?}", lock.urls);
+    let file_meta: serde_json::Value = serde_json::from_slice(&std::fs::read(copy.join("backup.json")).unwrap()).unwrap();
+    let pg_meta: serde_json::Value = serde_json::from_str(&pgharness::shared().psql(
+        &db_of(&url),
+        "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'",
+    ))
+    .unwrap();
+    assert_eq!(pg_meta["backup_id"], file_meta["backup_id"]);
+    assert_eq!(pg_meta["sealed"], true);
+    assert_eq!(pg_meta["key_fingerprint"], fp_of(LEGACY_FP_KEY));
+    // the rest of the trace through the plugin, to both
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 40..t.len()).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert!(st["destinations"].as_array().unwrap().iter().all(|d| d["state"] == "in-sync"), "{st:#}");
+    node.stop().unwrap();
+    // one seal per record: the database holds exactly the file copy's journal
+    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&lock.urls[1], "regtest", tmp.path()), file_journal);
+    assert!(readable(&copy, &needles("small")).is_empty());
+    let fin = final_db("small", tmp.path());
+    let dest = tmp.path().join("from-pg.sqlite3");
+    let o = pg_restore(&lock.urls[1], &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &fin);
+
+    // another database added beside them: seeded from the most advanced copy, sealed, same id
+    let url2 = pgharness::fresh_db("added");
+    let o = cli(&["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &url2]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sealed with the backup's key"), "{}", stdout(&o));
+    let meta2: serde_json::Value = serde_json::from_str(&pgharness::shared().psql(
+        &db_of(&url2),
+        "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'",
+    ))
+    .unwrap();
+    assert_eq!(meta2["backup_id"], file_meta["backup_id"]);
+    let lock = cln_backup::destination::LockFile::parse(
+        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
+        &ldir.join("backup.lock"),
+    )
+    .unwrap();
+    assert_eq!(lock.urls.len(), 3);
+    let dest = tmp.path().join("from-added.sqlite3");
+    let o = pg_restore(&lock.urls[2], &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &fin);
+    // and the node goes on writing to all three
+    let more = vec![format!(
+        "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}",
+        t.last().unwrap().data_version
+    )];
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    node.start().unwrap();
+    let rec = TraceRecord { data_version: t.last().unwrap().data_version + 1, writes: more, before_init: false };
+    node.start_if_needed(std::slice::from_ref(&rec), 0).unwrap();
+    assert_eq!(node.step(&rec).unwrap(), cln_backup::sim::Answer::Continue);
+    node.stop().unwrap();
+    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&lock.urls[1], "regtest", &tmp.path().join("a")), file_journal);
+    assert_eq!(pg_journal(&lock.urls[2], "regtest", &tmp.path().join("b")), file_journal);
+}
