@@ -917,3 +917,78 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     assert_eq!(pg_journal(&lock.urls[1], "regtest", &tmp.path().join("a")), file_journal);
     assert_eq!(pg_journal(&lock.urls[2], "regtest", &tmp.path().join("b")), file_journal);
 }
+
+/// A PostgreSQL copy far behind a compacted file copy is re-seeded with the file copy's
+/// whole generation (catch-up's `install`): stored as it is, in one transaction. A
+/// generation of another backup, or one that fails half way, leaves it as it was.
+#[test]
+fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
+    use cln_backup::destination::Destination;
+    let url = pgharness::fresh_db("install");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let copy = tmp.path().join("copy.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = trace("small");
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 0..60).unwrap(), None);
+    node.stop().unwrap();
+    // the database is dropped from backup.lock; the file copy goes on and is compacted
+    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
+    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let o = cli(&["remove-destination", "--lightning-dir", ldir.to_str().unwrap(), &backend]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(t, 60..t.len()).unwrap(), None);
+    node.stop().unwrap();
+    let o = cli(&["compact", &url_of(&copy)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let keys = cln_backup::keys::KeySource::lightning_dir(&ldir);
+    let mut d = PgDestination::open_with(&backend, "regtest", BOUND, &keys).unwrap();
+    assert!(d.is_sealed());
+    assert_eq!(d.generation(), 1);
+    let before = d.tip();
+    let held = pg_journal(&backend, "regtest", &tmp.path().join("w"));
+    let (w, _) = cln_backup::writer::Writer::open(&copy, &keys).unwrap();
+    let files = cln_backup::destination::file::FileDestination::generation_files(&w);
+    let file_tip = cln_backup::destination::file::tip_of(&w);
+    assert_eq!(files.generation, 2);
+
+    // a failure half way (the snapshot gone) changes nothing
+    let mut broken = files.clone();
+    broken.snapshot = Some(tmp.path().join("no-such.snapshot"));
+    let e = d.install(&broken).unwrap_err().explain();
+    assert!(e.contains("no-such.snapshot"), "{e}");
+    assert_eq!(pg_journal(&backend, "regtest", &tmp.path().join("x")), held);
+    assert_eq!(d.refresh().unwrap(), before.position);
+    assert_eq!(d.tip(), before);
+    // another backup's generation (same key, another id) is refused
+    let other_l = tmp.path().join("other");
+    std::fs::create_dir_all(&other_l).unwrap();
+    std::fs::write(other_l.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let other = tmp.path().join("other.bkp");
+    let o = cli(&["init", "--lightning-dir", other_l.to_str().unwrap(), &url_of(&other)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (ow, _) = cln_backup::writer::Writer::open(&other, &keys).unwrap();
+    let e = d.install(&cln_backup::destination::file::FileDestination::generation_files(&ow)).unwrap_err().explain();
+    assert!(e.contains("is not this backup"), "{e}");
+    assert_eq!(d.tip(), before);
+
+    d.install(&files).unwrap_or_else(|e| panic!("{}", e.explain()));
+    assert_eq!(d.tip(), file_tip);
+    assert!(d.tip().same_place(&file_tip));
+    drop(w);
+    drop(d);
+    let journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&backend, "regtest", tmp.path()), journal);
+    let gens = pgharness::shared().psql(&db_of(&url), "SELECT string_agg(DISTINCT generation::text, ',') FROM cln_backup.records");
+    assert_eq!(gens, "2", "old generations removed");
+    let dest = tmp.path().join("r.sqlite3");
+    let o = pg_restore(&backend, &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("small", tmp.path()));
+}

@@ -1092,6 +1092,40 @@ impl PgDestination {
     }
 }
 
+impl PgDestination {
+    /// Replaces what the database holds for this backup with a whole generation of a file
+    /// copy (catch-up when it is far behind): stored as it is (same backup id, same
+    /// seals), made current in one transaction; older generations then go in steps.
+    pub fn install_files(&mut self, from: &crate::destination::GenerationFiles) -> Result<(), PgError> {
+        let chain = |what: String| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what };
+        let local = transfer::read_install(from, self.is_sealed(), self.backup_id).map_err(chain)?;
+        self.ensure_connected(Instant::now() + self.timeout, false)?;
+        let Some(conn) = self.conn.as_ref() else {
+            return Err(PgError::Connect { url: self.pg.display.clone(), what: "not connected".into(), retryable: true });
+        };
+        let (url, name) = (self.pg.display.as_str(), self.name.as_str());
+        let client = &conn.session.client;
+        let r = block_on(&self.rt, async {
+            transfer::install(client, url, name, &local).await?;
+            load_state(client, url, name).await
+        });
+        match r {
+            Ok(state) => self.state = state,
+            Err(e) => {
+                self.uncertain = true;
+                self.drop_connection();
+                return Err(e);
+            }
+        }
+        self.last_crc = self.read_last_crc()?;
+        self.last_write = Some(std::time::SystemTime::now());
+        if let Err(e) = transfer::remove_old_generations(&self.raw_url, &self.name, &mut |_| {}) {
+            log::warn!("{}: old generations stay until the next compaction: {}", self.pg.display, e.explain());
+        }
+        Ok(())
+    }
+}
+
 fn kind_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Transaction => "transaction",

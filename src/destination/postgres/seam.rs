@@ -97,15 +97,7 @@ impl Destination for PgDestination {
         // the records after the fold point moved into the new generation as they were
         Ok(())
     }
-    fn install(&mut self, _from: &GenerationFiles) -> Result<(), StoreError> {
-        Err(StoreError::Remote {
-            what: format!(
-                "{}: a postgres destination that lacks more than the records after its position cannot be \
-                 brought up to date from a file copy yet",
-                PgDestination::url(self)
-            ),
-            hint: "stop lightningd, remove this destination with backup-cli remove-destination, and init it again",
-            retryable: false,
-        })
+    fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError> {
+        Ok(self.install_files(from)?)
     }
 }

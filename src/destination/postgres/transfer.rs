@@ -93,7 +93,7 @@ fn name_of(pg: &url::PgUrl, name: Option<&str>) -> Result<Option<String>, PgErro
 }
 
 /// One generation of a local file layout, read for upload.
-struct LocalGeneration {
+pub(super) struct LocalGeneration {
     header: Header,
     header_bytes: Vec<u8>,
     snapshot: Option<PathBuf>,
@@ -147,13 +147,13 @@ fn read_generation(journal_path: &Path, snapshot: Option<PathBuf>, limit: Option
 }
 
 /// Uploads a generation's snapshot chunks and its generations row, inside the caller's transaction.
-async fn upload_generation(
+async fn upload_generation<P: FnMut(u64, u64) + ?Sized>(
     client: &Client,
     url: &str,
     name: &str,
     generation: i64,
     local: &LocalGeneration,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut P,
 ) -> Result<(), PgError> {
     let mut snapshot_len = 0u64;
     let mut chunks = 0i32;
@@ -826,6 +826,79 @@ async fn reseal_after_fold(
         p += len;
     }
     Ok(())
+}
+
+/// A whole generation of a file copy of this backup (`files`: up to its `journal_len`),
+/// read for `install`. Its metadata must be this backup's (same sealing, same id): its
+/// seals are stored as they are.
+pub(super) fn read_install(
+    files: &crate::destination::GenerationFiles,
+    sealed: bool,
+    backup_id: Option<crate::seal::BackupId>,
+) -> Result<LocalGeneration, String> {
+    let local = read_generation(&files.journal, files.snapshot.clone(), Some(files.journal_len))
+        .map_err(|e| e.to_string())?;
+    let meta = Meta::load(fsutil::parent_of(&files.journal)).map_err(|e| e.to_string())?;
+    let (their_sealed, their_id) = (meta.as_ref().is_some_and(|m| m.sealed), meta.as_ref().and_then(|m| m.id()));
+    if local.header.generation != files.generation {
+        return Err("the copy's generation changed while it was read".into());
+    }
+    if local.header.sealed != sealed || their_sealed != sealed || (sealed && their_id != backup_id) {
+        return Err(format!(
+            "the copy at {} is not this backup ({} backup, id {}): not installed",
+            files.journal.display(),
+            if their_sealed { "a sealed" } else { "a plaintext" },
+            meta.map_or("none".into(), |m| m.backup_id)
+        ));
+    }
+    Ok(local)
+}
+
+/// Makes `local` (from `read_install`) the backup's current generation in one
+/// transaction: its rows replace any of that generation or newer, and the position moves
+/// with them. Older generations are left for `remove_old_generations`.
+pub(super) async fn install(client: &Client, url: &str, name: &str, local: &LocalGeneration) -> Result<(), PgError> {
+    let generation = local.header.generation as i64;
+    client.batch_execute("BEGIN").await.map_err(db_err(url, "begin the install"))?;
+    let r = async {
+        client
+            .query_one("SELECT generation FROM cln_backup.backups WHERE name = $1 FOR UPDATE", &[&name])
+            .await
+            .map_err(db_err(url, "lock the backup row"))?;
+        for table in ["snapshot_chunks", "records", "generations"] {
+            client
+                .execute(
+                    &format!("DELETE FROM cln_backup.{table} WHERE name = $1 AND generation >= $2"),
+                    &[&name, &generation],
+                )
+                .await
+                .map_err(db_err(url, "remove what the install replaces"))?;
+        }
+        upload_generation(client, url, name, generation, local, &mut |_: u64, _: u64| {}).await?;
+        insert_records(client, url, name, generation, 0, &local.records).await?;
+        let last_tx_seq = local.last_tx.map_or(-1, |i| i as i64);
+        client
+            .execute(
+                "UPDATE cln_backup.backups SET generation = $2, next_seq = $3, last_version = $4, droppable = $5,
+                        last_tx_seq = $6, updated = now() WHERE name = $1",
+                &[
+                    &name,
+                    &generation,
+                    &(local.records.len() as i64),
+                    &(local.position.version as i64),
+                    &local.position.droppable,
+                    &last_tx_seq,
+                ],
+            )
+            .await
+            .map_err(db_err(url, "switch to the installed generation"))?;
+        client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the install"))
+    }
+    .await;
+    if r.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    r
 }
 
 /// Removes the rows of generations before the current one, in small transactions so
