@@ -856,11 +856,11 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     .unwrap();
     assert_eq!(lock.urls.len(), 2);
     assert!(lock.urls[1].contains("backup=regtest"), "{:?}", lock.urls);
-    let file_meta: serde_json::Value = serde_json::from_slice(&std::fs::read(copy.join("backup.json")).unwrap()).unwrap();
-    let pg_meta: serde_json::Value = serde_json::from_str(&pgharness::shared().psql(
-        &db_of(&url),
-        "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'",
-    ))
+    let file_meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("backup.json")).unwrap()).unwrap();
+    let pg_meta: serde_json::Value = serde_json::from_str(
+        &pgharness::shared().psql(&db_of(&url), "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'"),
+    )
     .unwrap();
     assert_eq!(pg_meta["backup_id"], file_meta["backup_id"]);
     assert_eq!(pg_meta["sealed"], true);
@@ -886,10 +886,9 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     let o = cli(&["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &url2]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("sealed with the backup's key"), "{}", stdout(&o));
-    let meta2: serde_json::Value = serde_json::from_str(&pgharness::shared().psql(
-        &db_of(&url2),
-        "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'",
-    ))
+    let meta2: serde_json::Value = serde_json::from_str(
+        &pgharness::shared().psql(&db_of(&url2), "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'"),
+    )
     .unwrap();
     assert_eq!(meta2["backup_id"], file_meta["backup_id"]);
     let lock = cln_backup::destination::LockFile::parse(
@@ -985,7 +984,8 @@ fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
     drop(d);
     let journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
     assert_eq!(pg_journal(&backend, "regtest", tmp.path()), journal);
-    let gens = pgharness::shared().psql(&db_of(&url), "SELECT string_agg(DISTINCT generation::text, ',') FROM cln_backup.records");
+    let gens = pgharness::shared()
+        .psql(&db_of(&url), "SELECT string_agg(DISTINCT generation::text, ',') FROM cln_backup.records");
     assert_eq!(gens, "2", "old generations removed");
     let dest = tmp.path().join("r.sqlite3");
     let o = pg_restore(&backend, &dest, &[]);

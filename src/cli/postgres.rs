@@ -71,7 +71,8 @@ pub fn verify(
     fetched: &mut dyn FnMut(u64, u64),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Summary> {
-    let (s, d) = transfer::verify_from(url_str, None, &std::env::temp_dir(), keys, fetched, progress).map_err(explain)?;
+    let (s, d) =
+        transfer::verify_from(url_str, None, &std::env::temp_dir(), keys, fetched, progress).map_err(explain)?;
     println!(
         "Downloaded backup '{}': generation {}, {} records, {:.1} MB",
         d.name,

@@ -36,8 +36,8 @@ use crate::error::StoreError;
 use crate::journal::{self, Kind, Payloads};
 use crate::keys::KeySource;
 use crate::meta::Meta;
-use crate::seal::Sealer;
 use crate::plugin::stats::Latency;
+use crate::seal::Sealer;
 use crate::versions::{self, Decision, Position};
 
 pub use transfer::{
@@ -345,8 +345,11 @@ pub(crate) async fn load_meta(client: &Client, url: &str, name: &str) -> Result<
 
 /// Stores the backup's metadata (inside the caller's transaction, when there is one).
 pub(crate) async fn store_meta(client: &Client, url: &str, name: &str, meta: &Meta) -> Result<(), PgError> {
-    let text = serde_json::to_string(meta)
-        .map_err(|e| PgError::Damaged { url: url.into(), name: name.into(), what: e.to_string() })?;
+    let text = serde_json::to_string(meta).map_err(|e| PgError::Damaged {
+        url: url.into(),
+        name: name.into(),
+        what: e.to_string(),
+    })?;
     client
         .execute("UPDATE cln_backup.backups SET meta = $2 WHERE name = $1", &[&name, &text])
         .await
@@ -609,7 +612,8 @@ impl PgDestination {
             return Ok(false);
         }
         let Some(sealer) = self.sealer()? else { return Ok(false) };
-        let chain = |what: &str| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what: what.into() };
+        let chain =
+            |what: &str| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what: what.into() };
         let offset = self.state.next_offset(replace_last).ok_or_else(|| chain("no transaction to replace"))?;
         let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
             .map_err(|what| chain(&format!("a record to seal does not decode: {what}")))?;
@@ -1101,7 +1105,11 @@ impl PgDestination {
         let local = transfer::read_install(from, self.is_sealed(), self.backup_id).map_err(chain)?;
         self.ensure_connected(Instant::now() + self.timeout, false)?;
         let Some(conn) = self.conn.as_ref() else {
-            return Err(PgError::Connect { url: self.pg.display.clone(), what: "not connected".into(), retryable: true });
+            return Err(PgError::Connect {
+                url: self.pg.display.clone(),
+                what: "not connected".into(),
+                retryable: true,
+            });
         };
         let (url, name) = (self.pg.display.as_str(), self.name.as_str());
         let client = &conn.session.client;

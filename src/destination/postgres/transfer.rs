@@ -23,8 +23,8 @@ use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
 use crate::keys::KeySource;
 use crate::layout::{GenName, Layout};
 use crate::meta::Meta;
-use crate::seal::Sealer;
 use crate::restore::{self, Summary};
+use crate::seal::Sealer;
 use crate::versions::Position;
 
 const SCHEMA_DDL: &str = "
@@ -109,7 +109,11 @@ fn read_local(dir: &Path) -> Result<LocalGeneration, PgError> {
 }
 
 /// Reads a generation's journal (up to `limit` bytes, when given) and names its snapshot.
-fn read_generation(journal_path: &Path, snapshot: Option<PathBuf>, limit: Option<u64>) -> Result<LocalGeneration, PgError> {
+fn read_generation(
+    journal_path: &Path,
+    snapshot: Option<PathBuf>,
+    limit: Option<u64>,
+) -> Result<LocalGeneration, PgError> {
     let mut bytes = fs::read(journal_path).map_err(StoreError::io("read journal", journal_path))?;
     let mut reader = JournalReader::open(journal_path)?;
     if let Some(n) = limit {
@@ -307,7 +311,8 @@ pub struct Downloaded {
 impl Downloaded {
     /// A damage found in the downloaded files, said of the rows it came from.
     fn locate(&self, url: &str, e: StoreError) -> PgError {
-        let (layout, g) = (Layout::new(&self.dir), GenName { generation: self.generation, base_version: self.base_version });
+        let (layout, g) =
+            (Layout::new(&self.dir), GenName { generation: self.generation, base_version: self.base_version });
         let (journal, snapshot) = (layout.journal_path(g), layout.snapshot_path(g));
         let at = |path: &Path| path == journal.as_path();
         let what = match &e {
@@ -322,7 +327,10 @@ impl Downloaded {
                         "inside the record at seq {seq} of generation {} (table cln_backup.records): {what}",
                         self.generation
                     ),
-                    None => format!("the journal header of generation {} (table cln_backup.generations): {what}", self.generation),
+                    None => format!(
+                        "the journal header of generation {} (table cln_backup.generations): {what}",
+                        self.generation
+                    ),
                 }
             }
             StoreError::Apply { path, offset, version, what } if at(path) => {
@@ -836,8 +844,8 @@ pub(super) fn read_install(
     sealed: bool,
     backup_id: Option<crate::seal::BackupId>,
 ) -> Result<LocalGeneration, String> {
-    let local = read_generation(&files.journal, files.snapshot.clone(), Some(files.journal_len))
-        .map_err(|e| e.to_string())?;
+    let local =
+        read_generation(&files.journal, files.snapshot.clone(), Some(files.journal_len)).map_err(|e| e.to_string())?;
     let meta = Meta::load(fsutil::parent_of(&files.journal)).map_err(|e| e.to_string())?;
     let (their_sealed, their_id) = (meta.as_ref().is_some_and(|m| m.sealed), meta.as_ref().and_then(|m| m.id()));
     if local.header.generation != files.generation {
