@@ -870,6 +870,8 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     assert_eq!(node.replay(t, 40..t.len()).unwrap(), None);
     let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
     assert!(st["destinations"].as_array().unwrap().iter().all(|d| d["state"] == "in-sync"), "{st:#}");
+    assert_eq!(st["destinations"][1]["details"]["sealed"], true, "{st:#}");
+    assert_eq!(st["destinations"][1]["details"]["key_fingerprint"], fp_of(LEGACY_FP_KEY), "{st:#}");
     node.stop().unwrap();
     // one seal per record: the database holds exactly the file copy's journal
     let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
@@ -991,4 +993,40 @@ fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
     let o = pg_restore(&backend, &dest, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same(&dest, &final_db("small", tmp.path()));
+}
+
+/// A backup made before sealing existed (schema without `backups.meta`) stays readable as
+/// plaintext, and writable; creating a new backup in that database adds the column (the
+/// schema's migration) without changing how the old one reads.
+#[test]
+fn pg_backup_from_before_sealing_reads_as_plaintext_across_the_schema_migration() {
+    let url = pgharness::fresh_db("oldschema");
+    new_backup(&url, "old");
+    pgharness::shared().psql(&db_of(&url), "ALTER TABLE cln_backup.backups DROP COLUMN meta");
+    let t = trace("small");
+    let mut d = PgDestination::open(&url, "old", BOUND).unwrap();
+    assert!(!d.is_sealed());
+    feed(&mut d, &t[..50]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, dl) = restore(&url, "old", tmp.path(), "a.sqlite3");
+    assert!(!dl.sealed);
+    assert_same(&r, &reference(&t[..50], tmp.path(), "ref-a.sqlite3"));
+    // a key given for it is refused (it is not sealed), as for a file backup
+    let key = tmp.path().join("hsm");
+    std::fs::write(&key, LEGACY_HSM).unwrap();
+    let keys = cln_backup::keys::KeySource { hsm_secret: Some(key), ..Default::default() };
+    let dest = tmp.path().join("k.sqlite3");
+    let e = err_of(pg::restore_from(&url, Some("old"), &dest, &keys, &mut |_, _| {}, &mut |_, _| {}));
+    assert!(e.contains("not sealed"), "{e}");
+    assert!(!dest.exists());
+    new_backup(&url, "new");
+    let cols = pgharness::shared().psql(
+        &db_of(&url),
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'backups' AND column_name = 'meta'",
+    );
+    assert_eq!(cols, "1");
+    feed(&mut d, &t[50..]);
+    drop(d);
+    let (r, _) = restore(&url, "old", tmp.path(), "b.sqlite3");
+    assert_same(&r, &final_db("small", tmp.path()));
 }

@@ -1028,6 +1028,8 @@ impl PgDestination {
             "sync_standbys_connected": r.sync_standbys,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "sealed": self.is_sealed(),
+            "key_fingerprint": self.key_fingerprint(),
         })
     }
 
