@@ -4,7 +4,8 @@
 //! Tables live in the schema `cln_backup`; several backups share them, kept apart by name:
 //!
 //! ```text
-//! backups(name, generation, next_seq, last_version, droppable, last_tx_seq)  the position
+//! backups(name, generation, next_seq, last_version, droppable, last_tx_seq, meta)  the position;
+                                              meta: backup.json's fields (NULL: plaintext, made before)
 //! generations(name, generation, base_version, journal_header, snapshot_len, chunks)
 //! snapshot_chunks(name, generation, idx, bytes)      the snapshot file, in 1 MiB chunks
 //! records(name, generation, seq, data_version, kind, data)   each framed journal record
@@ -12,7 +13,9 @@
 //!
 //! The bytes are exactly the file backup's (`<gen>-<base>.snapshot`, journal header and
 //! records, sealed with encryption), so restore materializes the file layout and runs the
-//! one restore engine on it. One writer per backup: a session-level advisory lock.
+//! one restore engine on it. A record is sealed for its offset in that rebuilt journal
+//! (header, then the generation's records by seq), so a file copy at the same place holds
+//! the same bytes. One writer per backup: a session-level advisory lock.
 //!
 //! The API is synchronous (the hook path is); it runs tokio-postgres on a private
 //! current-thread runtime. Call it from a plain thread or `spawn_blocking`; called from
