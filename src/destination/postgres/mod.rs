@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! backups(name, generation, next_seq, last_version, droppable, last_tx_seq, meta)  the position;
-                                              meta: backup.json's fields (NULL: plaintext, made before)
+//!                                               meta: backup.json's fields (NULL: plaintext, made before)
 //! generations(name, generation, base_version, journal_header, snapshot_len, chunks)
 //! snapshot_chunks(name, generation, idx, bytes)      the snapshot file, in 1 MiB chunks
 //! records(name, generation, seq, data_version, kind, data)   each framed journal record
