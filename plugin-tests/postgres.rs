@@ -52,7 +52,7 @@ fn feed(d: &mut PgDestination, recs: &[TraceRecord]) {
 /// Downloads + restores backup `name` and returns the database path.
 fn restore(url: &str, name: &str, dir: &Path, file: &str) -> (std::path::PathBuf, pg::Downloaded) {
     let dest = dir.join(file);
-    let (p, _, d) = pg::restore_from(url, Some(name), &dest, &mut |_, _| {}, &mut |_, _| {})
+    let (p, _, d) = pg::restore_from(url, Some(name), &dest, &Default::default(), &mut |_, _| {}, &mut |_, _| {})
         .unwrap_or_else(|e| panic!("restore failed: {}", e.explain()));
     (p, d)
 }
@@ -315,7 +315,7 @@ fn pg_compaction_builds_beside_the_writer_switches_briefly_and_removes_old_rows(
     let plan = d.plan().unwrap();
     // the new generation is built on its own connection while appends go on
     let (u2, work) = (url.clone(), tmp.path().to_path_buf());
-    let builder = std::thread::spawn(move || pg::build_generation(&u2, "n", plan, &work, &mut |_, _, _| {}));
+    let builder = std::thread::spawn(move || pg::build_generation(&u2, "n", plan, &work, None, &mut |_, _, _| {}));
     feed(&mut d, &t[700..900]);
     let next = builder.join().unwrap().unwrap();
     assert!(next.snapshot_bytes > 0);
@@ -610,4 +610,423 @@ fn pg_then_a_file_copy_added_and_both_written() {
 
 fn url_of(p: &Path) -> String {
     format!("file://{}", p.display())
+}
+
+// ---- sealed PostgreSQL backups (issues 10 and 12) ----
+
+use crate::sealed::{fp_of, mnemonic_hsm, needles, readable, LEGACY_FP_KEY, LEGACY_HSM, MNEMONIC_FP_KEY};
+
+fn db_of(url: &str) -> String {
+    url.rsplit('/').next().unwrap().split('?').next().unwrap().to_string()
+}
+
+/// Every value the database stores in schema cln_backup, into files under `dir`: per table,
+/// the values of all rows as text (bytea as raw bytes), and each bytea column's values
+/// concatenated in key order (the records as a journal, the chunks as a snapshot file), so
+/// zstd frames are found whole.
+fn dump_schema(url: &str, dir: &Path) -> usize {
+    let c = pgharness::shared();
+    let db = db_of(url);
+    std::fs::create_dir_all(dir).unwrap();
+    let tables = c.psql(&db, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'cln_backup'");
+    let mut n = 0;
+    for t in tables.lines() {
+        let rows = c.psql(&db, &format!("SELECT row_to_json(t)::text FROM cln_backup.{t} t ORDER BY 1"));
+        let (mut text, mut raw) = (Vec::new(), Vec::new());
+        for line in rows.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            for (_, val) in v.as_object().unwrap() {
+                match val.as_str() {
+                    Some(s) if s.starts_with("\\x") => raw.extend(cln_backup::keys::unhex(&s[2..]).unwrap()),
+                    Some(s) => text.extend_from_slice(s.as_bytes()),
+                    None => text.extend_from_slice(val.to_string().as_bytes()),
+                }
+                text.push(b'\n');
+            }
+            n += 1;
+        }
+        let cols = c.psql(
+            &db,
+            &format!(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'cln_backup' \
+                 AND table_name = '{t}' AND data_type = 'bytea'"
+            ),
+        );
+        let third = c.psql(
+            &db,
+            &format!(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'cln_backup' \
+                 AND table_name = '{t}' AND ordinal_position = 3"
+            ),
+        );
+        for col in cols.lines() {
+            let hex = c.psql(
+                &db,
+                &format!("SELECT encode({col}, 'hex') FROM cln_backup.{t} ORDER BY name, generation, {third}"),
+            );
+            let mut all = vec![];
+            for h in hex.lines() {
+                all.extend(cln_backup::keys::unhex(h).unwrap());
+            }
+            std::fs::write(dir.join(format!("{t}.{col}.concat")), all).unwrap();
+        }
+        std::fs::write(dir.join(format!("{t}.values")), text).unwrap();
+        std::fs::write(dir.join(format!("{t}.bytea")), raw).unwrap();
+    }
+    n
+}
+
+/// A node whose lightning dir has `hsm`, backed up in PostgreSQL by the real `backup-cli
+/// init` (with `extra` arguments), the whole `name` trace replayed through the real
+/// plugin, compacted by it half way. Returns (tmp, ldir, backend URL).
+fn sealed_node(url: &str, hsm: &[u8], extra: &[&str], name: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), hsm).unwrap();
+    let mut args = vec!["init", "--lightning-dir", ldir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    args.push(url);
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let backend = lock["backend_url"].as_str().unwrap().to_string();
+    let t = trace(name);
+    let half = t.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 0..half).unwrap(), None);
+    let v = node.plugin().unwrap().cli("backup-compact", serde_json::json!({})).unwrap();
+    assert_eq!(v["result"], "compaction started", "{v}");
+    wait_for_log(node.plugin().unwrap(), "info", "compacted into generation 2");
+    assert_eq!(node.replay(t, half..t.len()).unwrap(), None);
+    node.stop().unwrap();
+    (tmp, ldir, backend)
+}
+
+fn pg_restore(backend: &str, dest: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["restore", backend, dest.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
+#[test]
+fn pg_sealed_plugin_writes_nothing_readable_and_restores_only_with_the_key() {
+    let url = pgharness::fresh_db("sealed");
+    let (tmp, ldir, backend) = sealed_node(&url, LEGACY_HSM, &[], "channels");
+    let rows = dump_schema(&url, &tmp.path().join("dump"));
+    assert!(rows > 100, "{rows} rows");
+    let found = readable(&tmp.path().join("dump"), &needles("channels"));
+    assert!(found.is_empty(), "readable in PostgreSQL: {found:?}");
+    // the control: the same scan over a --no-encryption backup finds the node's data
+    let plain = pgharness::fresh_db("plain");
+    let (ptmp, _pl, pbackend) = sealed_node(&plain, LEGACY_HSM, &["--no-encryption"], "small");
+    dump_schema(&plain, &ptmp.path().join("dump"));
+    let found = readable(&ptmp.path().join("dump"), &needles("small"));
+    assert!(found.len() > 10, "the scan finds plaintext: {found:?}");
+    let r = ptmp.path().join("plain.sqlite3");
+    assert!(pg_restore(&pbackend, &r, &[]).status.success());
+    assert_same(&r, &final_db("small", ptmp.path()));
+
+    // the key is found in the lightning dir recorded at init
+    let dest = tmp.path().join("r.sqlite3");
+    let o = pg_restore(&backend, &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("channels", tmp.path()));
+    let o = cli(&["verify", &backend]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("key fingerprint {}", fp_of(LEGACY_FP_KEY))), "{}", stdout(&o));
+    // a new machine without the key: a clear error, nothing written
+    std::fs::rename(&ldir, tmp.path().join("old-ldir")).unwrap();
+    let newdir = tmp.path().join("new-ldir");
+    std::fs::create_dir(&newdir).unwrap();
+    let o = pg_restore(&backend, &newdir, &[]);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("no key for this sealed backup"), "{e}");
+    assert!(e.contains("backup 'regtest'") && !e.contains(pgharness::PASSWORD), "names the backup: {e}");
+    assert!(std::fs::read_dir(&newdir).unwrap().next().is_none(), "something written");
+    // the wrong key: refused by fingerprint, nothing written
+    let wrong = tmp.path().join("wrong_hsm_secret");
+    std::fs::write(&wrong, mnemonic_hsm()).unwrap();
+    let o = pg_restore(&backend, &newdir, &["--hsm-secret", wrong.to_str().unwrap()]);
+    let want = format!("this backup was sealed with key {}, you gave {}", fp_of(LEGACY_FP_KEY), fp_of(MNEMONIC_FP_KEY));
+    assert!(!o.status.success() && stderr(&o).contains(&want), "{}", stderr(&o));
+    assert!(std::fs::read_dir(&newdir).unwrap().next().is_none(), "something written");
+    let o = cli(&["verify", &backend, "--hsm-secret", wrong.to_str().unwrap()]);
+    assert!(!o.status.success() && stderr(&o).contains(&want), "{}", stderr(&o));
+    // hsm_secret put back in DEST: restored
+    std::fs::write(newdir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let o = pg_restore(&backend, &newdir, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&newdir.join("lightningd.sqlite3"), &final_db("channels", tmp.path()));
+
+    // a record row altered, or two swapped, in the database: refused, naming the row
+    let db = db_of(&url);
+    let c = pgharness::shared();
+    let q = |sql: &str| c.psql(&db, sql);
+    let g = q("SELECT generation FROM cln_backup.backups WHERE name = 'regtest'");
+    let recs: Vec<(i64, u32, i16, Vec<u8>)> = q(&format!(
+        "SELECT seq || ',' || data_version || ',' || kind || ',' || encode(data, 'hex') FROM cln_backup.records \
+         WHERE name = 'regtest' AND generation = {g} ORDER BY seq"
+    ))
+    .lines()
+    .map(|l| {
+        let f: Vec<&str> = l.split(',').collect();
+        (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), cln_backup::keys::unhex(f[3]).unwrap())
+    })
+    .collect();
+    let key = tmp.path().join("hsm");
+    std::fs::write(&key, LEGACY_HSM).unwrap();
+    let put = |seq: i64, data: &[u8]| {
+        q(&format!(
+            "UPDATE cln_backup.records SET data = decode('{}', 'hex') WHERE name = 'regtest' AND generation = {g} \
+             AND seq = {seq}",
+            cln_backup::keys::hex(data)
+        ));
+    };
+    let refused = |what: &str, seq: i64| {
+        let dest = tmp.path().join(format!("{}.sqlite3", what.replace(' ', "-")));
+        let o = pg_restore(&backend, &dest, &["--hsm-secret", key.to_str().unwrap()]);
+        let e = stderr(&o);
+        assert!(!o.status.success() && e.contains("fails authentication"), "{what}: {e}");
+        assert!(e.contains(&format!("record at seq {seq} of generation {g}")), "{what} names the row: {e}");
+        assert!(!dest.exists(), "{what}");
+        let o = cli(&["verify", &backend, "--hsm-secret", key.to_str().unwrap()]);
+        assert!(!o.status.success() && stderr(&o).contains(&format!("seq {seq}")), "{what}: {}", stderr(&o));
+    };
+    let h = cln_backup::journal::RECORD_HEADER_LEN;
+    let reframe = |dv: u32, kind: i16, payload: &[u8]| {
+        let k = if kind == Kind::Transaction as i16 { Kind::Transaction } else { Kind::Outside };
+        let mut b = vec![];
+        cln_backup::journal::frame_payload(&mut b, dv, k, payload);
+        b
+    };
+    // one ciphertext byte flipped, the checksums made valid again
+    let (seq, dv, kind, data) = recs.iter().find(|r| r.3.len() > h + 60).unwrap().clone();
+    let mut p = data[h..].to_vec();
+    p[30] ^= 1;
+    put(seq, &reframe(dv, kind, &p));
+    refused("altered", seq);
+    put(seq, &data);
+    // two payloads of the same length swapped, with valid checksums
+    let (a, b) = (0..recs.len())
+        .flat_map(|i| (i + 1..recs.len()).map(move |k| (i, k)))
+        .find(|&(i, k)| recs[i].3.len() == recs[k].3.len() && recs[i].3[h..] != recs[k].3[h..])
+        .expect("two records of the same length");
+    put(recs[a].0, &reframe(recs[a].1, recs[a].2, &recs[b].3[h..]));
+    put(recs[b].0, &reframe(recs[b].1, recs[b].2, &recs[a].3[h..]));
+    refused("swapped", recs[a].0);
+    put(recs[a].0, &recs[a].3);
+    put(recs[b].0, &recs[b].3);
+    let dest = tmp.path().join("again.sqlite3");
+    let o = pg_restore(&backend, &dest, &["--hsm-secret", key.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// The journal bytes of backup `name`'s current generation, as a download rebuilds them.
+fn pg_journal(url: &str, name: &str, dir: &Path) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    let d = pg::download(url, Some(name), &dir.join(format!("dl-{name}")), &mut |_, _| {}).unwrap();
+    let j = cln_backup::layout::Layout::new(&d.dir).list().unwrap().journal;
+    std::fs::read(j).unwrap()
+}
+
+/// `init` with a file and a postgres URL makes one backup (one id, one key); the plugin
+/// seals each record once and both copies store the same bytes; `add-destination` of
+/// another postgres URL next to them is seeded sealed with the same id.
+#[test]
+fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
+    let url = pgharness::fresh_db("withfile");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let t = trace("small");
+    let node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    for r in &t[..40] {
+        node.run_without_plugin(r).unwrap();
+    }
+    drop(node);
+    let copy = tmp.path().join("copy.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock = cln_backup::destination::LockFile::parse(
+        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
+        &ldir.join("backup.lock"),
+    )
+    .unwrap();
+    assert_eq!(lock.urls.len(), 2);
+    assert!(lock.urls[1].contains("backup=regtest"), "{:?}", lock.urls);
+    let file_meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.join("backup.json")).unwrap()).unwrap();
+    let pg_meta: serde_json::Value = serde_json::from_str(
+        &pgharness::shared().psql(&db_of(&url), "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'"),
+    )
+    .unwrap();
+    assert_eq!(pg_meta["backup_id"], file_meta["backup_id"]);
+    assert_eq!(pg_meta["sealed"], true);
+    assert_eq!(pg_meta["key_fingerprint"], fp_of(LEGACY_FP_KEY));
+    // the rest of the trace through the plugin, to both
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 40..t.len()).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert!(st["destinations"].as_array().unwrap().iter().all(|d| d["state"] == "in-sync"), "{st:#}");
+    assert_eq!(st["destinations"][1]["details"]["sealed"], true, "{st:#}");
+    assert_eq!(st["destinations"][1]["details"]["key_fingerprint"], fp_of(LEGACY_FP_KEY), "{st:#}");
+    node.stop().unwrap();
+    // one seal per record: the database holds exactly the file copy's journal
+    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&lock.urls[1], "regtest", tmp.path()), file_journal);
+    assert!(readable(&copy, &needles("small")).is_empty());
+    let fin = final_db("small", tmp.path());
+    let dest = tmp.path().join("from-pg.sqlite3");
+    let o = pg_restore(&lock.urls[1], &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &fin);
+
+    // another database added beside them: seeded from the most advanced copy, sealed, same id
+    let url2 = pgharness::fresh_db("added");
+    let o = cli(&["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &url2]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sealed with the backup's key"), "{}", stdout(&o));
+    let meta2: serde_json::Value = serde_json::from_str(
+        &pgharness::shared().psql(&db_of(&url2), "SELECT meta FROM cln_backup.backups WHERE name = 'regtest'"),
+    )
+    .unwrap();
+    assert_eq!(meta2["backup_id"], file_meta["backup_id"]);
+    let lock = cln_backup::destination::LockFile::parse(
+        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
+        &ldir.join("backup.lock"),
+    )
+    .unwrap();
+    assert_eq!(lock.urls.len(), 3);
+    let dest = tmp.path().join("from-added.sqlite3");
+    let o = pg_restore(&lock.urls[2], &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &fin);
+    // and the node goes on writing to all three
+    let more = vec![format!(
+        "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}",
+        t.last().unwrap().data_version
+    )];
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    node.start().unwrap();
+    let rec = TraceRecord { data_version: t.last().unwrap().data_version + 1, writes: more, before_init: false };
+    node.start_if_needed(std::slice::from_ref(&rec), 0).unwrap();
+    assert_eq!(node.step(&rec).unwrap(), cln_backup::sim::Answer::Continue);
+    node.stop().unwrap();
+    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&lock.urls[1], "regtest", &tmp.path().join("a")), file_journal);
+    assert_eq!(pg_journal(&lock.urls[2], "regtest", &tmp.path().join("b")), file_journal);
+}
+
+/// A PostgreSQL copy far behind a compacted file copy is re-seeded with the file copy's
+/// whole generation (catch-up's `install`): stored as it is, in one transaction. A
+/// generation of another backup, or one that fails half way, leaves it as it was.
+#[test]
+fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
+    use cln_backup::destination::Destination;
+    let url = pgharness::fresh_db("install");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let copy = tmp.path().join("copy.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = trace("small");
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 0..60).unwrap(), None);
+    node.stop().unwrap();
+    // the database is dropped from backup.lock; the file copy goes on and is compacted
+    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
+    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let o = cli(&["remove-destination", "--lightning-dir", ldir.to_str().unwrap(), &backend]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(t, 60..t.len()).unwrap(), None);
+    node.stop().unwrap();
+    let o = cli(&["compact", &url_of(&copy)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let keys = cln_backup::keys::KeySource::lightning_dir(&ldir);
+    let mut d = PgDestination::open_with(&backend, "regtest", BOUND, &keys).unwrap();
+    assert!(d.is_sealed());
+    assert_eq!(d.generation(), 1);
+    let before = d.tip();
+    let held = pg_journal(&backend, "regtest", &tmp.path().join("w"));
+    let (w, _) = cln_backup::writer::Writer::open(&copy, &keys).unwrap();
+    let files = cln_backup::destination::file::FileDestination::generation_files(&w);
+    let file_tip = cln_backup::destination::file::tip_of(&w);
+    assert_eq!(files.generation, 2);
+
+    // a failure half way (the snapshot gone) changes nothing
+    let mut broken = files.clone();
+    broken.snapshot = Some(tmp.path().join("no-such.snapshot"));
+    let e = d.install(&broken).unwrap_err().explain();
+    assert!(e.contains("no-such.snapshot"), "{e}");
+    assert_eq!(pg_journal(&backend, "regtest", &tmp.path().join("x")), held);
+    assert_eq!(d.refresh().unwrap(), before.position);
+    assert_eq!(d.tip(), before);
+    // another backup's generation (same key, another id) is refused
+    let other_l = tmp.path().join("other");
+    std::fs::create_dir_all(&other_l).unwrap();
+    std::fs::write(other_l.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let other = tmp.path().join("other.bkp");
+    let o = cli(&["init", "--lightning-dir", other_l.to_str().unwrap(), &url_of(&other)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (ow, _) = cln_backup::writer::Writer::open(&other, &keys).unwrap();
+    let e = d.install(&cln_backup::destination::file::FileDestination::generation_files(&ow)).unwrap_err().explain();
+    assert!(e.contains("is not this backup"), "{e}");
+    assert_eq!(d.tip(), before);
+
+    d.install(&files).unwrap_or_else(|e| panic!("{}", e.explain()));
+    assert_eq!(d.tip(), file_tip);
+    assert!(d.tip().same_place(&file_tip));
+    drop(w);
+    drop(d);
+    let journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    assert_eq!(pg_journal(&backend, "regtest", tmp.path()), journal);
+    let gens = pgharness::shared()
+        .psql(&db_of(&url), "SELECT string_agg(DISTINCT generation::text, ',') FROM cln_backup.records");
+    assert_eq!(gens, "2", "old generations removed");
+    let dest = tmp.path().join("r.sqlite3");
+    let o = pg_restore(&backend, &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("small", tmp.path()));
+}
+
+/// A backup made before sealing existed (schema without `backups.meta`) stays readable as
+/// plaintext, and writable; creating a new backup in that database adds the column (the
+/// schema's migration) without changing how the old one reads.
+#[test]
+fn pg_backup_from_before_sealing_reads_as_plaintext_across_the_schema_migration() {
+    let url = pgharness::fresh_db("oldschema");
+    new_backup(&url, "old");
+    pgharness::shared().psql(&db_of(&url), "ALTER TABLE cln_backup.backups DROP COLUMN meta");
+    let t = trace("small");
+    let mut d = PgDestination::open(&url, "old", BOUND).unwrap();
+    assert!(!d.is_sealed());
+    feed(&mut d, &t[..50]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (r, dl) = restore(&url, "old", tmp.path(), "a.sqlite3");
+    assert!(!dl.sealed);
+    assert_same(&r, &reference(&t[..50], tmp.path(), "ref-a.sqlite3"));
+    // a key given for it is refused (it is not sealed), as for a file backup
+    let key = tmp.path().join("hsm");
+    std::fs::write(&key, LEGACY_HSM).unwrap();
+    let keys = cln_backup::keys::KeySource { hsm_secret: Some(key), ..Default::default() };
+    let dest = tmp.path().join("k.sqlite3");
+    let e = err_of(pg::restore_from(&url, Some("old"), &dest, &keys, &mut |_, _| {}, &mut |_, _| {}));
+    assert!(e.contains("not sealed"), "{e}");
+    assert!(!dest.exists());
+    new_backup(&url, "new");
+    let cols = pgharness::shared().psql(
+        &db_of(&url),
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'backups' AND column_name = 'meta'",
+    );
+    assert_eq!(cols, "1");
+    feed(&mut d, &t[50..]);
+    drop(d);
+    let (r, _) = restore(&url, "old", tmp.path(), "b.sqlite3");
+    assert_same(&r, &final_db("small", tmp.path()));
 }

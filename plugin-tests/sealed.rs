@@ -10,19 +10,19 @@ use cln_backup::journal::{JournalReader, RECORD_HEADER_LEN};
 use cln_backup::layout::Layout;
 use cln_backup::sim::{Node, TraceRecord};
 
-const LEGACY_HSM: &[u8] = b"lightning-1\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
-const LEGACY_FP_KEY: &str = "1184b49ee56f7823c642e19e8db783b9c1a9f61a0cbc46044f0cf47e5f6bdefb";
-const WORDS: &str = "hockey enroll sure trip track rescue original plate abandon abandon abandon account";
-const MNEMONIC_FP_KEY: &str = "f2dc78f604fed97ec979e67293ce63b9252acdd2be51221d93e8069b30c807d7";
+pub(crate) const LEGACY_HSM: &[u8] = b"lightning-1\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+pub(crate) const LEGACY_FP_KEY: &str = "1184b49ee56f7823c642e19e8db783b9c1a9f61a0cbc46044f0cf47e5f6bdefb";
+pub(crate) const WORDS: &str = "hockey enroll sure trip track rescue original plate abandon abandon abandon account";
+pub(crate) const MNEMONIC_FP_KEY: &str = "f2dc78f604fed97ec979e67293ce63b9252acdd2be51221d93e8069b30c807d7";
 
-fn mnemonic_hsm() -> Vec<u8> {
+pub(crate) fn mnemonic_hsm() -> Vec<u8> {
     let mut v = vec![0u8; 32];
     v.extend_from_slice(WORDS.as_bytes());
     v
 }
 
 /// The fingerprint of a key given as hex: first 16 hex digits of its SHA-256.
-fn fp_of(key_hex: &str) -> String {
+pub(crate) fn fp_of(key_hex: &str) -> String {
     let k: [u8; 32] = cln_backup::keys::unhex(key_hex).unwrap().try_into().unwrap();
     cln_backup::keys::fingerprint(&k)
 }
@@ -56,7 +56,7 @@ fn replay_all(s: &Setup, name: &str) -> Node {
 
 /// What must not be readable in a sealed backup of `name`: SQL, table names, and every
 /// 33-byte key (node ids among them) of the trace, as hex text and as raw bytes.
-fn needles(name: &str) -> Vec<Vec<u8>> {
+pub(crate) fn needles(name: &str) -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = ["CREATE TABLE", "INSERT INTO", "UPDATE vars", "data_version", "SQLite format 3"]
         .iter()
         .map(|s| s.as_bytes().to_vec())
@@ -87,7 +87,7 @@ fn needles(name: &str) -> Vec<Vec<u8>> {
 }
 
 /// Every byte of every file under `dir`, plus the output of any zstd frame found in them.
-fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
@@ -111,7 +111,7 @@ fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The needles found in the backup's bytes, as (file, needle) strings. Every needle is at
 /// least 6 bytes: positions are looked up by their first 6 bytes, one pass per file.
-fn readable(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
+pub(crate) fn readable(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
     let mut by_prefix: std::collections::HashMap<&[u8], Vec<&[u8]>> = Default::default();
     for n in needles {
         assert!(n.len() >= 6);

@@ -234,12 +234,6 @@ fn run(cmd: Cmd) -> Result<()> {
             if args.iter().any(|u| is_socket_url(u)) {
                 bail!("a socket: destination is created on its own: init it with the server's URL alone");
             }
-            if args.iter().any(|u| crate::destination::postgres::is_postgres_url(u)) {
-                if args.len() > 1 {
-                    bail!("a postgres:// destination is created on its own: init it alone, then add file destinations with add-destination");
-                }
-                return postgres::init(ldir.as_deref(), &args[0]).map(|_| ());
-            }
             let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
             init(ldir.as_deref(), &args, min_destinations, &cwd, sealing)
         }
@@ -259,8 +253,13 @@ fn run(cmd: Cmd) -> Result<()> {
                 return Ok(());
             }
             if crate::destination::postgres::is_postgres_url(&url) {
-                let (dest, s) =
-                    postgres::restore(&url, &dest, &mut progress_bar("Downloading"), &mut progress_bar("Restoring"))?;
+                let (dest, s) = postgres::restore(
+                    &url,
+                    &dest,
+                    &key.source(),
+                    &mut progress_bar("Downloading"),
+                    &mut progress_bar("Restoring"),
+                )?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());
@@ -296,7 +295,8 @@ fn run(cmd: Cmd) -> Result<()> {
                     continue;
                 }
                 if crate::destination::postgres::is_postgres_url(u) {
-                    let s = postgres::verify(u, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
+                    let s =
+                        postgres::verify(u, &keys, &mut progress_bar("Downloading"), &mut progress_bar("Verifying"))?;
                     finish_progress();
                     print_summary("Verified", &s);
                     continue;
@@ -439,18 +439,29 @@ fn print_sealing(meta: &Meta, ldir: Option<&Path>) {
 fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: &Path, sealing: Sealing) -> Result<()> {
     let targets = destination::check_distinct(urls, cwd).map_err(|e| anyhow!(e))?;
     let mut roots: Vec<PathBuf> = Vec::new();
+    // PostgreSQL copies are uploaded from the first file copy (or a scratch one), with the
+    // same backup.json: one backup id and key for all
+    let mut pgs: Vec<postgres::NewPg> = Vec::new();
+    // backup.lock's URLs, in the order given
+    let mut abs: Vec<String> = Vec::new();
     for t in targets {
         match t {
-            destination::Target::File(p) => roots.push(p),
+            destination::Target::File(p) => {
+                abs.push(layout::url_for(&p));
+                roots.push(p);
+            }
             destination::Target::Legacy(p) => {
                 bail!("{} is a backup of the Python plugin (v1): convert it with `backup-cli migrate`", p.display())
             }
-            destination::Target::Postgres(u) | destination::Target::Socket(u) => {
-                bail!("{u}: a network destination is initialized on its own")
+            destination::Target::Postgres(u) => {
+                let p = postgres::NewPg::plan(lightning_dir, &u)?;
+                abs.push(p.backend_url.clone());
+                pgs.push(p);
             }
+            destination::Target::Socket(u) => bail!("{u}: a socket: destination is initialized on its own"),
         }
     }
-    let abs: Vec<String> = roots.iter().map(|r| layout::url_for(r)).collect();
+    let shown: Vec<String> = abs.iter().map(|u| destination::shown(u)).collect();
     if let Some(m) = min.filter(|m| *m > urls.len()) {
         bail!("--min-destinations {m} is more than the {} destination(s) given", urls.len());
     }
@@ -470,8 +481,8 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
     let Some(ldir) = lightning_dir else {
         let (meta, key) = sealing.prepare(None, false)?;
         let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
-        create_all(&roots, None, &meta, sealer.as_ref())?;
-        for url in &abs {
+        create_all(&roots, &pgs, None, &meta, sealer.as_ref())?;
+        for url in &shown {
             println!("Created an empty backup at {url} for a new node.");
         }
         print_sealing(&meta, None);
@@ -487,13 +498,16 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
     let (meta, key) = sealing.prepare(Some(ldir), db.exists())?;
     let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
     if db.exists() {
-        let tmp = fsutil::tmp_path(&roots[0].with_extension("snapshot-source"));
+        let tmp = match roots.first() {
+            Some(r) => fsutil::tmp_path(&r.with_extension("snapshot-source")),
+            None => std::env::temp_dir().join(format!("cln-backup-init-{}.sqlite3", std::process::id())),
+        };
         let _ = fs::remove_file(&tmp);
         let result = (|| -> Result<()> {
             let dv = snapshot::copy_live_database(&db, &tmp)?;
             println!("Found an existing database with data_version {dv} at {}", db.display());
-            create_all(&roots, Some((&tmp, dv)), &meta, sealer.as_ref())?;
-            for url in &abs {
+            create_all(&roots, &pgs, Some((&tmp, dv)), &meta, sealer.as_ref())?;
+            for url in &shown {
                 println!("Successfully written initial snapshot to {url}");
             }
             Ok(())
@@ -501,8 +515,8 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         let _ = fs::remove_file(&tmp);
         result?;
     } else {
-        create_all(&roots, None, &meta, sealer.as_ref())?;
-        for url in &abs {
+        create_all(&roots, &pgs, None, &meta, sealer.as_ref())?;
+        for url in &shown {
             println!("No database in {} yet: created an empty backup at {url}", ldir.display());
         }
     }
@@ -537,19 +551,45 @@ fn ready_for_init(ldir: &Path) -> Result<PathBuf> {
 }
 
 /// Creates every destination from the same database image, with the same metadata (one
-/// backup id, which sealed records are bound to), or none of them.
+/// backup id, which sealed records are bound to), or none of them: the file copies first,
+/// then the PostgreSQL ones uploaded from the first (or a scratch copy), each in one
+/// transaction.
 fn create_all(
     roots: &[PathBuf],
+    pgs: &[postgres::NewPg],
     base: Option<(&Path, u32)>,
     meta: &Meta,
     sealer: Option<&crate::seal::Sealer>,
 ) -> Result<()> {
+    let undo = |done: &[PathBuf]| {
+        for d in done {
+            let _ = fs::remove_dir_all(d);
+        }
+    };
     for (i, r) in roots.iter().enumerate() {
         if let Err(e) = writer::create(r, base, Some(meta), sealer) {
-            for done in &roots[..i] {
-                let _ = fs::remove_dir_all(done);
-            }
+            undo(&roots[..i]);
             return Err(e.into());
+        }
+    }
+    if pgs.is_empty() {
+        return Ok(());
+    }
+    let scratch = inspect::Scratch(std::env::temp_dir().join(format!("cln-backup-init-{}", std::process::id())));
+    let local = match roots.first() {
+        Some(r) => r.clone(),
+        None => {
+            let _ = fs::remove_dir_all(&scratch.0);
+            fs::create_dir_all(&scratch.0).map_err(StoreError::io("create directory", &scratch.0))?;
+            let local = scratch.0.join("backup");
+            writer::create(&local, base, Some(meta), sealer)?;
+            local
+        }
+    };
+    for p in pgs {
+        if let Err(e) = p.upload(&local) {
+            undo(roots);
+            return Err(e);
         }
     }
     Ok(())
@@ -615,7 +655,7 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let mut all = lf.urls.clone();
     all.push(url.to_string());
     let targets = destination::check_distinct(&all, ldir).map_err(|e| anyhow!(e))?;
-    let Some(destination::Target::File(root)) = targets.last().cloned() else { bail!("no destination") };
+    let target = targets.last().cloned();
     let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
     let Some((best, why)) = inspect::most_advanced(&copies) else {
         bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
@@ -627,7 +667,44 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
             best.url
         );
     }
-    println!("Seeding {url} from {}: {why}", destination::shown(&best.url));
+    println!("Seeding {} from {}: {why}", destination::shown(url), destination::shown(&best.url));
+    let root = match target {
+        Some(destination::Target::File(root)) => root,
+        Some(destination::Target::Postgres(u)) => {
+            // its generation as it is (same backup id, same seals), with its backup.json
+            let p = postgres::NewPg::plan(Some(ldir), &u)?;
+            p.upload(fsutil::parent_of(&best.files.journal))?;
+            let keys = KeySource::lightning_dir(ldir);
+            let (check, _) = crate::destination::postgres::transfer::verify_from(
+                &p.backend_url,
+                None,
+                &std::env::temp_dir(),
+                &keys,
+                &mut |_, _| {},
+                &mut |_, _| {},
+            )
+            .map_err(|e| anyhow!(e.explain()))?;
+            if check.version != best.tip.position.version {
+                bail!(
+                    "the copy at {} holds data_version {}, not {}: not added (drop its rows before trying again)",
+                    p.shown(),
+                    check.version,
+                    best.tip.position.version
+                );
+            }
+            lf.urls.push(p.backend_url.clone());
+            write_lock(ldir, &lf)?;
+            println!(
+                "Added {} at data_version {} ({} destinations{}). Start lightningd: every write now goes to all of them.",
+                p.shown(),
+                check.version,
+                lf.urls.len(),
+                if check.sealed { ", sealed with the backup's key" } else { "" }
+            );
+            return Ok(());
+        }
+        _ => bail!("{url}: add-destination takes a file:// or postgres:// URL"),
+    };
     writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {
         let _ = fs::remove_dir_all(&root);

@@ -1,79 +1,60 @@
-//! `backup-cli init|restore|verify postgres://...`: the command-line edge of the
+//! `backup-cli init|add-destination|restore|verify postgres://...`: the command-line edge of the
 //! PostgreSQL destination (messages for the operator; storage work in `transfer`).
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 
 use crate::destination::postgres::url::{default_name, with_backup_name};
 use crate::destination::postgres::{transfer, url, PgError};
-use crate::error::StoreError;
-use crate::plugin::LOCK_NAME;
-use crate::restore::{self, Summary};
-use crate::{fsutil, snapshot, writer};
+use crate::keys::KeySource;
+use crate::restore::Summary;
 
 fn explain(e: PgError) -> anyhow::Error {
     anyhow!(e.explain())
 }
 
-/// Creates the backup in PostgreSQL from the node's database (or empty for a new node) and
-/// points backup.lock at it. Returns the URL written there.
-pub fn init(lightning_dir: Option<&Path>, url_str: &str) -> Result<String> {
-    let pg = url::parse(url_str).map_err(explain)?;
-    let name = match (&pg.backup, lightning_dir) {
-        (Some(n), _) => n.clone(),
-        (None, Some(l)) => default_name(l)
-            .ok_or_else(|| anyhow!("cannot make a backup name from {}: add ?backup=NAME to the URL", l.display()))?,
-        (None, None) => bail!("name the backup: add ?backup=NAME to the URL (or give --lightning-dir)"),
-    };
-    let backend_url = with_backup_name(url_str, &name);
-    let display = url::redact(&backend_url);
-    let scratch_parent = std::env::temp_dir();
-    let scratch = scratch_parent.join(format!("cln-backup-init-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch).map_err(StoreError::io("create directory", &scratch))?;
-    let result = (|| -> Result<()> {
-        let local = scratch.join("backup");
-        let Some(ldir) = lightning_dir else {
-            writer::create(&local, None, None, None)?;
-            transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
-            println!("Created an empty backup '{name}' at {display} for a new node.");
-            println!("Put {{\"backend_url\": \"{display}\"}} into {LOCK_NAME} in the node's lightning dir.");
-            return Ok(());
+/// A `postgres://` destination of a new backup: its name and the URL backup.lock gets.
+pub struct NewPg {
+    pub name: String,
+    pub backend_url: String,
+}
+
+impl NewPg {
+    /// The backup's name: the URL's `backup=`, else made from the lightning dir.
+    pub fn plan(lightning_dir: Option<&Path>, url_str: &str) -> Result<NewPg> {
+        let pg = url::parse(url_str).map_err(explain)?;
+        let name = match (&pg.backup, lightning_dir) {
+            (Some(n), _) => n.clone(),
+            (None, Some(l)) => default_name(l).ok_or_else(|| {
+                anyhow!("cannot make a backup name from {}: add ?backup=NAME to the URL", l.display())
+            })?,
+            (None, None) => bail!("name the backup: add ?backup=NAME to the URL (or give --lightning-dir)"),
         };
-        let lock = super::ready_for_init(ldir)?;
-        let db = ldir.join(restore::DB_NAME);
-        if db.exists() {
-            let tmp = scratch.join("db.sqlite3");
-            let dv = snapshot::copy_live_database(&db, &tmp)?;
-            println!("Found an existing database with data_version {dv} at {}", db.display());
-            writer::create(&local, Some((&tmp, dv)), None, None)?;
-            transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
-            println!("Successfully written initial snapshot to backup '{name}' at {display}");
-        } else {
-            writer::create(&local, None, None, None)?;
-            transfer::create(&backend_url, &name, &local, &mut |_, _| {}).map_err(explain)?;
-            println!("No database in {} yet: created an empty backup '{name}' at {display}", ldir.display());
-        }
-        let body = serde_json::to_vec(&serde_json::json!({ "backend_url": backend_url }))?;
-        fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
-        println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
+        Ok(NewPg { backend_url: with_backup_name(url_str, &name), name })
+    }
+
+    pub fn shown(&self) -> String {
+        url::redact(&self.backend_url)
+    }
+
+    /// Uploads the generation a file backup `from` holds (with its backup.json: one backup
+    /// id and key for every copy), in one transaction.
+    pub fn upload(&self, from: &Path) -> Result<()> {
+        transfer::create(&self.backend_url, &self.name, from, &mut |_, _| {}).map_err(explain)?;
         Ok(())
-    })();
-    let _ = fs::remove_dir_all(&scratch);
-    result.map(|_| backend_url)
+    }
 }
 
 /// Downloads (one consistent view) then restores with the local engine.
 pub fn restore(
     url_str: &str,
     dest: &Path,
+    keys: &KeySource,
     fetched: &mut dyn FnMut(u64, u64),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Summary)> {
-    let (p, s, d) = transfer::restore_from(url_str, None, dest, fetched, progress).map_err(explain)?;
+    let (p, s, d) = transfer::restore_from(url_str, None, dest, keys, fetched, progress).map_err(explain)?;
     println!(
         "Downloaded backup '{}': generation {}, {} records, {:.1} MB",
         d.name,
@@ -84,8 +65,14 @@ pub fn restore(
     Ok((p, s))
 }
 
-pub fn verify(url_str: &str, fetched: &mut dyn FnMut(u64, u64), progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
-    let (s, d) = transfer::verify_from(url_str, None, &std::env::temp_dir(), fetched, progress).map_err(explain)?;
+pub fn verify(
+    url_str: &str,
+    keys: &KeySource,
+    fetched: &mut dyn FnMut(u64, u64),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Summary> {
+    let (s, d) =
+        transfer::verify_from(url_str, None, &std::env::temp_dir(), keys, fetched, progress).map_err(explain)?;
     println!(
         "Downloaded backup '{}': generation {}, {} records, {:.1} MB",
         d.name,

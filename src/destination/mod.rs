@@ -190,7 +190,8 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
         )),
         Target::Postgres(u) => {
             let name = postgres::url::default_name(base).unwrap_or_default();
-            let d = postgres::PgDestination::open(&u, &name, DEFAULT_RECONNECT_TIMEOUT)
+            let keys = crate::keys::KeySource::lightning_dir(base);
+            let d = postgres::PgDestination::open_with(&u, &name, DEFAULT_RECONNECT_TIMEOUT, &keys)
                 .map_err(|e| format!("Cannot open the backup at {}: {}", postgres::url::redact(&u), e.explain()))?;
             Ok((Box::new(d), vec![]))
         }

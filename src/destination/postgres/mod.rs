@@ -4,7 +4,8 @@
 //! Tables live in the schema `cln_backup`; several backups share them, kept apart by name:
 //!
 //! ```text
-//! backups(name, generation, next_seq, last_version, droppable, last_tx_seq)  the position
+//! backups(name, generation, next_seq, last_version, droppable, last_tx_seq, meta)  the position;
+//!                                               meta: backup.json's fields (NULL: plaintext, made before)
 //! generations(name, generation, base_version, journal_header, snapshot_len, chunks)
 //! snapshot_chunks(name, generation, idx, bytes)      the snapshot file, in 1 MiB chunks
 //! records(name, generation, seq, data_version, kind, data)   each framed journal record
@@ -12,7 +13,9 @@
 //!
 //! The bytes are exactly the file backup's (`<gen>-<base>.snapshot`, journal header and
 //! records, sealed with encryption), so restore materializes the file layout and runs the
-//! one restore engine on it. One writer per backup: a session-level advisory lock.
+//! one restore engine on it. A record is sealed for its offset in that rebuilt journal
+//! (header, then the generation's records by seq), so a file copy at the same place holds
+//! the same bytes. One writer per backup: a session-level advisory lock.
 //!
 //! The API is synchronous (the hook path is); it runs tokio-postgres on a private
 //! current-thread runtime. Call it from a plain thread or `spawn_blocking`; called from
@@ -23,6 +26,7 @@ mod tls;
 pub mod transfer;
 pub mod url;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -32,8 +36,11 @@ use tokio_postgres::{Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::StoreError;
-use crate::journal::Kind;
+use crate::journal::{self, Kind, Payloads};
+use crate::keys::KeySource;
+use crate::meta::Meta;
 use crate::plugin::stats::Latency;
+use crate::seal::Sealer;
 use crate::versions::{self, Decision, Position};
 
 pub use transfer::{
@@ -245,7 +252,9 @@ pub(crate) async fn known_names(client: &Client) -> String {
     }
 }
 
-/// The writer's view of the `backups` row.
+/// The writer's view of the `backups` row, with where its records sit in the journal a
+/// download rebuilds (header, then the generation's records by seq): a sealed record is
+/// bound to that offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct State {
     generation: i64,
@@ -253,6 +262,10 @@ struct State {
     version: u32,
     droppable: bool,
     last_tx_seq: i64,
+    /// Bytes of that journal, header included.
+    journal_len: i64,
+    /// Where the record `last_tx_seq` starts in it (meaningful while droppable).
+    last_tx_offset: i64,
 }
 
 impl State {
@@ -260,40 +273,91 @@ impl State {
         Position { version: self.version, droppable: self.droppable }
     }
 
-    /// The state after appending a record of `kind` at `dv` (after dropping the last
-    /// transaction first when `replace`).
-    fn after(&self, dv: u32, kind: Kind, replace: bool) -> State {
+    /// The state after appending a record of `len` bytes and `kind` at `dv` (after
+    /// dropping the last transaction first when `replace`).
+    fn after(&self, dv: u32, kind: Kind, replace: bool, len: usize) -> State {
         let mut s = *self;
         if replace {
             s.version = s.version.wrapping_sub(1);
             s.droppable = false;
             s.last_tx_seq = -1;
+            s.journal_len = self.last_tx_offset;
         }
         if kind == Kind::Transaction {
             s.version = dv;
             s.droppable = true;
             s.last_tx_seq = s.next_seq;
+            s.last_tx_offset = s.journal_len;
         }
         s.next_seq += 1;
+        s.journal_len += len as i64;
         s
+    }
+
+    /// Where the next record goes: the end, or where the last transaction starts when it
+    /// replaces it.
+    fn next_offset(&self, replace: bool) -> Option<u64> {
+        match replace {
+            false => Some(self.journal_len as u64),
+            true if self.droppable => Some(self.last_tx_offset as u64),
+            true => None,
+        }
     }
 }
 
-const LOAD_STATE: &str =
-    "SELECT generation, next_seq, last_version, droppable, last_tx_seq FROM cln_backup.backups WHERE name = $1";
+const LOAD_STATE: &str = "SELECT b.generation, b.next_seq, b.last_version, b.droppable, b.last_tx_seq,
+    (SELECT coalesce(sum(length(r.data)), 0)::bigint FROM cln_backup.records r
+      WHERE r.name = b.name AND r.generation = b.generation),
+    (SELECT coalesce(sum(length(r.data)), 0)::bigint FROM cln_backup.records r
+      WHERE r.name = b.name AND r.generation = b.generation AND r.seq < b.last_tx_seq)
+  FROM cln_backup.backups b WHERE b.name = $1";
 
 async fn load_state(client: &Client, url: &str, name: &str) -> Result<State, PgError> {
     let row = client.query_opt(LOAD_STATE, &[&name]).await.map_err(db_err(url, "read the backup's position"))?;
     let Some(row) = row else {
         return Err(PgError::NotFound { url: url.into(), name: name.into(), known: known_names(client).await });
     };
+    let header = crate::journal::HEADER_LEN as i64;
     Ok(State {
         generation: row.get(0),
         next_seq: row.get(1),
         version: row.get::<_, i64>(2) as u32,
         droppable: row.get(3),
         last_tx_seq: row.get(4),
+        journal_len: header + row.get::<_, i64>(5),
+        last_tx_offset: header + row.get::<_, i64>(6),
     })
+}
+
+/// The backup's metadata (what `backup.json` holds for a file backup), from the same view
+/// as the caller's other reads. None: a backup made before sealing existed (plaintext),
+/// also when the column is not there yet (a schema from before it).
+pub(crate) async fn load_meta(client: &Client, url: &str, name: &str) -> Result<Option<Meta>, PgError> {
+    let row = client
+        .query_opt("SELECT to_jsonb(b) ->> 'meta' FROM cln_backup.backups b WHERE b.name = $1", &[&name])
+        .await
+        .map_err(db_err(url, "read the backup's metadata"))?;
+    let Some(text) = row.and_then(|r| r.get::<_, Option<String>>(0)) else { return Ok(None) };
+    let damaged = |what: String| PgError::Damaged { url: url.into(), name: name.into(), what };
+    let m: Meta = serde_json::from_str(&text).map_err(|e| damaged(format!("its metadata is not valid JSON: {e}")))?;
+    if m.sealed && m.id().is_none() {
+        return Err(damaged("its metadata's backup_id is not 32 hex digits".into()));
+    }
+    Ok(Some(m))
+}
+
+/// Stores the backup's metadata (inside the caller's transaction, when there is one).
+pub(crate) async fn store_meta(client: &Client, url: &str, name: &str, meta: &Meta) -> Result<(), PgError> {
+    let text = serde_json::to_string(meta).map_err(|e| PgError::Damaged {
+        url: url.into(),
+        name: name.into(),
+        what: e.to_string(),
+    })?;
+    client
+        .execute("UPDATE cln_backup.backups SET meta = $2 WHERE name = $1", &[&name, &text])
+        .await
+        .map_err(db_err(url, "store the backup's metadata"))?;
+    Ok(())
 }
 
 /// One statement, so one round trip and one implicit transaction: the guard (the row still
@@ -343,6 +407,23 @@ pub struct PgDestination {
     last_write: Option<std::time::SystemTime>,
     /// The URL as given (with its password), for the connections compaction opens.
     raw_url: String,
+    sealing: Sealing,
+    /// Where the key is looked for (the node's lightning dir), also by compaction.
+    keys: KeySource,
+    /// The id bound into every seal (None: plaintext).
+    backup_id: Option<crate::seal::BackupId>,
+    /// The record being sealed for this copy by `append`.
+    seal_buf: Vec<u8>,
+}
+
+/// How records are stored: as the current generation's journal header says. A sealed
+/// backup never gets a plaintext record.
+enum Sealing {
+    Plain,
+    Ready(Arc<Sealer>),
+    /// Sealed, the key not read yet (a node before its first start has no hsm_secret):
+    /// read at the first write.
+    Pending(Meta),
 }
 
 impl PgDestination {
@@ -351,6 +432,18 @@ impl PgDestination {
     /// `on`, and reads the position. Connection failures are retried within `reconnect_timeout`;
     /// refusals (bad password, no such database or backup, lock held) fail at once.
     pub fn open(url: &str, name: &str, reconnect_timeout: Duration) -> Result<PgDestination, PgError> {
+        PgDestination::open_with(url, name, reconnect_timeout, &KeySource::default())
+    }
+
+    /// As `open`; a sealed backup's key is looked for in `keys` (the plugin gives the
+    /// node's lightning dir), then where the backup's metadata says it was at init. Not
+    /// found, it is read at the first write (which fails, writing nothing, without it).
+    pub fn open_with(
+        url: &str,
+        name: &str,
+        reconnect_timeout: Duration,
+        keys: &KeySource,
+    ) -> Result<PgDestination, PgError> {
         let pg = url::parse(url)?;
         let name = pg.backup.clone().unwrap_or_else(|| name.to_string());
         url::check_name(&name).map_err(|what| PgError::Url { url: pg.display.clone(), what })?;
@@ -362,7 +455,15 @@ impl PgDestination {
             name,
             timeout: reconnect_timeout,
             conn: None,
-            state: State { generation: 0, next_seq: 0, version: 0, droppable: false, last_tx_seq: -1 },
+            state: State {
+                generation: 0,
+                next_seq: 0,
+                version: 0,
+                droppable: false,
+                last_tx_seq: -1,
+                journal_len: 0,
+                last_tx_offset: 0,
+            },
             uncertain: false,
             latency: Latency::default(),
             reconnects: 0,
@@ -371,11 +472,176 @@ impl PgDestination {
             last_crc: 0,
             last_write: None,
             raw_url: url.to_string(),
+            sealing: Sealing::Plain,
+            keys: keys.clone(),
+            backup_id: None,
+            seal_buf: Vec::new(),
         };
         let deadline = Instant::now() + reconnect_timeout;
         d.ensure_connected(deadline, true)?;
         d.last_crc = d.read_last_crc()?;
+        d.read_sealing()?;
         Ok(d)
+    }
+
+    /// Reads the backup's metadata and its generation's header, which must agree on
+    /// sealing, and the key if it is at hand.
+    fn read_sealing(&mut self) -> Result<(), PgError> {
+        let Some(conn) = self.conn.as_ref() else { return Ok(()) };
+        let (url, name) = (self.pg.display.as_str(), self.name.as_str());
+        let client = &conn.session.client;
+        let generation = self.state.generation;
+        let (meta, header) = block_on(&self.rt, async {
+            let meta = load_meta(client, url, name).await?;
+            let row = client
+                .query_opt(
+                    "SELECT journal_header FROM cln_backup.generations WHERE name = $1 AND generation = $2",
+                    &[&name, &generation],
+                )
+                .await
+                .map_err(db_err(url, "read the generation"))?;
+            Ok::<_, PgError>((meta, row.map(|r| r.get::<_, Vec<u8>>(0))))
+        })?;
+        let damaged = |what: &str| PgError::Damaged { url: url.into(), name: name.into(), what: what.into() };
+        let header = header.ok_or_else(|| damaged("its current generation has no row in cln_backup.generations"))?;
+        let header = journal::Header::decode(std::path::Path::new(url), &header)?;
+        self.sealing = match meta {
+            Some(m) if m.sealed && !header.sealed => {
+                return Err(damaged(
+                    "its metadata says sealed, but its current generation is plaintext: the rows were replaced;                      nothing is written into it",
+                ))
+            }
+            Some(m) if m.sealed => {
+                self.backup_id = m.id();
+                Sealing::Pending(m)
+            }
+            _ if header.sealed => {
+                return Err(damaged("its current generation is sealed, but its metadata is missing or says plaintext"))
+            }
+            _ => Sealing::Plain,
+        };
+        if let Sealing::Pending(m) = &self.sealing {
+            let keys = m.source_with_recorded(self.keys.clone());
+            // at hand now: checked (by fingerprint) now; else at the first write
+            if m.sealer(&keys).map_err(|e| self.key_err(e))?.is_some() {
+                self.sealer()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn key_err(&self, e: crate::keys::KeyError) -> PgError {
+        StoreError::Key { path: format!("{} (backup '{}')", self.pg.display, self.name).into(), what: e.to_string() }
+            .into()
+    }
+
+    /// Whether records are sealed.
+    pub fn is_sealed(&self) -> bool {
+        !matches!(self.sealing, Sealing::Plain)
+    }
+
+    /// The fingerprint of the key once it is read.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        match &self.sealing {
+            Sealing::Ready(s) => Some(s.fingerprint()),
+            _ => None,
+        }
+    }
+
+    /// The sealer of a sealed backup, reading the key now if it was not read yet; the first
+    /// time, its fingerprint is recorded in the metadata (as `backup.json` gets it). None
+    /// for a plaintext backup.
+    pub fn sealer(&mut self) -> Result<Option<Arc<Sealer>>, PgError> {
+        if let Sealing::Pending(m) = &self.sealing {
+            let keys = m.source_with_recorded(self.keys.clone());
+            let found = m.sealer(&keys).map_err(|e| self.key_err(e))?;
+            let Some((s, key)) = found else { return Err(self.key_err(m.missing(&keys))) };
+            if m.key_fingerprint.is_none() {
+                // the lightning dir whose hsm_secret it was, so offline tools find it too
+                let ldir = m.lightning_dir.clone().or_else(|| {
+                    (m.key_file.is_none() && keys.hsm_secret.is_none() && keys.key_file.is_none())
+                        .then(|| keys.search.iter().find(|d| d.join(crate::keys::HSM_SECRET).exists()).cloned())
+                        .flatten()
+                        .map(|d| std::path::absolute(&d).unwrap_or(d))
+                });
+                let m = Meta { key_fingerprint: Some(key.fingerprint()), lightning_dir: ldir, ..m.clone() };
+                self.ensure_connected(Instant::now() + self.timeout, false)?;
+                if let Some(conn) = self.conn.as_ref() {
+                    block_on(&self.rt, store_meta(&conn.session.client, &self.pg.display, &self.name, &m))?;
+                }
+            }
+            self.sealing = Sealing::Ready(Arc::new(s));
+        }
+        Ok(match &self.sealing {
+            Sealing::Ready(s) => Some(s.clone()),
+            _ => None,
+        })
+    }
+
+    /// The sealer a compaction seals the new generation with (None: plaintext); an error
+    /// while the key of a sealed backup has not been read.
+    pub(crate) fn compaction_sealer(&self) -> Result<Option<Arc<Sealer>>, PgError> {
+        match &self.sealing {
+            Sealing::Plain => Ok(None),
+            Sealing::Ready(s) => Ok(Some(s.clone())),
+            Sealing::Pending(_) => Err(PgError::Chain {
+                url: self.pg.display.clone(),
+                name: self.name.clone(),
+                what: "the backup is sealed and its key has not been read yet (no write since the start): not \
+                       compacted now"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The key source compaction uses to open what it folds.
+    pub(crate) fn keys(&self) -> KeySource {
+        self.keys.clone()
+    }
+
+    /// Seals a plaintext record framed by `journal::encode_record` for the place it takes
+    /// next here (where the last transaction starts, when it replaces it) into `out`, with
+    /// the same routine as a file backup, so copies at the same place store the same bytes.
+    /// False for a plaintext backup (`out` untouched).
+    pub fn seal_for_next(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, PgError> {
+        if !self.is_sealed() {
+            return Ok(false);
+        }
+        let Some(sealer) = self.sealer()? else { return Ok(false) };
+        let chain =
+            |what: &str| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what: what.into() };
+        let offset = self.state.next_offset(replace_last).ok_or_else(|| chain("no transaction to replace"))?;
+        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
+            .map_err(|what| chain(&format!("a record to seal does not decode: {what}")))?;
+        out.clear();
+        let payloads = Payloads::Sealed { sealer: &sealer, generation: self.state.generation as u64 };
+        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        Ok(true)
+    }
+
+    /// Bytes of the current generation's journal as a download rebuilds it.
+    pub fn journal_len(&self) -> u64 {
+        self.state.journal_len as u64
+    }
+
+    /// Where the last transaction starts in it, while it can be dropped.
+    pub fn last_tx_offset(&self) -> Option<u64> {
+        self.state.droppable.then_some(self.state.last_tx_offset as u64)
+    }
+
+    pub fn last_crc(&self) -> u32 {
+        self.last_crc
+    }
+
+    pub fn last_write(&self) -> Option<std::time::SystemTime> {
+        self.last_write
     }
 
     /// The payload CRC of the current generation's last record (0 when it has none).
@@ -433,7 +699,34 @@ impl PgDestination {
     /// transaction, committed before this returns. Retries a lost connection within the
     /// reconnect timeout, exactly once; a commit that does not return in that time is
     /// cancelled and reported as an error.
+    /// A sealed backup's record is sealed for its place here first.
     pub fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), PgError> {
+        let mut buf = std::mem::take(&mut self.seal_buf);
+        let r = match self.seal_for_next(data_version, kind, replace_last, record, &mut buf) {
+            Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
+            Ok(false) => self.append_copy(data_version, kind, replace_last, record),
+            Err(e) => Err(e),
+        };
+        self.seal_buf = buf;
+        r
+    }
+
+    /// As `append`, for a record stored as it is: sealed for this place already (by the
+    /// copy that decided), or plaintext in a plaintext backup.
+    pub fn append_copy(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), PgError> {
+        self.store(data_version, kind, replace_last, record)?;
+        self.last_crc = journal::payload_crc(record);
+        self.last_write = Some(std::time::SystemTime::now());
+        Ok(())
+    }
+
+    fn store(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), PgError> {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut last = String::new();
@@ -460,7 +753,7 @@ impl PgDestination {
                     })
                 }
             }
-            let after = before.after(data_version, kind, replace_last);
+            let after = before.after(data_version, kind, replace_last, record.len());
             let remaining = deadline.saturating_duration_since(Instant::now());
             let outcome = {
                 let Some(conn) = self.conn.as_ref() else { continue };
@@ -738,6 +1031,8 @@ impl PgDestination {
             "sync_standbys_connected": r.sync_standbys,
             "reconnects": self.reconnects,
             "last_error": self.last_error,
+            "sealed": self.is_sealed(),
+            "key_fingerprint": self.key_fingerprint(),
         })
     }
 
@@ -762,13 +1057,29 @@ impl PgDestination {
         };
         let url = self.pg.display.clone();
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let sealer = match &self.sealing {
+            Sealing::Ready(s) => Some(s.clone()),
+            Sealing::Pending(_) => {
+                return Err(PgError::Chain {
+                    url,
+                    name: self.name.clone(),
+                    what: "the backup is sealed and its key has not been read: nothing is switched".into(),
+                })
+            }
+            Sealing::Plain => None,
+        };
         let r = block_on(&self.rt, async {
-            tokio::time::timeout(remaining, transfer::switch(&conn.session.client, &url, &self.name, self.state, next))
-                .await
+            let client = &conn.session.client;
+            let switch = async {
+                transfer::switch(client, &url, &self.name, self.state, next, sealer.as_deref()).await?;
+                // where its records now sit in the new generation's journal
+                load_state(client, &url, &self.name).await
+            };
+            tokio::time::timeout(remaining, switch).await
         });
         match r {
-            Ok(Ok(())) => {
-                self.state.generation = next.generation;
+            Ok(Ok(state)) => {
+                self.state = state;
                 Ok(())
             }
             Ok(Err(e)) => {
@@ -787,6 +1098,44 @@ impl PgDestination {
                 })
             }
         }
+    }
+}
+
+impl PgDestination {
+    /// Replaces what the database holds for this backup with a whole generation of a file
+    /// copy (catch-up when it is far behind): stored as it is (same backup id, same
+    /// seals), made current in one transaction; older generations then go in steps.
+    pub fn install_files(&mut self, from: &crate::destination::GenerationFiles) -> Result<(), PgError> {
+        let chain = |what: String| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what };
+        let local = transfer::read_install(from, self.is_sealed(), self.backup_id).map_err(chain)?;
+        self.ensure_connected(Instant::now() + self.timeout, false)?;
+        let Some(conn) = self.conn.as_ref() else {
+            return Err(PgError::Connect {
+                url: self.pg.display.clone(),
+                what: "not connected".into(),
+                retryable: true,
+            });
+        };
+        let (url, name) = (self.pg.display.as_str(), self.name.as_str());
+        let client = &conn.session.client;
+        let r = block_on(&self.rt, async {
+            transfer::install(client, url, name, &local).await?;
+            load_state(client, url, name).await
+        });
+        match r {
+            Ok(state) => self.state = state,
+            Err(e) => {
+                self.uncertain = true;
+                self.drop_connection();
+                return Err(e);
+            }
+        }
+        self.last_crc = self.read_last_crc()?;
+        self.last_write = Some(std::time::SystemTime::now());
+        if let Err(e) = transfer::remove_old_generations(&self.raw_url, &self.name, &mut |_| {}) {
+            log::warn!("{}: old generations stay until the next compaction: {}", self.pg.display, e.explain());
+        }
+        Ok(())
     }
 }
 

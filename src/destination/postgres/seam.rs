@@ -29,22 +29,38 @@ impl Destination for PgDestination {
         Tip {
             position: self.position(),
             generation: self.generation(),
-            journal_len: self.state.next_seq.max(0) as u64,
-            last_crc: self.last_crc,
-            last_tx_offset: None,
+            journal_len: self.journal_len(),
+            last_crc: self.last_crc(),
+            last_tx_offset: self.last_tx_offset(),
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
-        PgDestination::append(self, data_version, kind, replace_last, record)?;
-        self.last_crc = crate::journal::payload_crc(record);
-        self.last_write = Some(SystemTime::now());
-        Ok(())
+        Ok(PgDestination::append(self, data_version, kind, replace_last, record)?)
+    }
+    fn seal_for_next(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        Ok(PgDestination::seal_for_next(self, data_version, kind, replace_last, record, out)?)
+    }
+    fn append_copy(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
+        Ok(PgDestination::append_copy(self, data_version, kind, replace_last, record)?)
     }
     fn bytes(&self) -> u64 {
         0
     }
     fn last_write(&self) -> Option<SystemTime> {
-        self.last_write
+        PgDestination::last_write(self)
     }
     fn details(&self) -> serde_json::Value {
         self.status()
@@ -58,9 +74,14 @@ impl Destination for PgDestination {
     fn background_compaction(&self, me: Shared) -> Option<BackgroundCompaction> {
         let plan = self.plan()?;
         let (url, name, shown) = (self.raw_url.clone(), self.name().to_string(), PgDestination::url(self).to_string());
+        // a sealed backup is folded with the key the writer read
+        let sealer = self.compaction_sealer();
+        let keys = self.keys();
         Some(Box::new(move |work| {
             let why = |e: PgError| format!("{shown}: {}", e.explain());
-            let next = transfer::build_generation(&url, &name, plan, work, &mut |_, _, _| {}).map_err(why)?;
+            let sealer = sealer.map_err(why)?;
+            let sealing = sealer.as_deref().map(|s| (s, &keys));
+            let next = transfer::build_generation(&url, &name, plan, work, sealing, &mut |_, _, _| {}).map_err(why)?;
             let generation = next.generation;
             lock(&me).switch_generation(Box::new(next)).map_err(|e| format!("{shown}: {}", e.explain()))?;
             let removed = transfer::remove_old_generations(&url, &name, &mut |_| {}).map_err(why)?;
@@ -76,15 +97,7 @@ impl Destination for PgDestination {
         // the records after the fold point moved into the new generation as they were
         Ok(())
     }
-    fn install(&mut self, _from: &GenerationFiles) -> Result<(), StoreError> {
-        Err(StoreError::Remote {
-            what: format!(
-                "{}: a postgres destination that lacks more than the records after its position cannot be \
-                 brought up to date from a file copy yet",
-                PgDestination::url(self)
-            ),
-            hint: "stop lightningd, remove this destination with backup-cli remove-destination, and init it again",
-            retryable: false,
-        })
+    fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError> {
+        Ok(self.install_files(from)?)
     }
 }

@@ -13,12 +13,18 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
 
-use super::{check_schema, connect, db_err, known_names, lock_key, runtime, tls, url, PgError, State, CHUNK};
+use super::{
+    check_schema, connect, db_err, known_names, load_meta, lock_key, runtime, store_meta, tls, url, PgError, State,
+    CHUNK,
+};
 use crate::error::StoreError;
 use crate::fsutil;
-use crate::journal::{self, Base, Header, JournalReader, Kind};
+use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
+use crate::keys::KeySource;
 use crate::layout::{GenName, Layout};
+use crate::meta::Meta;
 use crate::restore::{self, Summary};
+use crate::seal::Sealer;
 use crate::versions::Position;
 
 const SCHEMA_DDL: &str = "
@@ -56,6 +62,7 @@ CREATE TABLE IF NOT EXISTS cln_backup.records (
     kind smallint NOT NULL,
     data bytea NOT NULL,
     PRIMARY KEY (name, generation, seq));
+ALTER TABLE cln_backup.backups ADD COLUMN IF NOT EXISTS meta text;
 ";
 
 fn params<'a>(s: &'a [&'a (dyn ToSql + Sync)]) -> impl ExactSizeIterator<Item = &'a dyn ToSql> + 'a {
@@ -86,8 +93,7 @@ fn name_of(pg: &url::PgUrl, name: Option<&str>) -> Result<Option<String>, PgErro
 }
 
 /// One generation of a local file layout, read for upload.
-struct LocalGeneration {
-    name: GenName,
+pub(super) struct LocalGeneration {
     header: Header,
     header_bytes: Vec<u8>,
     snapshot: Option<PathBuf>,
@@ -99,14 +105,27 @@ struct LocalGeneration {
 
 fn read_local(dir: &Path) -> Result<LocalGeneration, PgError> {
     let listing = Layout::new(dir).list()?;
-    let bytes = fs::read(&listing.journal).map_err(StoreError::io("read journal", &listing.journal))?;
-    let mut reader = JournalReader::open(&listing.journal)?;
+    read_generation(&listing.journal, listing.snapshot, None)
+}
+
+/// Reads a generation's journal (up to `limit` bytes, when given) and names its snapshot.
+fn read_generation(
+    journal_path: &Path,
+    snapshot: Option<PathBuf>,
+    limit: Option<u64>,
+) -> Result<LocalGeneration, PgError> {
+    let mut bytes = fs::read(journal_path).map_err(StoreError::io("read journal", journal_path))?;
+    let mut reader = JournalReader::open(journal_path)?;
+    if let Some(n) = limit {
+        reader.limit(n);
+        bytes.truncate(n as usize);
+    }
     let header = reader.header;
     let mut position = Position { version: header.base.version(), droppable: false };
     let mut records = vec![];
     let mut last_tx = None;
     while let Some(rec) = reader.next_record()? {
-        crate::writer::check_chain(&listing.journal, position, &rec)?;
+        crate::writer::check_chain(journal_path, position, &rec)?;
         if rec.kind == Kind::Transaction {
             position = Position { version: rec.data_version, droppable: true };
             last_tx = Some(records.len());
@@ -115,17 +134,16 @@ fn read_local(dir: &Path) -> Result<LocalGeneration, PgError> {
     }
     if reader.torn_tail.is_some() {
         return Err(StoreError::Damaged {
-            path: listing.journal.clone(),
+            path: journal_path.into(),
             offset: reader.position(),
             what: "torn record at the end of a journal to upload".into(),
         }
         .into());
     }
     Ok(LocalGeneration {
-        name: listing.current,
         header,
         header_bytes: bytes[..journal::HEADER_LEN as usize].to_vec(),
-        snapshot: listing.snapshot,
+        snapshot,
         records,
         position,
         last_tx,
@@ -133,13 +151,13 @@ fn read_local(dir: &Path) -> Result<LocalGeneration, PgError> {
 }
 
 /// Uploads a generation's snapshot chunks and its generations row, inside the caller's transaction.
-async fn upload_generation(
+async fn upload_generation<P: FnMut(u64, u64) + ?Sized>(
     client: &Client,
     url: &str,
     name: &str,
     generation: i64,
     local: &LocalGeneration,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut P,
 ) -> Result<(), PgError> {
     let mut snapshot_len = 0u64;
     let mut chunks = 0i32;
@@ -195,6 +213,14 @@ pub fn create(
     let name = name_of(&o.pg, Some(name))?.unwrap_or_default();
     let url = o.pg.display.as_str();
     let local = read_local(from_dir)?;
+    let meta = Meta::load(from_dir)?;
+    if local.header.sealed && !meta.as_ref().is_some_and(|m| m.sealed) {
+        return Err(StoreError::Invalid {
+            path: Meta::path(from_dir),
+            what: "the journal to upload is sealed, but backup.json is missing or says plaintext".into(),
+        }
+        .into());
+    }
     let client = &o.session.client;
     o.rt.block_on(async {
         client.batch_execute(SCHEMA_DDL).await.map_err(db_err(url, "create schema cln_backup"))?;
@@ -231,12 +257,15 @@ pub fn create(
             }
             return Err(db_err(url, "create the backup row")(e));
         }
+        // the backup's id and key fingerprint (backup.json) go with it, in the same transaction
+        if let Some(m) = &meta {
+            store_meta(client, url, &name, m).await?;
+        }
         upload_generation(client, url, &name, generation, &local, progress).await?;
         insert_records(client, url, &name, generation, 0, &local.records).await?;
         client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the new backup"))?;
         Ok(())
     })?;
-    let _ = local.name;
     Ok(name)
 }
 
@@ -273,6 +302,53 @@ pub struct Downloaded {
     pub records: u64,
     pub bytes: u64,
     pub dir: PathBuf,
+    /// Whether its metadata says sealed.
+    pub sealed: bool,
+    /// (journal offset, seq) of each record, to name a damaged one by its row.
+    pub offsets: Vec<(u64, i64)>,
+}
+
+impl Downloaded {
+    /// A damage found in the downloaded files, said of the rows it came from.
+    fn locate(&self, url: &str, e: StoreError) -> PgError {
+        let (layout, g) =
+            (Layout::new(&self.dir), GenName { generation: self.generation, base_version: self.base_version });
+        let (journal, snapshot) = (layout.journal_path(g), layout.snapshot_path(g));
+        let at = |path: &Path| path == journal.as_path();
+        let what = match &e {
+            StoreError::Damaged { path, offset, what } if at(path) => {
+                let i = self.offsets.partition_point(|(o, _)| o <= offset);
+                match i.checked_sub(1).map(|i| self.offsets[i]) {
+                    Some((o, seq)) if o == *offset => format!(
+                        "the record at seq {seq} of generation {} (table cln_backup.records): {what}",
+                        self.generation
+                    ),
+                    Some((_, seq)) => format!(
+                        "inside the record at seq {seq} of generation {} (table cln_backup.records): {what}",
+                        self.generation
+                    ),
+                    None => format!(
+                        "the journal header of generation {} (table cln_backup.generations): {what}",
+                        self.generation
+                    ),
+                }
+            }
+            StoreError::Apply { path, offset, version, what } if at(path) => {
+                let seq = self.offsets.iter().find(|(o, _)| o == offset).map_or(-1, |(_, s)| *s);
+                format!(
+                    "the record at seq {seq} of generation {} (data_version {version}) does not apply: {what}",
+                    self.generation
+                )
+            }
+            e if e.to_string().contains(&*snapshot.to_string_lossy()) => format!(
+                "the snapshot of generation {} (table cln_backup.snapshot_chunks): {}",
+                self.generation,
+                e.to_string().replace(&*snapshot.to_string_lossy(), "snapshot")
+            ),
+            _ => return e.into(),
+        };
+        PgError::Damaged { url: url.into(), name: self.name.clone(), what }
+    }
 }
 
 /// Downloads backup `name` (the URL's `backup=` wins; with neither, the database's only
@@ -351,6 +427,7 @@ async fn download_in(
             .await
             .map_err(db_err(url, "read the generation"))?
             .ok_or_else(|| damaged(format!("generation {generation} has no row in cln_backup.generations")))?;
+        let meta = load_meta(client, url, &name).await?;
         let base_version = g.get::<_, i64>(0) as u32;
         let header_bytes: Vec<u8> = g.get(1);
         let snapshot_len = g.get::<_, i64>(2) as u64;
@@ -365,6 +442,9 @@ async fn download_in(
             .map_err(db_err(url, "size the records"))?;
         let total = snapshot_len + sums.get::<_, i64>(0) as u64 + header_bytes.len() as u64;
         fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(StoreError::io("create directory", &tmp))?;
+        if let Some(m) = &meta {
+            m.store(&tmp)?;
+        }
         let layout = Layout::new(&tmp);
         let gname = GenName { generation: generation as u64, base_version };
         let mut done = 0u64;
@@ -404,17 +484,21 @@ async fn download_in(
         done += header_bytes.len() as u64;
         let stream = client
             .query_raw(
-                "SELECT data FROM cln_backup.records WHERE name = $1 AND generation = $2 AND seq < $3 ORDER BY seq",
+                "SELECT data, seq FROM cln_backup.records WHERE name = $1 AND generation = $2 AND seq < $3 ORDER BY seq",
                 params(&[&name, &generation, &upto]),
             )
             .await
             .map_err(db_err(url, "read the records"))?;
         pin_mut!(stream);
         let mut records = 0u64;
+        let mut offsets = Vec::new();
+        let mut at = header_bytes.len() as u64;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut f);
         while let Some(row) = stream.next().await {
             let row = row.map_err(db_err(url, "read the records"))?;
             let bytes: &[u8] = row.get(0);
+            offsets.push((at, row.get::<_, i64>(1)));
+            at += bytes.len() as u64;
             out.write_all(bytes).map_err(StoreError::io("write journal", &path))?;
             done += bytes.len() as u64;
             records += 1;
@@ -427,7 +511,16 @@ async fn download_in(
         f.sync_all().map_err(StoreError::io("fsync", &path))?;
         progress(done, total);
         fsutil::fsync_dir(&tmp)?;
-        Ok(Downloaded { name, generation: generation as u64, base_version, records, bytes: done, dir: to_dir.into() })
+        Ok(Downloaded {
+            name,
+            generation: generation as u64,
+            base_version,
+            records,
+            bytes: done,
+            dir: to_dir.into(),
+            sealed: meta.is_some_and(|m| m.sealed),
+            offsets,
+        })
     }
     .await;
     let _ = client.batch_execute("COMMIT").await;
@@ -465,11 +558,14 @@ impl Drop for Scratch {
 }
 
 /// Restores backup `name` into `dest` (a new file or a directory): downloads it beside
-/// `dest`, then runs the local restore on it. `fetched` sees the download's progress.
+/// `dest`, then runs the local restore on it, with the key rules of a file backup (`keys`,
+/// then hsm_secret beside `dest`, then where the metadata says it was at init). Nothing is
+/// written at `dest` unless every record opens. `fetched` sees the download's progress.
 pub fn restore_from(
     url_str: &str,
     name: Option<&str>,
     dest: &Path,
+    keys: &KeySource,
     fetched: &mut dyn FnMut(u64, u64),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Summary, Downloaded), PgError> {
@@ -480,24 +576,38 @@ pub fn restore_from(
     let scratch = Scratch::new(&dest_file, "download")?;
     let dir = scratch.0.join("backup");
     let d = download(url_str, name, &dir, fetched)?;
-    let (path, summary) = restore::restore(&dir, dest, progress)?;
+    let shown = url::redact(url_str);
+    let (path, summary) = restore::restore_with(&dir, dest, keys, progress).map_err(|e| on_pg(&shown, &d, e))?;
     Ok((path, summary, d))
 }
 
 /// Verifies backup `name`: downloads it to a scratch dir under `work` and checks every
-/// checksum and the version chain.
+/// checksum and the version chain, and with the key (as for a file backup) every seal.
 pub fn verify_from(
     url_str: &str,
     name: Option<&str>,
     work: &Path,
+    keys: &KeySource,
     fetched: &mut dyn FnMut(u64, u64),
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Summary, Downloaded), PgError> {
     let scratch = Scratch::new(&work.join("verify"), "download")?;
     let dir = scratch.0.join("backup");
     let d = download(url_str, name, &dir, fetched)?;
-    let summary = restore::verify(&dir, progress)?;
+    let shown = url::redact(url_str);
+    let summary = restore::verify_with(&dir, keys, progress).map_err(|e| on_pg(&shown, &d, e))?;
     Ok((summary, d))
+}
+
+/// An error of the local engine on a download, said of the backup in PostgreSQL (the
+/// scratch directory means nothing to the operator).
+fn on_pg(url: &str, d: &Downloaded, e: StoreError) -> PgError {
+    match e {
+        StoreError::Key { what, .. } => {
+            StoreError::Key { path: format!("{url} (backup '{}')", d.name).into(), what }.into()
+        }
+        e => d.locate(url, e),
+    }
 }
 
 /// What a compaction may fold: generation `generation`'s records before `fold_seq`.
@@ -521,11 +631,14 @@ pub struct PreparedGeneration {
 /// what it folds (one consistent view), rebuilds the database in `work_dir`, compresses a new
 /// snapshot and uploads it in chunks under the next generation number. Appends go on
 /// meanwhile; `PgDestination::install_generation` then makes it current.
+/// A sealed backup's records are opened with the key `keys` finds (the writer's), and the
+/// new snapshot is sealed by `sealer` (None: plaintext).
 pub fn build_generation(
     url_str: &str,
     name: &str,
     plan: PgPlan,
     work_dir: &Path,
+    sealing: Option<(&Sealer, &KeySource)>,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<PreparedGeneration, PgError> {
     let o = one_off(url_str)?;
@@ -543,11 +656,25 @@ pub fn build_generation(
         &mut |a, b| progress("download", a, b),
     ))?;
     let db = scratch.0.join("db.sqlite3");
-    let (_, summary) = restore::restore(&src, &db, &mut |a, b| progress("rebuild", a, b))?;
+    let keys = sealing.map(|(_, k)| k.clone()).unwrap_or_default();
+    let (_, summary) = restore::restore_with(&src, &db, &keys, &mut |a, b| progress("rebuild", a, b))?;
+    if summary.sealed != sealing.is_some() {
+        return Err(PgError::Chain {
+            url: url.into(),
+            name: name.clone(),
+            what: format!(
+                "the backup is {} but the writer holds it as {}: it was replaced meanwhile",
+                if summary.sealed { "sealed" } else { "plaintext" },
+                if sealing.is_some() { "sealed" } else { "plaintext" }
+            ),
+        });
+    }
+    let sealer = sealing.map(|(s, _)| s);
     let generation = plan.generation + 1;
     let next = scratch.0.join("next");
     fs::DirBuilder::new().mode(0o700).create(&next).map_err(StoreError::io("create directory", &next))?;
-    let header = Header { generation: generation as u64, base: Base::Snapshot(summary.version), sealed: false };
+    let header =
+        Header { generation: generation as u64, base: Base::Snapshot(summary.version), sealed: sealer.is_some() };
     let gname = GenName { generation: generation as u64, base_version: summary.version };
     let layout = Layout::new(&next);
     crate::snapshot::write(
@@ -556,7 +683,7 @@ pub fn build_generation(
         summary.version,
         &db,
         &mut fsutil::Throttle::unlimited(),
-        None,
+        sealer,
     )?;
     crate::writer::write_journal(&layout.journal_path(gname), &header, &[])?;
     let local = read_local(&next)?;
@@ -597,6 +724,7 @@ pub(super) async fn switch(
     name: &str,
     state: State,
     next: &PreparedGeneration,
+    sealer: Option<&Sealer>,
 ) -> Result<(), PgError> {
     let chain = |what: String| PgError::Chain { url: url.into(), name: name.into(), what };
     if state.generation != next.from_generation {
@@ -615,15 +743,20 @@ pub(super) async fn switch(
         if g != next.from_generation {
             return Err(chain(format!("the backup moved to generation {g} during the compaction")));
         }
-        client
-            .execute(
-                "INSERT INTO cln_backup.records (name, generation, seq, data_version, kind, data)
-                 SELECT name, $3, seq, data_version, kind, data FROM cln_backup.records
-                  WHERE name = $1 AND generation = $2 AND seq >= $4",
-                &[&name, &g, &next.generation, &next.fold_seq],
-            )
-            .await
-            .map_err(db_err(url, "copy the records after the fold"))?;
+        match sealer {
+            None => {
+                client
+                    .execute(
+                        "INSERT INTO cln_backup.records (name, generation, seq, data_version, kind, data)
+                         SELECT name, $3, seq, data_version, kind, data FROM cln_backup.records
+                          WHERE name = $1 AND generation = $2 AND seq >= $4",
+                        &[&name, &g, &next.generation, &next.fold_seq],
+                    )
+                    .await
+                    .map_err(db_err(url, "copy the records after the fold"))?;
+            }
+            Some(s) => reseal_after_fold(client, url, name, g, next, s).await?,
+        }
         client
             .execute(
                 "UPDATE cln_backup.backups SET generation = $2, updated = now() WHERE name = $1",
@@ -632,6 +765,142 @@ pub(super) async fn switch(
             .await
             .map_err(db_err(url, "switch generations"))?;
         client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the switch"))
+    }
+    .await;
+    if r.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    r
+}
+
+/// Sealed records are bound to their generation and offset: the ones after the fold point
+/// are opened and sealed again for their place in the new generation (same lengths), as
+/// the file writer's switch does.
+async fn reseal_after_fold(
+    client: &Client,
+    url: &str,
+    name: &str,
+    from: i64,
+    next: &PreparedGeneration,
+    sealer: &Sealer,
+) -> Result<(), PgError> {
+    let fold_at: i64 = client
+        .query_one(
+            "SELECT coalesce(sum(length(data)), 0)::bigint FROM cln_backup.records
+              WHERE name = $1 AND generation = $2 AND seq < $3",
+            &[&name, &from, &next.fold_seq],
+        )
+        .await
+        .map_err(db_err(url, "size the folded records"))?
+        .get(0);
+    let rows = client
+        .query(
+            "SELECT seq, data FROM cln_backup.records WHERE name = $1 AND generation = $2 AND seq >= $3 ORDER BY seq",
+            &[&name, &from, &next.fold_seq],
+        )
+        .await
+        .map_err(db_err(url, "read the records after the fold"))?;
+    let mut old = Vec::new();
+    let mut seqs = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let data: &[u8] = r.get(1);
+        seqs.push((r.get::<_, i64>(0), data.len()));
+        old.extend_from_slice(data);
+    }
+    let src = Path::new(url);
+    let old_at = journal::HEADER_LEN + fold_at as u64;
+    let from_p = Payloads::Sealed { sealer, generation: from as u64 };
+    let to_p = Payloads::Sealed { sealer, generation: next.generation as u64 };
+    let new = journal::transcode(src, &old, old_at, from_p, journal::HEADER_LEN, to_p)?;
+    let insert = client
+        .prepare(
+            "INSERT INTO cln_backup.records (name, generation, seq, data_version, kind, data)
+             SELECT name, $3, seq, data_version, kind, $5 FROM cln_backup.records
+              WHERE name = $1 AND generation = $2 AND seq = $4",
+        )
+        .await
+        .map_err(db_err(url, "prepare the resealed records"))?;
+    let mut p = 0usize;
+    for (seq, len) in seqs {
+        let data = new.get(p..p + len).ok_or_else(|| PgError::Damaged {
+            url: url.into(),
+            name: name.into(),
+            what: format!("the record at seq {seq} changed length when sealed again"),
+        })?;
+        client
+            .execute(&insert, &[&name, &from, &next.generation, &seq, &data])
+            .await
+            .map_err(db_err(url, "copy the records after the fold"))?;
+        p += len;
+    }
+    Ok(())
+}
+
+/// A whole generation of a file copy of this backup (`files`: up to its `journal_len`),
+/// read for `install`. Its metadata must be this backup's (same sealing, same id): its
+/// seals are stored as they are.
+pub(super) fn read_install(
+    files: &crate::destination::GenerationFiles,
+    sealed: bool,
+    backup_id: Option<crate::seal::BackupId>,
+) -> Result<LocalGeneration, String> {
+    let local =
+        read_generation(&files.journal, files.snapshot.clone(), Some(files.journal_len)).map_err(|e| e.to_string())?;
+    let meta = Meta::load(fsutil::parent_of(&files.journal)).map_err(|e| e.to_string())?;
+    let (their_sealed, their_id) = (meta.as_ref().is_some_and(|m| m.sealed), meta.as_ref().and_then(|m| m.id()));
+    if local.header.generation != files.generation {
+        return Err("the copy's generation changed while it was read".into());
+    }
+    if local.header.sealed != sealed || their_sealed != sealed || (sealed && their_id != backup_id) {
+        return Err(format!(
+            "the copy at {} is not this backup ({} backup, id {}): not installed",
+            files.journal.display(),
+            if their_sealed { "a sealed" } else { "a plaintext" },
+            meta.map_or("none".into(), |m| m.backup_id)
+        ));
+    }
+    Ok(local)
+}
+
+/// Makes `local` (from `read_install`) the backup's current generation in one
+/// transaction: its rows replace any of that generation or newer, and the position moves
+/// with them. Older generations are left for `remove_old_generations`.
+pub(super) async fn install(client: &Client, url: &str, name: &str, local: &LocalGeneration) -> Result<(), PgError> {
+    let generation = local.header.generation as i64;
+    client.batch_execute("BEGIN").await.map_err(db_err(url, "begin the install"))?;
+    let r = async {
+        client
+            .query_one("SELECT generation FROM cln_backup.backups WHERE name = $1 FOR UPDATE", &[&name])
+            .await
+            .map_err(db_err(url, "lock the backup row"))?;
+        for table in ["snapshot_chunks", "records", "generations"] {
+            client
+                .execute(
+                    &format!("DELETE FROM cln_backup.{table} WHERE name = $1 AND generation >= $2"),
+                    &[&name, &generation],
+                )
+                .await
+                .map_err(db_err(url, "remove what the install replaces"))?;
+        }
+        upload_generation(client, url, name, generation, local, &mut |_: u64, _: u64| {}).await?;
+        insert_records(client, url, name, generation, 0, &local.records).await?;
+        let last_tx_seq = local.last_tx.map_or(-1, |i| i as i64);
+        client
+            .execute(
+                "UPDATE cln_backup.backups SET generation = $2, next_seq = $3, last_version = $4, droppable = $5,
+                        last_tx_seq = $6, updated = now() WHERE name = $1",
+                &[
+                    &name,
+                    &generation,
+                    &(local.records.len() as i64),
+                    &(local.position.version as i64),
+                    &local.position.droppable,
+                    &last_tx_seq,
+                ],
+            )
+            .await
+            .map_err(db_err(url, "switch to the installed generation"))?;
+        client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the install"))
     }
     .await;
     if r.is_err() {
