@@ -56,7 +56,7 @@ fn replay_all(s: &Setup, name: &str) -> Node {
 
 /// What must not be readable in a sealed backup of `name`: SQL, table names, and every
 /// 33-byte key (node ids among them) of the trace, as hex text and as raw bytes.
-fn needles(name: &str) -> Vec<Vec<u8>> {
+pub(crate) fn needles(name: &str) -> Vec<Vec<u8>> {
     let mut v: Vec<Vec<u8>> = ["CREATE TABLE", "INSERT INTO", "UPDATE vars", "data_version", "SQLite format 3"]
         .iter()
         .map(|s| s.as_bytes().to_vec())
@@ -111,7 +111,7 @@ fn all_bytes(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The needles found in the backup's bytes, as (file, needle) strings. Every needle is at
 /// least 6 bytes: positions are looked up by their first 6 bytes, one pass per file.
-fn readable(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
+pub(crate) fn readable(dir: &Path, needles: &[Vec<u8>]) -> Vec<String> {
     let mut by_prefix: std::collections::HashMap<&[u8], Vec<&[u8]>> = Default::default();
     for n in needles {
         assert!(n.len() >= 6);
@@ -288,7 +288,7 @@ fn records(root: &Path) -> (PathBuf, Vec<(u64, usize)>) {
 }
 
 /// Puts `payload` at record `off` with valid checksums, as an attacker with the disk can.
-fn put_payload(bytes: &mut [u8], off: usize, payload: &[u8]) {
+pub(crate) fn put_payload(bytes: &mut [u8], off: usize, payload: &[u8]) {
     let h = RECORD_HEADER_LEN;
     bytes[off + h..off + h + payload.len()].copy_from_slice(payload);
     let crc = crc32c::crc32c(payload);

@@ -229,7 +229,8 @@ fn run(cmd: Cmd) -> Result<()> {
                 (l, p) => l.or(p),
             };
             if args.len() == 1 && is_socket_url(&args[0]) {
-                return socket::init(ldir.as_deref(), &args[0]);
+                let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
+                return socket::init(ldir.as_deref(), &args[0], &sealing);
             }
             if args.iter().any(|u| is_socket_url(u)) {
                 bail!("a socket: destination is created on its own: init it with the server's URL alone");
@@ -252,7 +253,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
             if is_socket_url(&url) {
-                let (dest, s) = socket::restore(&url, &dest, &mut progress_bar("Restoring"))?;
+                let (dest, s) = socket::restore(&url, &dest, &key.source(), &mut progress_bar("Restoring"))?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());
@@ -287,7 +288,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     println!("== {u}");
                 }
                 if is_socket_url(u) {
-                    let s = socket::verify(u, &mut progress_bar("Verifying"))?;
+                    let s = socket::verify(u, &keys, &mut progress_bar("Verifying"))?;
                     finish_progress();
                     print_summary("Verified", &s);
                     continue;
@@ -605,12 +606,15 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let mut all = lf.urls.clone();
     all.push(url.to_string());
     let targets = destination::check_distinct(&all, ldir).map_err(|e| anyhow!(e))?;
-    let Some(destination::Target::File(root)) = targets.last().cloned() else { bail!("no destination") };
     let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
     let Some((best, why)) = inspect::most_advanced(&copies) else {
         bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
     };
     println!("Seeding {url} from {}: {why}", destination::shown(&best.url));
+    if let Some(destination::Target::Socket(u)) = targets.last() {
+        return socket::add_destination(ldir, u, &mut lf, best);
+    }
+    let Some(destination::Target::File(root)) = targets.last().cloned() else { bail!("no destination") };
     writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {
         let _ = fs::remove_dir_all(&root);

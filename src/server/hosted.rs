@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::StoreError;
 use crate::fsutil;
 use crate::journal::{self, Base, Header, Kind};
-use crate::keys::KeySource;
 use crate::layout::GenName;
+use crate::meta::Meta;
 use crate::net::identity::{self, PublicKey};
 use crate::net::message::{Code, Manifest, State};
 use crate::writer::{NextGeneration, Refusal, Writer};
@@ -103,23 +103,14 @@ pub struct Download {
 impl Hosted {
     /// Opens the backup as its writer and reads its pairing. `pinned`: --client-key.
     pub fn open(root: &Path, pinned: Option<PublicKey>) -> anyhow::Result<Hosted> {
-        let (writer, report) = match Writer::open(root, &KeySource::default()) {
+        // The server never looks for a key: a sealed backup takes records the node sealed.
+        let (writer, report) = match Writer::open_keyless(root) {
             Err(StoreError::Locked { path }) => anyhow::bail!(
                 "{} is in use by another writer (a running plugin, backup-cli or another server): stop it first",
                 path.display()
             ),
             r => r.map_err(|e| anyhow::anyhow!(e.explain()))?,
         };
-        if writer.is_sealed() {
-            // The server holds what the node sends and never a key: a backup sealed on this
-            // side could not even be compacted here.
-            anyhow::bail!(
-                "{} was made sealed (the default of `backup-cli init`), but a server backup holds what the node \
-                 sends and never a key: move it away and make it with `backup-cli init --no-encryption {}`",
-                root.display(),
-                crate::layout::url_for(root)
-            );
-        }
         if let Some((off, len)) = report.torn_tail {
             log::warn!("{}: cut a torn record of {len} bytes at offset {off}", root.display());
         }
@@ -298,6 +289,7 @@ impl Hosted {
         base_version: u32,
         fold_end: u64,
         snapshot_tmp: &Path,
+        tail: &[u8],
     ) -> Result<State, Failure> {
         let refused = |m: String| -> Result<State, Failure> { Err((Code::Refused, m)) };
         // the prefix before fold_end never changes: count its records outside the lock
@@ -313,7 +305,10 @@ impl Hosted {
         let mut slot = lock(&self.slot);
         let Some(w) = slot.writer.as_mut() else { return Err(gone()) };
         let cur = w.header().generation;
-        if cur != from_generation || w.journal_path() != jpath {
+        // A first upload may skip generations: a copy of another backup keeps its own number
+        // (sealed data is bound to it).
+        let fits = if fold_end == journal::HEADER_LEN { from_generation >= cur } else { from_generation == cur };
+        if !fits || w.journal_path() != jpath {
             return refused(format!("the backup is at generation {cur} now, not {from_generation}: plan again"));
         }
         if fold_end == journal::HEADER_LEN {
@@ -328,7 +323,17 @@ impl Hosted {
         } else if w.last_tx_offset().is_some_and(|o| o < fold_end) || fold_end > w.journal_len() {
             return refused(format!("fold point {fold_end} is past the last transaction: plan again"));
         }
-        let g = GenName { generation: cur + 1, base_version };
+        let end = w.journal_len();
+        if tail.is_empty() && w.is_sealed() && end > fold_end {
+            return refused(format!(
+                "the sealed records from {fold_end} to {end} must come resealed for the new generation: this \
+                 server holds no key to move them"
+            ));
+        }
+        if !tail.is_empty() {
+            check_tail(&jpath, fold_end, end, tail)?;
+        }
+        let g = GenName { generation: from_generation + 1, base_version };
         let layout = w.layout().clone();
         let snap = layout.snapshot_path(g);
         std::fs::rename(snapshot_tmp, &snap).map_err(|e| store(StoreError::io("rename into place", &snap)(e)))?;
@@ -339,13 +344,15 @@ impl Hosted {
         let _ = std::fs::remove_file(&tmp_path);
         let mut tmp = fsutil::create_private(&tmp_path).map_err(store)?;
         tmp.write_all(&header.encode()).map_err(|e| store(StoreError::io("write", &tmp_path)(e)))?;
+        // A resealed tail goes in as the node sent it; else the switch copies the old bytes.
+        tmp.write_all(tail).map_err(|e| store(StoreError::io("write", &tmp_path)(e)))?;
         let next = NextGeneration {
             header,
             tmp,
             tmp_path,
             final_path,
             fold_end,
-            copied_to: fold_end,
+            copied_to: fold_end + tail.len() as u64,
             truncations: w.truncations(),
             records_folded: folded,
         };
@@ -372,12 +379,130 @@ impl Hosted {
         }
         // A first upload: reopen, so the position comes from the new snapshot.
         slot.writer = None;
-        let (w, _) = Writer::open(&self.root, &KeySource::default()).map_err(store)?;
+        let (w, _) = Writer::open_keyless(&self.root).map_err(store)?;
         slot.tail = tail_of(&w).map_err(store)?;
         let st = state_of(&w, slot.tail);
         slot.writer = Some(w);
         Ok(st)
     }
+
+    /// The journal's bytes from `from` to its end, as they are now (a compaction's tail,
+    /// for the node to reseal for the new generation).
+    pub fn tail(&self, from: u64) -> Result<Vec<u8>, Failure> {
+        self.with_writer(|s| {
+            let w = s.writer.as_ref().ok_or_else(gone)?;
+            let end = w.journal_len();
+            if from < journal::HEADER_LEN || from > end {
+                return Err((Code::Refused, format!("no journal bytes from {from}: the journal ends at {end}")));
+            }
+            let f =
+                File::open(w.journal_path()).map_err(|e| store(StoreError::io("open journal", w.journal_path())(e)))?;
+            let mut b = vec![0u8; (end - from) as usize];
+            f.read_exact_at(&mut b, from).map_err(|e| store(StoreError::io("read journal", w.journal_path())(e)))?;
+            Ok(b)
+        })
+    }
+
+    /// The backup's backup.json as stored (empty: none, a format-1 backup).
+    pub fn meta(&self) -> Result<Vec<u8>, Failure> {
+        let _slot = lock(&self.slot);
+        match std::fs::read(Meta::path(&self.root)) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(store(StoreError::io("read", Meta::path(&self.root))(e))),
+        }
+    }
+
+    /// Stores the node's backup.json: any into an empty backup (its journal header then
+    /// follows the sealing), else only the same backup id and sealing.
+    pub fn put_meta(&self, body: &[u8]) -> Result<State, Failure> {
+        let new: Meta = serde_json::from_slice(body)
+            .map_err(|e| (Code::Protocol, format!("backup.json sent is not valid: {e}")))?;
+        if new.sealed && new.id().is_none() {
+            return Err((Code::Protocol, "backup.json sent has no valid backup_id".into()));
+        }
+        let mut slot = lock(&self.slot);
+        let Some(w) = slot.writer.as_ref() else { return Err(gone()) };
+        let old = Meta::load(&self.root).map_err(store)?;
+        let empty = w.records() == 0 && w.header().base == Base::Empty;
+        let same = old.as_ref().is_some_and(|o| o.sealed == new.sealed && o.backup_id == new.backup_id);
+        if !empty && !same {
+            return Err((
+                Code::Refused,
+                format!(
+                    "{} already holds data of another backup (or one sealed otherwise): a node's backup.json goes \
+                     only into an empty backup (make a new one with `backup-cli init` on the server)",
+                    self.url
+                ),
+            ));
+        }
+        if w.header().sealed == new.sealed {
+            new.store(&self.root).map_err(store)?;
+            let st = state_of(w, slot.tail);
+            return Ok(st);
+        }
+        // An empty journal made with the other sealing: rewritten with the node's, then the
+        // metadata (a crash between leaves an empty backup that init can be run on again).
+        let h = w.header();
+        let path = w.journal_path().to_path_buf();
+        slot.writer = None;
+        let header = Header { sealed: new.sealed, ..h }.encode();
+        let r = fsutil::write_atomic(&path, true, |f, tmp| {
+            f.write_all_at(&header, 0).map_err(StoreError::io("write", tmp))
+        })
+        .and_then(|_| new.store(&self.root))
+        .and_then(|_| Writer::open_keyless(&self.root));
+        let (w, _) = r.map_err(store)?;
+        slot.tail = tail_of(&w).map_err(store)?;
+        let st = state_of(&w, slot.tail);
+        slot.writer = Some(w);
+        Ok(st)
+    }
+}
+
+/// A resealed tail must be the journal's records from `fold_end` to `end` record for
+/// record (same lengths, versions and kinds), each well framed.
+fn check_tail(jpath: &Path, fold_end: u64, end: u64, tail: &[u8]) -> Result<(), Failure> {
+    if fold_end + tail.len() as u64 != end {
+        return Err((
+            Code::Refused,
+            format!(
+                "the resealed tail has {} bytes, the journal holds {} past {fold_end}: plan again",
+                tail.len(),
+                end - fold_end
+            ),
+        ));
+    }
+    let f = File::open(jpath).map_err(|e| store(StoreError::io("open journal", jpath)(e)))?;
+    let mut old = [0u8; journal::RECORD_HEADER_LEN];
+    let mut p = 0usize;
+    while p < tail.len() {
+        let r = &tail[p..];
+        if r.len() < journal::RECORD_HEADER_LEN {
+            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
+        }
+        let len = u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize;
+        let n = journal::RECORD_HEADER_LEN + len;
+        if r.len() < n {
+            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
+        }
+        let dv = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+        let kind = match r[8] {
+            1 => Kind::Transaction,
+            2 => Kind::Outside,
+            k => return Err((Code::Protocol, format!("unknown record kind {k}"))),
+        };
+        check_record(dv, kind, &r[..n])?;
+        f.read_exact_at(&mut old, fold_end + p as u64).map_err(|e| store(StoreError::io("read journal", jpath)(e)))?;
+        if old[0..9] != r[0..9] {
+            return Err((
+                Code::Refused,
+                format!("the resealed tail's record at {} is not the journal's: plan again", fold_end + p as u64),
+            ));
+        }
+        p += n;
+    }
+    Ok(())
 }
 
 fn gone() -> Failure {
