@@ -1153,3 +1153,69 @@ fn no_encryption_through_the_server_is_readable_there() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same(&dest, &final_db("channels", tmp.path()));
 }
+
+/// add-destination of a `socket:` URL next to a sealed file backup: the server's empty
+/// backup is seeded with the file copy's generation as it is (same backup id: the seals
+/// hold), the plugin then writes both (the file copy seals once, the server stores the same
+/// bytes), and a restore from the server alone equals the node; nothing is readable there.
+#[test]
+fn add_destination_socket_next_to_a_sealed_file_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 12);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("channels");
+    let half = trace.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let root = tmp.path().join("server.bkp");
+    let o = cli(&["init", &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let state_home = tmp.path().join("state");
+    let add = || {
+        Command::new(CLI)
+            .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+            .env("XDG_STATE_HOME", &state_home)
+            .output()
+            .unwrap()
+    };
+    // the file copy is at generation 1, as the server's empty backup: the records go over as they are
+    let o = add();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sealed with the backup's key"), "{}", stdout(&o));
+    let file_meta: serde_json::Value = serde_json::from_slice(&std::fs::read(file.join("backup.json")).unwrap()).unwrap();
+    let server_meta: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(server_meta, file_meta, "one backup id and key for every copy");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["server_keys"][&u], identity::to_hex(&server.public_key()), "{lock}");
+    // a second add into the (no longer empty) server backup is refused
+    let o = add();
+    assert!(!o.status.success());
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    for d in st["destinations"].as_array().unwrap() {
+        assert_eq!(d["state"], "in-sync", "{st:#}");
+    }
+    assert_eq!(st["destinations"][1]["kind"], "socket", "{st:#}");
+    node.stop().unwrap();
+    drop(node);
+    drop(server);
+    let found = crate::sealed::readable(&root, &crate::sealed::needles("channels"));
+    assert!(found.is_empty(), "readable on the server: {found:?}");
+    let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let dest = tmp.path().join("from-server.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", &u, dest.to_str().unwrap()])
+        .env("XDG_STATE_HOME", &state_home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("channels", tmp.path()));
+}
