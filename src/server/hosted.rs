@@ -358,6 +358,10 @@ impl Hosted {
         };
         let old_snapshot = w.snapshot_path();
         w.switch_to(next).map_err(store)?;
+        if !tail.is_empty() {
+            // resealed records carry new checksums: resuming clients compare the last one's
+            slot.tail = tail_of(slot.writer.as_ref().ok_or_else(gone)?).map_err(store)?;
+        }
         if fold_end > journal::HEADER_LEN {
             // A compaction: the writer went on in the new generation. Free the old files
             // outside the lock, paced, as the file destination does.
@@ -587,6 +591,74 @@ mod tests {
         drop(h);
         let h = Hosted::open(&root, None).unwrap();
         assert_eq!(h.state().unwrap(), before);
+    }
+
+    /// A sealed backup is served without its key (not even one where backup.json says it
+    /// is), takes records the node sealed, and refuses what would need the key: moving the
+    /// sealed records past a fold point, a tail that is not the journal's, another backup's
+    /// metadata once it holds data.
+    #[test]
+    fn sealed_backup_served_keyless() {
+        use crate::journal::Payloads;
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        // a server that tried to read this would fail: it is no hsm_secret
+        std::fs::write(ldir.join("hsm_secret"), b"garbage").unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        crate::writer::create(&root, None, Some(&meta), None).unwrap();
+        let h = Hosted::open(&root, None).unwrap();
+        h.claim_writer(1).unwrap();
+        let key = crate::keys::Key::from_bytes([3u8; 32], "test");
+        let sealer = crate::seal::Sealer::new(&key, meta.id().unwrap()).unwrap();
+        let mut at = journal::HEADER_LEN;
+        let mut offsets = vec![];
+        for dv in 1..=3u32 {
+            let bump =
+                format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1);
+            let mut b = vec![];
+            let p = Payloads::Sealed { sealer: &sealer, generation: 1 };
+            journal::encode_record_as(
+                &mut b,
+                at,
+                dv,
+                Kind::Transaction,
+                &["INSERT INTO t VALUES ('secret')", &bump],
+                p,
+            );
+            let st = h.append(1, dv, 1, false, &b).unwrap();
+            offsets.push(at);
+            at = st.journal_len;
+        }
+        let bytes = std::fs::read(crate::layout::Layout::new(&root).list().unwrap().journal).unwrap();
+        assert!(!bytes.windows(6).any(|w| w == b"secret"));
+        // holds data now: another backup's metadata is refused, the same one's taken
+        let other = Meta::new_sealed(None, None, None).unwrap();
+        let e = h.put_meta(&serde_json::to_vec(&other).unwrap()).unwrap_err();
+        assert_eq!(e.0, Code::Refused, "{}", e.1);
+        let filled = Meta { key_fingerprint: Some(key.fingerprint()), ..meta.clone() };
+        h.put_meta(&serde_json::to_vec(&filled).unwrap()).unwrap();
+        assert_eq!(Meta::load(&root).unwrap().unwrap(), filled);
+        // a compaction's switch needs the tail resealed by the node
+        let fold = offsets[2];
+        let snap = d.path().join("snap");
+        std::fs::write(&snap, b"x").unwrap();
+        let e = h.install(1, 1, 2, fold, &snap, &[]).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("resealed"), "{}", e.1);
+        let tail = h.tail(fold).unwrap();
+        assert_eq!(tail.len() as u64, at - fold);
+        let e = h.install(1, 1, 2, fold, &snap, &tail[..tail.len() - 1]).unwrap_err();
+        assert_eq!(e.0, Code::Refused, "{}", e.1);
+        // a record from elsewhere in the journal, framed well, is not the journal's tail
+        let first = h.tail(offsets[0]).unwrap();
+        let e = h.install(1, 1, 2, fold, &snap, &first[..tail.len()]).unwrap_err();
+        assert!(e.1.contains("is not the journal's") || e.1.contains("checksum"), "{}", e.1);
+        assert_eq!(h.tail(at + 1).unwrap_err().0, Code::Refused);
+        // nothing changed, and a reopen (still keyless) finds the same
+        let before = h.state().unwrap();
+        assert_eq!(before.generation, 1);
+        drop(h);
+        assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), before);
     }
 
     #[test]
