@@ -1075,7 +1075,8 @@ fn sealed_through_the_server_the_python_plugins_command_lines() {
     assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing written");
     std::fs::rename(transport.join("hsm_secret"), ldir.join("hsm_secret")).unwrap();
     drop(_server);
-    // two records of the same length swapped on the server, their checksums made valid
+    // a record's sealed payload changed on the server, its checksums made valid (as anyone
+    // with the server's disk can); two of the same length swapped when there are two
     let j = cln_backup::layout::Layout::new(&root).list().unwrap().journal;
     let good = std::fs::read(&j).unwrap();
     let mut r = journal::JournalReader::open(&j).unwrap();
@@ -1083,16 +1084,27 @@ fn sealed_through_the_server_the_python_plugins_command_lines() {
     while let Some(rec) = r.next_record().unwrap() {
         recs.push((rec.offset as usize, rec.payload.len()));
     }
-    let (i, k) = (0..recs.len())
-        .flat_map(|i| (i + 1..recs.len()).map(move |k| (i, k)))
-        .find(|&(i, k)| recs[i].1 == recs[k].1 && recs[i].1 > 40)
-        .expect("two records of the same length");
-    let (oi, ok, len) = (recs[i].0, recs[k].0, recs[i].1);
     let h = journal::RECORD_HEADER_LEN;
     let mut bad = good.clone();
-    let (pi, pk) = (good[oi + h..oi + h + len].to_vec(), good[ok + h..ok + h + len].to_vec());
-    crate::sealed::put_payload(&mut bad, oi, &pk);
-    crate::sealed::put_payload(&mut bad, ok, &pi);
+    let pair = (0..recs.len())
+        .flat_map(|i| (i + 1..recs.len()).map(move |k| (i, k)))
+        .find(|&(i, k)| recs[i].1 == recs[k].1 && recs[i].1 > 40);
+    let oi = match pair {
+        Some((i, k)) => {
+            let (oi, ok, len) = (recs[i].0, recs[k].0, recs[i].1);
+            let (pi, pk) = (good[oi + h..oi + h + len].to_vec(), good[ok + h..ok + h + len].to_vec());
+            crate::sealed::put_payload(&mut bad, oi, &pk);
+            crate::sealed::put_payload(&mut bad, ok, &pi);
+            oi
+        }
+        None => {
+            let (oi, len) = *recs.iter().find(|r| r.1 > 40).expect("a record on the server");
+            let mut p = good[oi + h..oi + h + len].to_vec();
+            p[len / 2] ^= 0x40;
+            crate::sealed::put_payload(&mut bad, oi, &p);
+            oi
+        }
+    };
     std::fs::write(&j, &bad).unwrap();
     let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
     let dest = tmp.path().join("tampered.sqlite3");
@@ -1280,4 +1292,46 @@ fn server_sigkilled_during_sealed_compactions_keeps_every_write() {
     assert!(found.is_empty(), "readable on the server: {found:?}");
     let db = restore_cli(&u, &ldir);
     assert_same(&db, &final_db("channels", tmp.path()));
+}
+
+/// A new node (no hsm_secret at init) with a server backup made `--no-encryption`: the
+/// plugin's first connection sends a sealed backup.json before the first write, unless the
+/// node's init said `--no-encryption` too.
+#[test]
+fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
+    for plain in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = server_backup(tmp.path(), "node.bkp");
+        let port = free_port();
+        let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+        let u = format!("socket:127.0.0.1:{port}");
+        let ldir = tmp.path().join("regtest");
+        std::fs::create_dir_all(&ldir).unwrap();
+        let mut args = vec!["init", "--lightning-dir", ldir.to_str().unwrap(), &u];
+        if plain {
+            args.insert(1, "--no-encryption");
+        }
+        let o = Command::new(CLI).args(&args).env("XDG_STATE_HOME", tmp.path().join("state")).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::write(ldir.join("hsm_secret"), [31u8; 32]).unwrap();
+        let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+        let trace = trace("small");
+        assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
+        node.stop().unwrap();
+        drop(node);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+        assert_eq!(meta["sealed"], !plain, "{meta}");
+        let j = std::fs::read(cln_backup::layout::Layout::new(&root).list().unwrap().journal).unwrap();
+        assert_eq!(j.windows(11).any(|w| w == b"INSERT INTO"), plain, "plain={plain}");
+        let out = tmp.path().join("out.sqlite3");
+        let o = Command::new(CLI)
+            .args(["restore", &u, out.to_str().unwrap()])
+            .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_same(&out, &final_db("small", tmp.path()));
+        drop(server);
+    }
 }

@@ -34,7 +34,7 @@ pub fn init(lightning_dir: Option<&Path>, url: &str, sealing: &super::Sealing) -
     let lock = super::ready_for_init(ldir)?;
     let db = ldir.join(restore::DB_NAME);
     if !ldir.join("hsm_secret").exists() && !db.exists() {
-        return init_new_node(ldir, url, &lock);
+        return init_new_node(ldir, url, &lock, sealing);
     }
     // The node's backup.json goes to the server: one backup id and key for every copy.
     let (meta, seal_key) = sealing.prepare(Some(ldir), db.exists())?;
@@ -59,7 +59,12 @@ pub fn init(lightning_dir: Option<&Path>, url: &str, sealing: &super::Sealing) -
         println!("No database in {} yet: the server's backup stays empty until lightningd writes", ldir.display());
     }
     super::print_sealing(&meta, Some(ldir));
-    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    let mut body = lock_body(url, &server_key);
+    if !meta.sealed {
+        // the plugin's first connection to an empty server backup keeps it plaintext
+        body["no_encryption"] = serde_json::json!(true);
+    }
+    let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
@@ -69,7 +74,16 @@ pub fn init(lightning_dir: Option<&Path>, url: &str, sealing: &super::Sealing) -
 /// A node that has not started yet has no hsm_secret, so no key: pin the server's key now;
 /// the plugin's first connection (with the key from the hsm_secret lightningd then makes)
 /// pairs with the server's empty backup.
-fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
+/// The node's choice of sealing goes into backup.lock (`no_encryption`) for that first
+/// connection, which sends the backup.json.
+fn init_new_node(ldir: &Path, url: &str, lock: &Path, sealing: &super::Sealing) -> Result<()> {
+    if let super::Sealing::KeyFile(_) = sealing {
+        bail!(
+            "{} has no hsm_secret yet, so the node cannot pair with the server now; with --key-file, run init \
+             after lightningd's first start (stop it first)",
+            ldir.display()
+        );
+    }
     let server_key = crate::destination::socket::client::learn_server_key(url, CONNECT_TIMEOUT)?;
     println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
     println!(
@@ -77,7 +91,12 @@ fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
          lightningd made it (the server logs the pairing)",
         ldir.display()
     );
-    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    let mut body = lock_body(url, &server_key);
+    if let super::Sealing::None = sealing {
+        sealing.prepare(Some(ldir), false)?; // says what plaintext means
+        body["no_encryption"] = serde_json::json!(true);
+    }
+    let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());

@@ -28,6 +28,15 @@ pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
     }
 }
 
+/// Whether `ldir`'s backup.lock says the node chose a plaintext backup (`init
+/// --no-encryption` before its first start).
+pub fn plaintext_chosen(ldir: &Path) -> bool {
+    std::fs::read(ldir.join(LOCK_NAME))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["no_encryption"] == serde_json::json!(true))
+}
+
 /// The plugin's writer connection for `url` from `ldir`: the node's key from its
 /// hsm_secret, the server's key pinned in its backup.lock (required).
 pub fn connect_node(ldir: &Path, url: &str, reconnect_timeout: Duration) -> Result<SocketDestination> {

@@ -71,7 +71,18 @@ impl Socket {
 
     /// Follows the server's backup.json (at open, and after an install replaced it).
     fn load_sealing(&mut self) -> Result<(), StoreError> {
-        self.sealing = match self.dest.meta()? {
+        let mut meta = self.dest.meta()?;
+        let st = self.dest.server_state();
+        let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
+        if empty && !meta.as_ref().is_some_and(|m| m.sealed) && !super::node::plaintext_chosen(&self.ldir) {
+            // A new node's first connection to a server backup made plaintext: the node
+            // did not choose that (init could not send its backup.json without a key).
+            let ldir = std::path::absolute(&self.ldir).unwrap_or_else(|_| self.ldir.clone());
+            let m = Meta::new_sealed(None, None, Some(ldir))?;
+            self.dest.put_meta(&m)?;
+            meta = Some(m);
+        }
+        self.sealing = match meta {
             Some(m) if m.sealed => {
                 let keys = m.source_with_recorded(KeySource::lightning_dir(&self.ldir));
                 Sealing::Pending { meta: m, keys }
