@@ -334,6 +334,23 @@ impl Hosted {
             check_tail(&jpath, fold_end, end, tail)?;
         }
         let g = GenName { generation: from_generation + 1, base_version };
+        // What the snapshot's header says, outside its seal, must fit: a plaintext one never
+        // goes into a sealed backup.
+        let h = std::fs::File::open(snapshot_tmp)
+            .map_err(StoreError::io("open", snapshot_tmp))
+            .and_then(|mut f| crate::snapshot::read_header(snapshot_tmp, &mut f))
+            .map_err(|e| (Code::Refused, format!("the snapshot sent is not one: {}", e.explain())))?;
+        if h.sealed != w.is_sealed() || h.generation != g.generation || h.data_version != base_version {
+            return refused(format!(
+                "the snapshot sent is {} for generation {} at data_version {}; this backup is {} and would make \
+                 generation {} at {base_version}",
+                if h.sealed { "sealed" } else { "plaintext" },
+                h.generation,
+                h.data_version,
+                if w.is_sealed() { "sealed" } else { "plaintext" },
+                g.generation
+            ));
+        }
         let layout = w.layout().clone();
         let snap = layout.snapshot_path(g);
         std::fs::rename(snapshot_tmp, &snap).map_err(|e| store(StoreError::io("rename into place", &snap)(e)))?;
@@ -654,6 +671,21 @@ mod tests {
         let e = h.install(1, 1, 2, fold, &snap, &first[..tail.len()]).unwrap_err();
         assert!(e.1.contains("is not the journal's") || e.1.contains("checksum"), "{}", e.1);
         assert_eq!(h.tail(at + 1).unwrap_err().0, Code::Refused);
+        // the right tail, but a plaintext snapshot: never into a sealed backup
+        let plain = d.path().join("plain.snapshot");
+        let mut t = crate::fsutil::Throttle::unlimited();
+        crate::snapshot::write(&plain, 2, 2, &ldir.join("hsm_secret"), &mut t, None).unwrap();
+        let resealed = crate::journal::transcode(
+            &root,
+            &tail,
+            fold,
+            Payloads::Sealed { sealer: &sealer, generation: 1 },
+            journal::HEADER_LEN,
+            Payloads::Sealed { sealer: &sealer, generation: 2 },
+        )
+        .unwrap();
+        let e = h.install(1, 1, 2, fold, &plain, &resealed).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("plaintext"), "{}", e.1);
         // nothing changed, and a reopen (still keyless) finds the same
         let before = h.state().unwrap();
         assert_eq!(before.generation, 1);
