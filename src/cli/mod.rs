@@ -108,8 +108,9 @@ enum Cmd {
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
     },
-    /// Fold the journal into a new compressed snapshot, offline (lightningd stopped, or on a
-    /// backup server). With the plugin running, use `lightning-cli backup-compact`.
+    /// Fold the journal into a new compressed snapshot, offline (lightningd stopped; on a
+    /// backup server only a --no-encryption backup: it holds no key for a sealed one). With
+    /// the plugin running, use `lightning-cli backup-compact`.
     Compact { backend_url: String },
     /// Convert a backup of the Python backup plugin (a v1 file) into a cln-backup backup at
     /// the same data_version. Run with lightningd stopped.
