@@ -288,7 +288,7 @@ fn records(root: &Path) -> (PathBuf, Vec<(u64, usize)>) {
 }
 
 /// Puts `payload` at record `off` with valid checksums, as an attacker with the disk can.
-fn put_payload(bytes: &mut [u8], off: usize, payload: &[u8]) {
+pub(crate) fn put_payload(bytes: &mut [u8], off: usize, payload: &[u8]) {
     let h = RECORD_HEADER_LEN;
     bytes[off + h..off + h + payload.len()].copy_from_slice(payload);
     let crc = crc32c::crc32c(payload);

@@ -433,7 +433,8 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     drop(node);
     let state_home = tmp.path().join("state");
     let with_state = |args: &[&str]| Command::new(CLI).args(args).env("XDG_STATE_HOME", &state_home).output().unwrap();
-    let o = with_state(&["init", "--lightning-dir", ldir.to_str().unwrap(), &u]);
+    // plaintext: this test drives the client API with plain records (sealed: below)
+    let o = with_state(&["init", "--no-encryption", "--lightning-dir", ldir.to_str().unwrap(), &u]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("Successfully written initial snapshot"), "{}", stdout(&o));
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
@@ -442,7 +443,7 @@ fn init_uploads_the_database_then_compaction_over_the_wire() {
     // a second init into the same (no longer empty) backup is refused
     let (ldir2, _) = node_dir(tmp.path(), "again", 11);
     std::fs::copy(ldir.join("lightningd.sqlite3"), ldir2.join("lightningd.sqlite3")).unwrap();
-    let o = with_state(&["init", "--lightning-dir", ldir2.to_str().unwrap(), &u]);
+    let o = with_state(&["init", "--no-encryption", "--lightning-dir", ldir2.to_str().unwrap(), &u]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("only into an empty backup"), "{}", stderr(&o));
     let pin = identity::parse_public(lock["server_key"].as_str().unwrap()).unwrap();
@@ -977,15 +978,360 @@ fn the_plugin_writes_through_the_server() {
     drop(server);
 }
 
-/// A server backup made with init's default (sealed, for a node's own disk) is refused at
-/// the server's start with what to run instead: the server holds what the node sends.
+/// What the Python plugin's README and tests run, against our binaries: the server's backup
+/// made by a bare `backup-cli init file://...` (sealed by default, no key), `backup-cli
+/// server file://... HOST:PORT`, the node's `backup-cli init socket:... --lightning-dir DIR`
+/// (its database uploaded), the real plugin through a real trace with a compaction over the
+/// wire, and `backup-cli restore socket:... DIR`. Every byte the server stores is scanned:
+/// nothing of the node is readable; without the key or with a wrong one nothing is written;
+/// a record tampered with on the server is found, by offset.
 #[test]
-fn a_sealed_backup_is_refused_by_the_server_with_what_to_do() {
+fn sealed_through_the_server_the_python_plugins_command_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("node.bkp");
     let o = cli(&["init", &url(&root)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = Command::new(CLI).args(["server", &url(&root), &format!("127.0.0.1:{}", free_port())]).output().unwrap();
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 7);
+    let trace = trace("channels");
+    let half = trace.len() / 2;
+    let node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    for r in &trace[..half] {
+        node.run_without_plugin(r).unwrap();
+    }
+    drop(node);
+    let state_home = tmp.path().join("state");
+    let o = Command::new(CLI)
+        .args(["init", &u, "--lightning-dir", ldir.to_str().unwrap()])
+        .env("XDG_STATE_HOME", &state_home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Found an existing database"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("Successfully written initial snapshot"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("encrypted with a key derived from the node's hsm_secret"), "{}", stdout(&o));
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(meta["sealed"], true);
+    assert_eq!(meta["lightning_dir"], ldir.to_str().unwrap(), "{meta}");
+    assert!(meta["key_fingerprint"].is_string(), "{meta}");
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    let near_end = trace.len() - 20;
+    assert_eq!(node.replay(trace, half..near_end).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert_eq!(st["destinations"][0]["state"], "in-sync", "{st:#}");
+    // compaction over the wire: read back, opened and folded by the node, sealed snapshot
+    // staged, then the switch with the tail resealed; the node goes on writing meanwhile
+    let v = node.plugin().unwrap().cli("backup-compact", serde_json::json!({})).unwrap();
+    assert_eq!(v["result"], "compaction started", "{v}");
+    assert_eq!(node.replay(trace, near_end..trace.len()).unwrap(), None);
+    wait_for_log(node.plugin().unwrap(), "info", "compacted on the server into generation 3");
+    node.stop().unwrap();
+    drop(node);
+    drop(server);
+    // nothing the server stores is readable (the scan is shown to work by the control below)
+    let found = crate::sealed::readable(&root, &crate::sealed::needles("channels"));
+    assert!(found.is_empty(), "readable on the server: {found:?}");
+    let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    // the Python plugin's restore: into a lightning dir holding hsm_secret
+    let out = tmp.path().join("restored");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(ldir.join("hsm_secret"), out.join("hsm_secret")).unwrap();
+    std::fs::copy(ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
+    let db = restore_cli(&u, &out);
+    assert_same(&db, &final_db("channels", tmp.path()));
+    let o = Command::new(CLI).args(["verify", &u]).env("CLN_BACKUP_LIGHTNING_DIR", &ldir).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Verified data_version"), "{}", stdout(&o));
+    // a wrong key: refused by its fingerprint, nothing written
+    let wrong = tmp.path().join("wrong_hsm_secret");
+    std::fs::write(&wrong, [8u8; 32]).unwrap();
+    let dest = tmp.path().join("wrong.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", &u, dest.to_str().unwrap(), "--hsm-secret", wrong.to_str().unwrap()])
+        .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("init --no-encryption"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("this backup was sealed with key"), "{}", stderr(&o));
+    assert!(!dest.exists());
+    // no key: the transport key comes from a copy of hsm_secret elsewhere, the backup's key
+    // is found nowhere (not beside DEST, not in the lightning dir recorded at init)
+    let transport = tmp.path().join("transport");
+    std::fs::create_dir_all(&transport).unwrap();
+    std::fs::rename(ldir.join("hsm_secret"), transport.join("hsm_secret")).unwrap();
+    std::fs::copy(ldir.join("backup.lock"), transport.join("backup.lock")).unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let o = Command::new(CLI)
+        .args(["restore", &u, empty.to_str().unwrap()])
+        .env("CLN_BACKUP_LIGHTNING_DIR", &transport)
+        .env("XDG_STATE_HOME", tmp.path().join("nostate"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no key for this sealed backup"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing written");
+    std::fs::rename(transport.join("hsm_secret"), ldir.join("hsm_secret")).unwrap();
+    drop(_server);
+    // a record's sealed payload changed on the server, its checksums made valid (as anyone
+    // with the server's disk can); two of the same length swapped when there are two
+    let j = cln_backup::layout::Layout::new(&root).list().unwrap().journal;
+    let good = std::fs::read(&j).unwrap();
+    let mut r = journal::JournalReader::open(&j).unwrap();
+    let mut recs = vec![];
+    while let Some(rec) = r.next_record().unwrap() {
+        recs.push((rec.offset as usize, rec.payload.len()));
+    }
+    let h = journal::RECORD_HEADER_LEN;
+    let mut bad = good.clone();
+    let pair = (0..recs.len())
+        .flat_map(|i| (i + 1..recs.len()).map(move |k| (i, k)))
+        .find(|&(i, k)| recs[i].1 == recs[k].1 && recs[i].1 > 40);
+    let oi = match pair {
+        Some((i, k)) => {
+            let (oi, ok, len) = (recs[i].0, recs[k].0, recs[i].1);
+            let (pi, pk) = (good[oi + h..oi + h + len].to_vec(), good[ok + h..ok + h + len].to_vec());
+            crate::sealed::put_payload(&mut bad, oi, &pk);
+            crate::sealed::put_payload(&mut bad, ok, &pi);
+            oi
+        }
+        None => {
+            let (oi, len) = *recs.iter().find(|r| r.1 > 40).expect("a record on the server");
+            let mut p = good[oi + h..oi + h + len].to_vec();
+            p[len / 2] ^= 0x40;
+            crate::sealed::put_payload(&mut bad, oi, &p);
+            oi
+        }
+    };
+    std::fs::write(&j, &bad).unwrap();
+    let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let dest = tmp.path().join("tampered.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", &u, dest.to_str().unwrap()])
+        .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("fails authentication") && stderr(&o).contains(&format!("offset {oi}")),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&o).contains(&u), "names the server: {}", stderr(&o));
+    assert!(!dest.exists());
+    let o = Command::new(CLI).args(["verify", &u]).env("CLN_BACKUP_LIGHTNING_DIR", &ldir).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains(&format!("offset {oi}")), "{}", stderr(&o));
+}
+
+/// The control: the same path with `--no-encryption` leaves the node readable on the
+/// server, so the scan above finds what is there.
+#[test]
+fn no_encryption_through_the_server_is_readable_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("node.bkp");
+    let o = cli(&["init", &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 9);
+    let o = Command::new(CLI)
+        .args(["init", "--no-encryption", &u, "--lightning-dir", ldir.to_str().unwrap()])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    let trace = trace("channels");
+    assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    drop(server);
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(meta["sealed"], false);
+    let found = crate::sealed::readable(&root, &crate::sealed::needles("channels"));
+    assert!(found.iter().any(|f| f.contains("INSERT INTO")), "{found:?}");
+    assert!(found.len() > 10, "{found:?}");
+    let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let dest = tmp.path().join("plain.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", &u, dest.to_str().unwrap()])
+        .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("channels", tmp.path()));
+}
+
+/// add-destination of a `socket:` URL next to a sealed file backup: the server's empty
+/// backup is seeded with the file copy's generation as it is (same backup id: the seals
+/// hold), the plugin then writes both (the file copy seals once, the server stores the same
+/// bytes), and a restore from the server alone equals the node; nothing is readable there.
+#[test]
+fn add_destination_socket_next_to_a_sealed_file_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 12);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("channels");
+    let half = trace.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let root = tmp.path().join("server.bkp");
+    let o = cli(&["init", &url(&root)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let state_home = tmp.path().join("state");
+    let add = || {
+        Command::new(CLI)
+            .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+            .env("XDG_STATE_HOME", &state_home)
+            .output()
+            .unwrap()
+    };
+    // the file copy is at generation 1, as the server's empty backup: the records go over as they are
+    let o = add();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("sealed with the backup's key"), "{}", stdout(&o));
+    let file_meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file.join("backup.json")).unwrap()).unwrap();
+    let server_meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+    assert_eq!(server_meta, file_meta, "one backup id and key for every copy");
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["server_keys"][&u], identity::to_hex(&server.public_key()), "{lock}");
+    // a second add into the (no longer empty) server backup is refused
+    let o = add();
+    assert!(!o.status.success());
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    for d in st["destinations"].as_array().unwrap() {
+        assert_eq!(d["state"], "in-sync", "{st:#}");
+    }
+    assert_eq!(st["destinations"][1]["kind"], "socket", "{st:#}");
+    node.stop().unwrap();
+    drop(node);
+    drop(server);
+    let found = crate::sealed::readable(&root, &crate::sealed::needles("channels"));
+    assert!(found.is_empty(), "readable on the server: {found:?}");
+    let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let dest = tmp.path().join("from-server.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", &u, dest.to_str().unwrap()])
+        .env("XDG_STATE_HOME", &state_home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("channels", tmp.path()));
+}
+
+/// Sealed compactions over the wire through the seam the plugin uses (stage on a second
+/// connection, then the switch with the tail resealed under the writer's lock), the server
+/// SIGKILLed at a random point of each: every write kept, and the server's copy restores
+/// equal with the key.
+#[test]
+fn server_sigkilled_during_sealed_compactions_keeps_every_write() {
+    use cln_backup::destination::{Destination, Shared};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("node.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let (ldir, _) = node_dir(tmp.path(), "node", 23);
+    let o = Command::new(CLI)
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = cln_backup::destination::socket::node::connect_node(&ldir, &u, BOUND).unwrap();
+    let s = cln_backup::destination::socket::seam::Socket::open(d, &ldir).unwrap();
+    let shared: Shared = Arc::new(Mutex::new(Box::new(s) as Box<dyn Destination>));
+    let trace = trace("channels");
+    let mut rng = Rng(29);
+    let (mut compacted, mut buf) = (0, vec![]);
+    for (i, chunk) in trace.chunks(trace.len() / 10 + 1).enumerate() {
+        for r in chunk {
+            let mut g = shared.lock().unwrap();
+            let replace = match versions::decide(g.tip().position, r.data_version, r.kind()) {
+                Decision::Append => false,
+                Decision::ReplaceLast => true,
+                other => panic!("data_version {}: {other:?}", r.data_version),
+            };
+            buf.clear();
+            journal::encode_record(&mut buf, r.data_version, r.kind(), &r.writes);
+            g.append(r.data_version, r.kind(), replace, &buf).unwrap();
+        }
+        let job = shared.lock().unwrap().background_compaction(shared.clone()).expect("a sealed compaction job");
+        let work = tmp.path().join(format!("work-{i}"));
+        let compaction = std::thread::spawn(move || job(&work));
+        std::thread::sleep(Duration::from_millis(rng.below(600)));
+        server.restart();
+        if compaction.join().unwrap().is_ok_and(|m| m.contains("compacted on the server")) {
+            compacted += 1;
+        }
+    }
+    eprintln!("{compacted} sealed compactions finished before their SIGKILL");
+    assert!(compacted < 10, "no compaction was cut by the SIGKILL: the test proved nothing");
+    // one more, undisturbed, then the rest of the way
+    let job = shared.lock().unwrap().background_compaction(shared.clone()).unwrap();
+    let m = job(&tmp.path().join("work-last")).unwrap();
+    assert!(m.contains("compacted on the server"), "{m}");
+    drop(shared);
+    let found = crate::sealed::readable(&root, &crate::sealed::needles("channels"));
+    assert!(found.is_empty(), "readable on the server: {found:?}");
+    let db = restore_cli(&u, &ldir);
+    assert_same(&db, &final_db("channels", tmp.path()));
+}
+
+/// A new node (no hsm_secret at init) with a server backup made `--no-encryption`: the
+/// plugin's first connection sends a sealed backup.json before the first write, unless the
+/// node's init said `--no-encryption` too.
+#[test]
+fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
+    for plain in [false, true] {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = server_backup(tmp.path(), "node.bkp");
+        let port = free_port();
+        let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+        let u = format!("socket:127.0.0.1:{port}");
+        let ldir = tmp.path().join("regtest");
+        std::fs::create_dir_all(&ldir).unwrap();
+        let mut args = vec!["init", "--lightning-dir", ldir.to_str().unwrap(), &u];
+        if plain {
+            args.insert(1, "--no-encryption");
+        }
+        let o = Command::new(CLI).args(&args).env("XDG_STATE_HOME", tmp.path().join("state")).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::write(ldir.join("hsm_secret"), [31u8; 32]).unwrap();
+        let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+        let trace = trace("small");
+        assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
+        node.stop().unwrap();
+        drop(node);
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+        assert_eq!(meta["sealed"], !plain, "{meta}");
+        let j = std::fs::read(cln_backup::layout::Layout::new(&root).list().unwrap().journal).unwrap();
+        assert_eq!(j.windows(11).any(|w| w == b"INSERT INTO"), plain, "plain={plain}");
+        let out = tmp.path().join("out.sqlite3");
+        let o = Command::new(CLI)
+            .args(["restore", &u, out.to_str().unwrap()])
+            .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_same(&out, &final_db("small", tmp.path()));
+        drop(server);
+    }
 }

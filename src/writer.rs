@@ -66,6 +66,9 @@ enum Sealing {
         meta: Meta,
         keys: KeySource,
     },
+    /// Sealed, and the key is never read here (`backup-cli server`): only records sealed by
+    /// the node are stored.
+    Keyless,
 }
 
 pub struct Writer {
@@ -97,6 +100,8 @@ pub struct Writer {
     crc_before_last_tx: u32,
     /// Where the key is looked for, kept for `reopen`.
     keys: KeySource,
+    /// Opened by `open_keyless`: no key is ever looked for.
+    keyless: bool,
 }
 
 /// What a compaction may fold: everything before the last transaction, which stays in the
@@ -303,7 +308,17 @@ impl Writer {
         let layout = Layout::new(root);
         layout.list()?; // says clearly what is wrong before we create a lock file in it
         let lock = lock(&layout)?;
-        Writer::open_locked(layout, lock, keys, converting)
+        Writer::open_locked(layout, lock, keys, converting, false)
+    }
+
+    /// As `open`, for a holder that never has the key (`backup-cli server`): a sealed
+    /// backup takes only records sealed elsewhere, and no key is looked for, even where
+    /// backup.json says it was.
+    pub fn open_keyless(root: &Path) -> Result<(Writer, OpenReport)> {
+        let layout = Layout::new(root);
+        layout.list()?;
+        let lock = lock(&layout)?;
+        Writer::open_locked(layout, lock, &KeySource::default(), false, true)
     }
 
     /// Opens the backup again, keeping the writer's lock: after another generation was
@@ -311,12 +326,18 @@ impl Writer {
     pub fn reopen(&mut self) -> Result<OpenReport> {
         let lock = self._lock.try_clone().map_err(StoreError::io("lock", self.layout.lock_path()))?;
         let keys = self.keys.clone();
-        let (w, report) = Writer::open_locked(self.layout.clone(), lock, &keys, false)?;
+        let (w, report) = Writer::open_locked(self.layout.clone(), lock, &keys, false, self.keyless)?;
         *self = w;
         Ok(report)
     }
 
-    fn open_locked(layout: Layout, lock: File, keys: &KeySource, converting: bool) -> Result<(Writer, OpenReport)> {
+    fn open_locked(
+        layout: Layout,
+        lock: File,
+        keys: &KeySource,
+        converting: bool,
+        keyless: bool,
+    ) -> Result<(Writer, OpenReport)> {
         let root = layout.root.clone();
         let root = root.as_path();
         let meta = Meta::load(root)?;
@@ -361,6 +382,7 @@ impl Writer {
                 })
             }
             (false, _) => Sealing::Plain,
+            (true, Some(m)) if m.sealed && keyless => Sealing::Keyless,
             (true, Some(m)) if m.sealed => {
                 let keys = m.source_with_recorded(keys.clone());
                 match m.sealer(&keys).map_err(key_err(root))? {
@@ -423,6 +445,7 @@ impl Writer {
             last_crc,
             crc_before_last_tx,
             keys: keys.clone(),
+            keyless,
             snapshot_bytes: listing.snapshot.as_ref().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len()),
         };
         Ok((w, report))
@@ -709,7 +732,9 @@ impl Writer {
         let mut buf = vec![0u8; delta as usize];
         self.file.read_exact_at(&mut buf, next.copied_to).map_err(StoreError::io("read journal", &self.path))?;
         let at = journal::HEADER_LEN + (next.copied_to - next.fold_end);
-        if let Sealing::Ready(s) = &self.sealing {
+        if delta == 0 {
+            // all in place already (a server's tail comes resealed by the node)
+        } else if let Sealing::Ready(s) = &self.sealing {
             // Sealed records are bound to their generation and offset: reseal (same length).
             let from = Payloads::Sealed { sealer: s, generation: self.header.generation };
             let to = Payloads::Sealed { sealer: s, generation: next.header.generation };

@@ -108,8 +108,9 @@ enum Cmd {
         #[arg(long)]
         lightning_dir: Option<PathBuf>,
     },
-    /// Fold the journal into a new compressed snapshot, offline (lightningd stopped, or on a
-    /// backup server). With the plugin running, use `lightning-cli backup-compact`.
+    /// Fold the journal into a new compressed snapshot, offline (lightningd stopped; on a
+    /// backup server only a --no-encryption backup: it holds no key for a sealed one). With
+    /// the plugin running, use `lightning-cli backup-compact`.
     Compact { backend_url: String },
     /// Convert a backup of the Python backup plugin (a v1 file) into a cln-backup backup at
     /// the same data_version. Run with lightningd stopped.
@@ -229,7 +230,8 @@ fn run(cmd: Cmd) -> Result<()> {
                 (l, p) => l.or(p),
             };
             if args.len() == 1 && is_socket_url(&args[0]) {
-                return socket::init(ldir.as_deref(), &args[0]);
+                let sealing = if no_encryption { Sealing::None } else { Sealing::from_key_file(key_file) };
+                return socket::init(ldir.as_deref(), &args[0], &sealing);
             }
             if args.iter().any(|u| is_socket_url(u)) {
                 bail!("a socket: destination is created on its own: init it with the server's URL alone");
@@ -246,7 +248,7 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
             if is_socket_url(&url) {
-                let (dest, s) = socket::restore(&url, &dest, &mut progress_bar("Restoring"))?;
+                let (dest, s) = socket::restore(&url, &dest, &key.source(), &mut progress_bar("Restoring"))?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());
@@ -289,7 +291,7 @@ fn run(cmd: Cmd) -> Result<()> {
                     println!("== {u}");
                 }
                 if is_socket_url(u) {
-                    let s = socket::verify(u, &mut progress_bar("Verifying"))?;
+                    let s = socket::verify(u, &keys, &mut progress_bar("Verifying"))?;
                     finish_progress();
                     print_summary("Verified", &s);
                     continue;
@@ -670,6 +672,7 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     println!("Seeding {} from {}: {why}", destination::shown(url), destination::shown(&best.url));
     let root = match target {
         Some(destination::Target::File(root)) => root,
+        Some(destination::Target::Socket(u)) => return socket::add_destination(ldir, &u, &mut lf, best),
         Some(destination::Target::Postgres(u)) => {
             // its generation as it is (same backup id, same seals), with its backup.json
             let p = postgres::NewPg::plan(Some(ldir), &u)?;
@@ -703,7 +706,7 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
             );
             return Ok(());
         }
-        _ => bail!("{url}: add-destination takes a file:// or postgres:// URL"),
+        _ => bail!("{url}: add-destination takes a file://, postgres:// or socket: URL"),
     };
     writer::create(&root, None, None, None)?;
     if let Err(e) = writer::install_generation(&root, &best.files) {

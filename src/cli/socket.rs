@@ -11,17 +11,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::destination::socket::node::{lock_body, pinned_server_key};
 use crate::destination::socket::SocketDestination;
 use crate::error::StoreError;
+use crate::keys::KeySource;
 use crate::net::identity::{self, SecretKey};
 use crate::plugin::LOCK_NAME;
 use crate::restore::{self, Summary};
-use crate::{fsutil, journal, layout, snapshot, writer};
+use crate::seal::Sealer;
+use crate::{fsutil, journal, snapshot};
 
 /// How long the command line waits for the server (the plugin's default bound).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `backup-cli init --lightning-dir DIR socket:HOST:PORT`: pairs with the server, pins its
 /// key, uploads the node's database as the first generation (if it has one), writes backup.lock.
-pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
+pub fn init(lightning_dir: Option<&Path>, url: &str, sealing: &super::Sealing) -> Result<()> {
     crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
     let Some(ldir) = lightning_dir else {
         bail!(
@@ -32,8 +34,11 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
     let lock = super::ready_for_init(ldir)?;
     let db = ldir.join(restore::DB_NAME);
     if !ldir.join("hsm_secret").exists() && !db.exists() {
-        return init_new_node(ldir, url, &lock);
+        return init_new_node(ldir, url, &lock, sealing);
     }
+    // The node's backup.json goes to the server: one backup id and key for every copy.
+    let (meta, seal_key) = sealing.prepare(Some(ldir), db.exists())?;
+    let sealer = seal_key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
     let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
     let mut dest = SocketDestination::connect(url, key.clone(), None, CONNECT_TIMEOUT, true)?;
     let server_key = dest.server_key().ok_or_else(|| anyhow!("{url}: the server sent no key"))?;
@@ -42,17 +47,24 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
         "This node's key: {} (pass it to `backup-cli server --client-key` to pin it there)",
         identity::to_hex(&key.public())
     );
+    dest.put_meta(&meta)?;
     if db.exists() {
         let work = fsutil::tmp_path(&ldir.join("backup-init"));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
-        let r = upload_first(&mut dest, &db, &work);
+        let r = upload_first(&mut dest, &db, &work, sealer.as_ref());
         let _ = std::fs::remove_dir_all(&work);
         r?;
     } else {
         println!("No database in {} yet: the server's backup stays empty until lightningd writes", ldir.display());
     }
-    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    super::print_sealing(&meta, Some(ldir));
+    let mut body = lock_body(url, &server_key);
+    if !meta.sealed {
+        // the plugin's first connection to an empty server backup keeps it plaintext
+        body["no_encryption"] = serde_json::json!(true);
+    }
+    let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
@@ -62,7 +74,16 @@ pub fn init(lightning_dir: Option<&Path>, url: &str) -> Result<()> {
 /// A node that has not started yet has no hsm_secret, so no key: pin the server's key now;
 /// the plugin's first connection (with the key from the hsm_secret lightningd then makes)
 /// pairs with the server's empty backup.
-fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
+/// The node's choice of sealing goes into backup.lock (`no_encryption`) for that first
+/// connection, which sends the backup.json.
+fn init_new_node(ldir: &Path, url: &str, lock: &Path, sealing: &super::Sealing) -> Result<()> {
+    if let super::Sealing::KeyFile(_) = sealing {
+        bail!(
+            "{} has no hsm_secret yet, so the node cannot pair with the server now; with --key-file, run init \
+             after lightningd's first start (stop it first)",
+            ldir.display()
+        );
+    }
     let server_key = crate::destination::socket::client::learn_server_key(url, CONNECT_TIMEOUT)?;
     println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
     println!(
@@ -70,24 +91,26 @@ fn init_new_node(ldir: &Path, url: &str, lock: &Path) -> Result<()> {
          lightningd made it (the server logs the pairing)",
         ldir.display()
     );
-    let body = serde_json::to_vec(&lock_body(url, &server_key))?;
+    let mut body = lock_body(url, &server_key);
+    if let super::Sealing::None = sealing {
+        sealing.prepare(Some(ldir), false)?; // says what plaintext means
+        body["no_encryption"] = serde_json::json!(true);
+    }
+    let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
 }
 
-fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path) -> Result<()> {
+/// Uploads the node's database as the server's next generation, sealed by `sealer` for it.
+fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path, sealer: Option<&Sealer>) -> Result<()> {
     let img = work.join("db");
     let dv = snapshot::copy_live_database(db, &img)?;
     println!("Found an existing database with data_version {dv} at {}", db.display());
-    let local = work.join("gen");
-    writer::create(&local, Some((&img, dv)), None, None)?;
-    let snap = layout::Layout::new(&local)
-        .list()?
-        .snapshot
-        .ok_or_else(|| anyhow!("{}: no snapshot was made", local.display()))?;
     let st = dest.server_state();
+    let snap = work.join("first.snapshot");
+    snapshot::write(&snap, st.generation + 1, dv, &img, &mut fsutil::Throttle::unlimited(), sealer)?;
     dest.install_generation(st.generation, dv, journal::HEADER_LEN, &snap, &mut |_, _| {})?;
     println!("Successfully written initial snapshot to {}", dest.url());
     Ok(())
@@ -177,23 +200,85 @@ fn with_copy<T>(
     let dir = fsutil::tmp_path(&near.join(format!(".socket-download-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir);
     dest.download(&dir, 0, progress)?;
-    let r = f(&dir);
+    let url = dest.url().to_string();
+    // The copy's path is gone when this is read: say whose files it names.
+    let r = f(&dir).map_err(|e| {
+        let m = e.downcast_ref::<StoreError>().map_or_else(|| format!("{e:#}"), |se| se.explain());
+        anyhow!("{m} (in the backup at {url}: those are its files as downloaded from the server)")
+    });
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
 
 /// `backup-cli restore socket:... DEST`: materializes the remote backup, then restores it
 /// with the local engine.
-pub fn restore(url: &str, dest: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<(PathBuf, Summary)> {
+/// The key of a sealed backup is found as for a file backup (`restore::find_sealer`): the
+/// one given, hsm_secret beside DEST, the lightning dir recorded at init.
+pub fn restore(
+    url: &str,
+    dest: &Path,
+    keys: &KeySource,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(PathBuf, Summary)> {
     let dest_dir = if dest.is_dir() { dest.to_path_buf() } else { fsutil::parent_of(dest).to_path_buf() };
     let mut d = connect_reader(url, std::slice::from_ref(&dest_dir))?;
-    with_copy(&mut d, &dest_dir, progress, |copy| Ok(restore::restore(copy, dest, &mut |_, _| {})?))
+    with_copy(&mut d, &dest_dir, progress, |copy| Ok(restore::restore_with(copy, dest, keys, &mut |_, _| {})?))
 }
 
 /// `backup-cli verify socket:...`: checks a consistent copy of the remote backup.
-pub fn verify(url: &str, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
+pub fn verify(url: &str, keys: &KeySource, progress: &mut dyn FnMut(u64, u64)) -> Result<Summary> {
     let cwd = std::env::current_dir()?;
     let mut d = connect_reader(url, std::slice::from_ref(&cwd))?;
     let tmp = std::env::temp_dir();
-    with_copy(&mut d, &tmp, progress, |copy| Ok(restore::verify(copy, &mut |_, _| {})?))
+    with_copy(&mut d, &tmp, progress, |copy| Ok(restore::verify_with(copy, keys, &mut |_, _| {})?))
+}
+
+/// `backup-cli add-destination --lightning-dir DIR socket:...`: pairs with the server, pins
+/// its key in backup.lock (`server_keys`), and seeds its empty backup from `best` as it is
+/// (same backup id and key: the seals hold), then checks the server's copy.
+pub fn add_destination(
+    ldir: &Path,
+    url: &str,
+    lf: &mut crate::destination::LockFile,
+    best: &crate::destination::inspect::Copy,
+) -> Result<()> {
+    use crate::destination::Destination;
+    let key = identity::node_key_from_lightning_dir(ldir).map_err(|e| anyhow!(e))?;
+    let dest = SocketDestination::connect(url, key.clone(), None, CONNECT_TIMEOUT, true)?;
+    let server_key = dest.server_key().ok_or_else(|| anyhow!("{url}: the server sent no key"))?;
+    println!("Connected to {url}: server key {}", identity::to_hex(&server_key));
+    let mut s = crate::destination::socket::seam::Socket::open(dest, ldir)?;
+    s.install(&best.files)?;
+    let tip = s.tip();
+    drop(s);
+    let mut d = SocketDestination::connect(url, key, Some(server_key), CONNECT_TIMEOUT, false)?;
+    let keys = KeySource::lightning_dir(ldir);
+    let check = with_copy(&mut d, &std::env::temp_dir(), &mut |_, _| {}, |copy| {
+        Ok(restore::verify_with(copy, &keys, &mut |_, _| {})?)
+    })?;
+    if check.version != best.tip.position.version || tip.position.version != check.version {
+        bail!(
+            "the copy at {url} holds data_version {}, not {}: not added (the server's backup is left as it is)",
+            check.version,
+            best.tip.position.version
+        );
+    }
+    lf.urls.push(url.to_string());
+    let keys_map = lf.extra.entry("server_keys").or_insert_with(|| serde_json::json!({}));
+    if let Some(m) = keys_map.as_object_mut() {
+        m.insert(url.to_string(), serde_json::json!(identity::to_hex(&server_key)));
+    }
+    super::write_lock(ldir, lf)?;
+    remember_lightning_dir(url, ldir);
+    println!(
+        "Added {url} at data_version {} ({} destinations), {}. Start lightningd: every write now goes to all of them.",
+        check.version,
+        lf.urls.len(),
+        if check.sealed {
+            "sealed with the backup's key (the server holds no key)"
+        } else {
+            "in plaintext, as the backup is"
+        }
+    );
+    Ok(())
 }

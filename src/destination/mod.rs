@@ -198,7 +198,9 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
         Target::Socket(u) => {
             let d = socket::node::connect_node(base, &u, DEFAULT_RECONNECT_TIMEOUT)
                 .map_err(|e| format!("Cannot open the backup at {u}: {e:#}"))?;
-            Ok((Box::new(socket::seam::Socket::new(d)), vec![]))
+            let s = socket::seam::Socket::open(d, base)
+                .map_err(|e| format!("Cannot open the backup at {u}: {}", e.explain()))?;
+            Ok((Box::new(s), vec![]))
         }
     }
 }

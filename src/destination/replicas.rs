@@ -113,7 +113,6 @@ impl Replicas {
             done_rx,
         };
         r.classify_at_open();
-        r.warn_plaintext_remotes();
         r.start_workers();
         r
     }
@@ -138,25 +137,6 @@ impl Replicas {
             }
         }
         // Said at warn once an attempt to bring them up to date has failed (`catch_up`).
-    }
-
-    /// Network destinations do not seal yet: say so once at start, so nobody takes the
-    /// file copies' sealing for theirs.
-    fn warn_plaintext_remotes(&self) {
-        for s in &self.slots {
-            if let Some(d) = &s.dest {
-                let d = lock(d);
-                if d.kind() != "file" {
-                    warn!(
-                        "Backup destination {} ({}) stores the records as lightningd sends them, in plaintext: \
-                         sealing at rest covers file destinations only in this version. Use a server or database \
-                         you control",
-                        s.url,
-                        d.kind()
-                    );
-                }
-            }
-        }
     }
 
     fn start_workers(&mut self) {

@@ -9,8 +9,14 @@
 //! 0x03 GetState                                    0x81 State
 //! 0x04 Download u64 limit (0: all)                 0x82 Manifest, 0x83 Chunk..., 0x84 End
 //! 0x05 Install  u64 from_generation, u32 base,     (then the client sends 0x83 Chunk... 0x84
-//!               u64 fold_end, u64 snapshot_len      End with the snapshot) 0x81 State
+//!               u64 fold_end, u64 snapshot_len,     End with the snapshot) 0x81 State
+//!               bytes tail
 //! 0x06 Ping                                        0x85 Pong
+//! 0x07 Stage    u64 from_generation, u32 base,     (then 0x83 Chunk... 0x84 End with the
+//!               u64 snapshot_len                    snapshot, kept for an Install) 0x81 State
+//! 0x08 Tail     u64 from                           0x83 Chunk: journal bytes [from, end)
+//! 0x09 GetMeta                                     0x86 Meta: bytes backup.json (empty: none)
+//! 0x0A PutMeta  bytes backup.json                  0x81 State
 //!
 //! State    = u64 generation, u64 journal_len, u32 version, u8 droppable,
 //!            u64 last_tx_offset (0: none), u32 tail (header CRC of the last record, 0: none)
@@ -19,9 +25,18 @@
 //! Error    = u16 code, str message
 //! ```
 //!
+//! Install with snapshot_len 0 takes the snapshot an earlier Stage of the same generation
+//! and base left (no Chunks follow). `tail`, when not empty, is the journal from `fold_end`
+//! to its end, sealed by the node for the new generation (a server holds no key, so cannot
+//! move sealed records itself); it must cover exactly what the journal holds past
+//! `fold_end` at the switch. PutMeta replaces the backup's backup.json (sealed, backup id,
+//! key fingerprint, where the key was): any metadata into an empty backup (the node's
+//! init), else only the same backup id and sealing with more filled in. The server never
+//! reads a payload or holds a key: it checks framing, CRCs and the version rules.
+//!
 //! A client that is not paired gets no message at all: the server closes after the handshake.
 
-pub const PROTO: u32 = 1;
+pub const PROTO: u32 = 2;
 
 /// Error codes (u16 on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +92,12 @@ pub enum Request {
     Append { data_version: u32, kind: u8, replace_last: bool, record: Vec<u8> },
     GetState,
     Download { limit: u64 },
-    Install { from_generation: u64, base_version: u32, fold_end: u64, snapshot_len: u64 },
+    Install { from_generation: u64, base_version: u32, fold_end: u64, snapshot_len: u64, tail: Vec<u8> },
     Ping,
+    Stage { from_generation: u64, base_version: u32, snapshot_len: u64 },
+    Tail { from: u64 },
+    GetMeta,
+    PutMeta(Vec<u8>),
     Chunk(Vec<u8>),
     End,
 }
@@ -90,6 +109,7 @@ pub enum Reply {
     Chunk(Vec<u8>),
     End,
     Pong,
+    Meta(Vec<u8>),
     Error { code: Code, message: String },
 }
 
@@ -164,10 +184,16 @@ impl Request {
             }
             Request::GetState => o.u8(0x03),
             Request::Download { limit } => o.u8(0x04).u64(*limit),
-            Request::Install { from_generation, base_version, fold_end, snapshot_len } => {
-                o.u8(0x05).u64(*from_generation).u32(*base_version).u64(*fold_end).u64(*snapshot_len)
+            Request::Install { from_generation, base_version, fold_end, snapshot_len, tail } => {
+                o.u8(0x05).u64(*from_generation).u32(*base_version).u64(*fold_end).u64(*snapshot_len).bytes(tail)
             }
             Request::Ping => o.u8(0x06),
+            Request::Stage { from_generation, base_version, snapshot_len } => {
+                o.u8(0x07).u64(*from_generation).u32(*base_version).u64(*snapshot_len)
+            }
+            Request::Tail { from } => o.u8(0x08).u64(*from),
+            Request::GetMeta => o.u8(0x09),
+            Request::PutMeta(b) => o.u8(0x0A).bytes(b),
             Request::Chunk(b) => o.u8(0x83).bytes(b),
             Request::End => o.u8(0x84),
         };
@@ -191,8 +217,13 @@ impl Request {
                 base_version: i.u32()?,
                 fold_end: i.u64()?,
                 snapshot_len: i.u64()?,
+                tail: i.bytes()?,
             },
             0x06 => Request::Ping,
+            0x07 => Request::Stage { from_generation: i.u64()?, base_version: i.u32()?, snapshot_len: i.u64()? },
+            0x08 => Request::Tail { from: i.u64()? },
+            0x09 => Request::GetMeta,
+            0x0A => Request::PutMeta(i.bytes()?),
             0x83 => Request::Chunk(i.bytes()?),
             0x84 => Request::End,
             t => return Err(format!("unknown request 0x{t:02x}")),
@@ -220,6 +251,7 @@ impl Reply {
             Reply::Chunk(b) => o.u8(0x83).bytes(b),
             Reply::End => o.u8(0x84),
             Reply::Pong => o.u8(0x85),
+            Reply::Meta(b) => o.u8(0x86).bytes(b),
             Reply::Error { code, message } => o.u8(0xFF).u16(*code as u16).bytes(message.as_bytes()),
         };
         o.0
@@ -245,6 +277,7 @@ impl Reply {
             0x83 => Reply::Chunk(i.bytes()?),
             0x84 => Reply::End,
             0x85 => Reply::Pong,
+            0x86 => Reply::Meta(i.bytes()?),
             0xFF => Reply::Error {
                 code: Code::from_u16(i.u16()?),
                 message: String::from_utf8_lossy(&i.bytes()?).into_owned(),
@@ -267,8 +300,12 @@ mod tests {
             Request::Append { data_version: 7, kind: 1, replace_last: true, record: vec![1, 2, 3] },
             Request::GetState,
             Request::Download { limit: 99 },
-            Request::Install { from_generation: 3, base_version: 9, fold_end: 100, snapshot_len: 5 },
+            Request::Install { from_generation: 3, base_version: 9, fold_end: 100, snapshot_len: 5, tail: vec![7] },
             Request::Ping,
+            Request::Stage { from_generation: 3, base_version: 9, snapshot_len: 5 },
+            Request::Tail { from: 40 },
+            Request::GetMeta,
+            Request::PutMeta(b"{}".to_vec()),
             Request::Chunk(vec![9; 10]),
             Request::End,
         ];
@@ -282,6 +319,7 @@ mod tests {
             Reply::Chunk(vec![1]),
             Reply::End,
             Reply::Pong,
+            Reply::Meta(b"{}".to_vec()),
             Reply::Error { code: Code::Busy, message: "x".into() },
         ];
         for r in reps {

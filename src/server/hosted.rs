@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::StoreError;
 use crate::fsutil;
 use crate::journal::{self, Base, Header, Kind};
-use crate::keys::KeySource;
 use crate::layout::GenName;
+use crate::meta::Meta;
 use crate::net::identity::{self, PublicKey};
 use crate::net::message::{Code, Manifest, State};
 use crate::writer::{NextGeneration, Refusal, Writer};
@@ -103,23 +103,14 @@ pub struct Download {
 impl Hosted {
     /// Opens the backup as its writer and reads its pairing. `pinned`: --client-key.
     pub fn open(root: &Path, pinned: Option<PublicKey>) -> anyhow::Result<Hosted> {
-        let (writer, report) = match Writer::open(root, &KeySource::default()) {
+        // The server never looks for a key: a sealed backup takes records the node sealed.
+        let (writer, report) = match Writer::open_keyless(root) {
             Err(StoreError::Locked { path }) => anyhow::bail!(
                 "{} is in use by another writer (a running plugin, backup-cli or another server): stop it first",
                 path.display()
             ),
             r => r.map_err(|e| anyhow::anyhow!(e.explain()))?,
         };
-        if writer.is_sealed() {
-            // The server holds what the node sends and never a key: a backup sealed on this
-            // side could not even be compacted here.
-            anyhow::bail!(
-                "{} was made sealed (the default of `backup-cli init`), but a server backup holds what the node \
-                 sends and never a key: move it away and make it with `backup-cli init --no-encryption {}`",
-                root.display(),
-                crate::layout::url_for(root)
-            );
-        }
         if let Some((off, len)) = report.torn_tail {
             log::warn!("{}: cut a torn record of {len} bytes at offset {off}", root.display());
         }
@@ -298,6 +289,7 @@ impl Hosted {
         base_version: u32,
         fold_end: u64,
         snapshot_tmp: &Path,
+        tail: &[u8],
     ) -> Result<State, Failure> {
         let refused = |m: String| -> Result<State, Failure> { Err((Code::Refused, m)) };
         // the prefix before fold_end never changes: count its records outside the lock
@@ -313,7 +305,10 @@ impl Hosted {
         let mut slot = lock(&self.slot);
         let Some(w) = slot.writer.as_mut() else { return Err(gone()) };
         let cur = w.header().generation;
-        if cur != from_generation || w.journal_path() != jpath {
+        // A first upload may skip generations: a copy of another backup keeps its own number
+        // (sealed data is bound to it).
+        let fits = if fold_end == journal::HEADER_LEN { from_generation >= cur } else { from_generation == cur };
+        if !fits || w.journal_path() != jpath {
             return refused(format!("the backup is at generation {cur} now, not {from_generation}: plan again"));
         }
         if fold_end == journal::HEADER_LEN {
@@ -328,7 +323,34 @@ impl Hosted {
         } else if w.last_tx_offset().is_some_and(|o| o < fold_end) || fold_end > w.journal_len() {
             return refused(format!("fold point {fold_end} is past the last transaction: plan again"));
         }
-        let g = GenName { generation: cur + 1, base_version };
+        let end = w.journal_len();
+        if tail.is_empty() && w.is_sealed() && end > fold_end {
+            return refused(format!(
+                "the sealed records from {fold_end} to {end} must come resealed for the new generation: this \
+                 server holds no key to move them"
+            ));
+        }
+        if !tail.is_empty() {
+            check_tail(&jpath, fold_end, end, tail)?;
+        }
+        let g = GenName { generation: from_generation + 1, base_version };
+        // What the snapshot's header says, outside its seal, must fit: a plaintext one never
+        // goes into a sealed backup.
+        let h = std::fs::File::open(snapshot_tmp)
+            .map_err(StoreError::io("open", snapshot_tmp))
+            .and_then(|mut f| crate::snapshot::read_header(snapshot_tmp, &mut f))
+            .map_err(|e| (Code::Refused, format!("the snapshot sent is not one: {}", e.explain())))?;
+        if h.sealed != w.is_sealed() || h.generation != g.generation || h.data_version != base_version {
+            return refused(format!(
+                "the snapshot sent is {} for generation {} at data_version {}; this backup is {} and would make \
+                 generation {} at {base_version}",
+                if h.sealed { "sealed" } else { "plaintext" },
+                h.generation,
+                h.data_version,
+                if w.is_sealed() { "sealed" } else { "plaintext" },
+                g.generation
+            ));
+        }
         let layout = w.layout().clone();
         let snap = layout.snapshot_path(g);
         std::fs::rename(snapshot_tmp, &snap).map_err(|e| store(StoreError::io("rename into place", &snap)(e)))?;
@@ -339,18 +361,24 @@ impl Hosted {
         let _ = std::fs::remove_file(&tmp_path);
         let mut tmp = fsutil::create_private(&tmp_path).map_err(store)?;
         tmp.write_all(&header.encode()).map_err(|e| store(StoreError::io("write", &tmp_path)(e)))?;
+        // A resealed tail goes in as the node sent it; else the switch copies the old bytes.
+        tmp.write_all(tail).map_err(|e| store(StoreError::io("write", &tmp_path)(e)))?;
         let next = NextGeneration {
             header,
             tmp,
             tmp_path,
             final_path,
             fold_end,
-            copied_to: fold_end,
+            copied_to: fold_end + tail.len() as u64,
             truncations: w.truncations(),
             records_folded: folded,
         };
         let old_snapshot = w.snapshot_path();
         w.switch_to(next).map_err(store)?;
+        if !tail.is_empty() {
+            // resealed records carry new checksums: resuming clients compare the last one's
+            slot.tail = tail_of(slot.writer.as_ref().ok_or_else(gone)?).map_err(store)?;
+        }
         if fold_end > journal::HEADER_LEN {
             // A compaction: the writer went on in the new generation. Free the old files
             // outside the lock, paced, as the file destination does.
@@ -372,12 +400,130 @@ impl Hosted {
         }
         // A first upload: reopen, so the position comes from the new snapshot.
         slot.writer = None;
-        let (w, _) = Writer::open(&self.root, &KeySource::default()).map_err(store)?;
+        let (w, _) = Writer::open_keyless(&self.root).map_err(store)?;
         slot.tail = tail_of(&w).map_err(store)?;
         let st = state_of(&w, slot.tail);
         slot.writer = Some(w);
         Ok(st)
     }
+
+    /// The journal's bytes from `from` to its end, as they are now (a compaction's tail,
+    /// for the node to reseal for the new generation).
+    pub fn tail(&self, from: u64) -> Result<Vec<u8>, Failure> {
+        self.with_writer(|s| {
+            let w = s.writer.as_ref().ok_or_else(gone)?;
+            let end = w.journal_len();
+            if from < journal::HEADER_LEN || from > end {
+                return Err((Code::Refused, format!("no journal bytes from {from}: the journal ends at {end}")));
+            }
+            let f =
+                File::open(w.journal_path()).map_err(|e| store(StoreError::io("open journal", w.journal_path())(e)))?;
+            let mut b = vec![0u8; (end - from) as usize];
+            f.read_exact_at(&mut b, from).map_err(|e| store(StoreError::io("read journal", w.journal_path())(e)))?;
+            Ok(b)
+        })
+    }
+
+    /// The backup's backup.json as stored (empty: none, a format-1 backup).
+    pub fn meta(&self) -> Result<Vec<u8>, Failure> {
+        let _slot = lock(&self.slot);
+        match std::fs::read(Meta::path(&self.root)) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+            Err(e) => Err(store(StoreError::io("read", Meta::path(&self.root))(e))),
+        }
+    }
+
+    /// Stores the node's backup.json: any into an empty backup (its journal header then
+    /// follows the sealing), else only the same backup id and sealing.
+    pub fn put_meta(&self, body: &[u8]) -> Result<State, Failure> {
+        let new: Meta = serde_json::from_slice(body)
+            .map_err(|e| (Code::Protocol, format!("backup.json sent is not valid: {e}")))?;
+        if new.sealed && new.id().is_none() {
+            return Err((Code::Protocol, "backup.json sent has no valid backup_id".into()));
+        }
+        let mut slot = lock(&self.slot);
+        let Some(w) = slot.writer.as_ref() else { return Err(gone()) };
+        let old = Meta::load(&self.root).map_err(store)?;
+        let empty = w.records() == 0 && w.header().base == Base::Empty;
+        let same = old.as_ref().is_some_and(|o| o.sealed == new.sealed && o.backup_id == new.backup_id);
+        if !empty && !same {
+            return Err((
+                Code::Refused,
+                format!(
+                    "{} already holds data of another backup (or one sealed otherwise): a node's backup.json goes \
+                     only into an empty backup (make a new one with `backup-cli init` on the server)",
+                    self.url
+                ),
+            ));
+        }
+        if w.header().sealed == new.sealed {
+            new.store(&self.root).map_err(store)?;
+            let st = state_of(w, slot.tail);
+            return Ok(st);
+        }
+        // An empty journal made with the other sealing: rewritten with the node's, then the
+        // metadata (a crash between leaves an empty backup that init can be run on again).
+        let h = w.header();
+        let path = w.journal_path().to_path_buf();
+        slot.writer = None;
+        let header = Header { sealed: new.sealed, ..h }.encode();
+        let r = fsutil::write_atomic(&path, true, |f, tmp| {
+            f.write_all_at(&header, 0).map_err(StoreError::io("write", tmp))
+        })
+        .and_then(|_| new.store(&self.root))
+        .and_then(|_| Writer::open_keyless(&self.root));
+        let (w, _) = r.map_err(store)?;
+        slot.tail = tail_of(&w).map_err(store)?;
+        let st = state_of(&w, slot.tail);
+        slot.writer = Some(w);
+        Ok(st)
+    }
+}
+
+/// A resealed tail must be the journal's records from `fold_end` to `end` record for
+/// record (same lengths, versions and kinds), each well framed.
+fn check_tail(jpath: &Path, fold_end: u64, end: u64, tail: &[u8]) -> Result<(), Failure> {
+    if fold_end + tail.len() as u64 != end {
+        return Err((
+            Code::Refused,
+            format!(
+                "the resealed tail has {} bytes, the journal holds {} past {fold_end}: plan again",
+                tail.len(),
+                end - fold_end
+            ),
+        ));
+    }
+    let f = File::open(jpath).map_err(|e| store(StoreError::io("open journal", jpath)(e)))?;
+    let mut old = [0u8; journal::RECORD_HEADER_LEN];
+    let mut p = 0usize;
+    while p < tail.len() {
+        let r = &tail[p..];
+        if r.len() < journal::RECORD_HEADER_LEN {
+            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
+        }
+        let len = u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize;
+        let n = journal::RECORD_HEADER_LEN + len;
+        if r.len() < n {
+            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
+        }
+        let dv = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+        let kind = match r[8] {
+            1 => Kind::Transaction,
+            2 => Kind::Outside,
+            k => return Err((Code::Protocol, format!("unknown record kind {k}"))),
+        };
+        check_record(dv, kind, &r[..n])?;
+        f.read_exact_at(&mut old, fold_end + p as u64).map_err(|e| store(StoreError::io("read journal", jpath)(e)))?;
+        if old[0..9] != r[0..9] {
+            return Err((
+                Code::Refused,
+                format!("the resealed tail's record at {} is not the journal's: plan again", fold_end + p as u64),
+            ));
+        }
+        p += n;
+    }
+    Ok(())
 }
 
 fn gone() -> Failure {
@@ -462,6 +608,89 @@ mod tests {
         drop(h);
         let h = Hosted::open(&root, None).unwrap();
         assert_eq!(h.state().unwrap(), before);
+    }
+
+    /// A sealed backup is served without its key (not even one where backup.json says it
+    /// is), takes records the node sealed, and refuses what would need the key: moving the
+    /// sealed records past a fold point, a tail that is not the journal's, another backup's
+    /// metadata once it holds data.
+    #[test]
+    fn sealed_backup_served_keyless() {
+        use crate::journal::Payloads;
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        // a server that tried to read this would fail: it is no hsm_secret
+        std::fs::write(ldir.join("hsm_secret"), b"garbage").unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        crate::writer::create(&root, None, Some(&meta), None).unwrap();
+        let h = Hosted::open(&root, None).unwrap();
+        h.claim_writer(1).unwrap();
+        let key = crate::keys::Key::from_bytes([3u8; 32], "test");
+        let sealer = crate::seal::Sealer::new(&key, meta.id().unwrap()).unwrap();
+        let mut at = journal::HEADER_LEN;
+        let mut offsets = vec![];
+        for dv in 1..=3u32 {
+            let bump =
+                format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", dv - 1);
+            let mut b = vec![];
+            let p = Payloads::Sealed { sealer: &sealer, generation: 1 };
+            journal::encode_record_as(
+                &mut b,
+                at,
+                dv,
+                Kind::Transaction,
+                &["INSERT INTO t VALUES ('secret')", &bump],
+                p,
+            );
+            let st = h.append(1, dv, 1, false, &b).unwrap();
+            offsets.push(at);
+            at = st.journal_len;
+        }
+        let bytes = std::fs::read(crate::layout::Layout::new(&root).list().unwrap().journal).unwrap();
+        assert!(!bytes.windows(6).any(|w| w == b"secret"));
+        // holds data now: another backup's metadata is refused, the same one's taken
+        let other = Meta::new_sealed(None, None, None).unwrap();
+        let e = h.put_meta(&serde_json::to_vec(&other).unwrap()).unwrap_err();
+        assert_eq!(e.0, Code::Refused, "{}", e.1);
+        let filled = Meta { key_fingerprint: Some(key.fingerprint()), ..meta.clone() };
+        h.put_meta(&serde_json::to_vec(&filled).unwrap()).unwrap();
+        assert_eq!(Meta::load(&root).unwrap().unwrap(), filled);
+        // a compaction's switch needs the tail resealed by the node
+        let fold = offsets[2];
+        let snap = d.path().join("snap");
+        std::fs::write(&snap, b"x").unwrap();
+        let e = h.install(1, 1, 2, fold, &snap, &[]).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("resealed"), "{}", e.1);
+        let tail = h.tail(fold).unwrap();
+        assert_eq!(tail.len() as u64, at - fold);
+        let e = h.install(1, 1, 2, fold, &snap, &tail[..tail.len() - 1]).unwrap_err();
+        assert_eq!(e.0, Code::Refused, "{}", e.1);
+        // a record from elsewhere in the journal, framed well, is not the journal's tail
+        let first = h.tail(offsets[0]).unwrap();
+        let e = h.install(1, 1, 2, fold, &snap, &first[..tail.len()]).unwrap_err();
+        assert!(e.1.contains("is not the journal's") || e.1.contains("checksum"), "{}", e.1);
+        assert_eq!(h.tail(at + 1).unwrap_err().0, Code::Refused);
+        // the right tail, but a plaintext snapshot: never into a sealed backup
+        let plain = d.path().join("plain.snapshot");
+        let mut t = crate::fsutil::Throttle::unlimited();
+        crate::snapshot::write(&plain, 2, 2, &ldir.join("hsm_secret"), &mut t, None).unwrap();
+        let resealed = crate::journal::transcode(
+            &root,
+            &tail,
+            fold,
+            Payloads::Sealed { sealer: &sealer, generation: 1 },
+            journal::HEADER_LEN,
+            Payloads::Sealed { sealer: &sealer, generation: 2 },
+        )
+        .unwrap();
+        let e = h.install(1, 1, 2, fold, &plain, &resealed).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("plaintext"), "{}", e.1);
+        // nothing changed, and a reopen (still keyless) finds the same
+        let before = h.state().unwrap();
+        assert_eq!(before.generation, 1);
+        drop(h);
+        assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), before);
     }
 
     #[test]

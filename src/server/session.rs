@@ -132,14 +132,46 @@ async fn run(
                 reply(&mut ch, r.map(Reply::State)).await?;
             }
             Request::Download { limit } => download(&mut ch, hosted, limit).await?,
-            Request::Install { from_generation, base_version, fold_end, snapshot_len } => {
-                let r =
-                    install(&mut ch, hosted, session, from_generation, base_version, fold_end, snapshot_len).await?;
+            Request::Install { from_generation, base_version, fold_end, snapshot_len, tail } => {
+                let tmp = hosted.install_tmp(from_generation, base_version);
+                let got = if snapshot_len == 0 {
+                    // the snapshot an earlier Stage left
+                    if tmp.is_file() {
+                        Ok(())
+                    } else {
+                        Err((Code::Refused, format!("no snapshot was staged for generation {}", from_generation + 1)))
+                    }
+                } else {
+                    receive_snapshot(&mut ch, hosted, &tmp, snapshot_len).await?
+                };
+                let r = got.and_then(|_| {
+                    blocking(|| hosted.install(session, from_generation, base_version, fold_end, &tmp, &tail))
+                });
+                if r.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
                 match &r {
                     Ok(st) => {
                         log::info!("{}: installed generation {} (base {base_version})", hosted.url, st.generation)
                     }
                     Err((_, m)) => log::warn!("{}: install refused: {m}", hosted.url),
+                }
+                reply(&mut ch, r.map(Reply::State)).await?;
+            }
+            Request::Stage { from_generation, base_version, snapshot_len } => {
+                let tmp = hosted.install_tmp(from_generation, base_version);
+                let r = receive_snapshot(&mut ch, hosted, &tmp, snapshot_len).await?;
+                if r.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                reply(&mut ch, r.and_then(|_| blocking(|| hosted.state())).map(Reply::State)).await?;
+            }
+            Request::Tail { from } => reply(&mut ch, blocking(|| hosted.tail(from)).map(Reply::Chunk)).await?,
+            Request::GetMeta => reply(&mut ch, blocking(|| hosted.meta()).map(Reply::Meta)).await?,
+            Request::PutMeta(body) => {
+                let r = blocking(|| hosted.put_meta(&body));
+                if r.is_ok() {
+                    log::info!("{}: stored the node's backup.json", hosted.url);
                 }
                 reply(&mut ch, r.map(Reply::State)).await?;
             }
@@ -179,20 +211,16 @@ async fn send_file(ch: &mut Channel, buf: &mut [u8], mut f: &std::fs::File, len:
     Ok(())
 }
 
-/// Receives an install's snapshot into a temp file, then switches. The outer error is the
-/// connection's; the inner one is the answer.
-async fn install(
+/// Receives an install's snapshot into the temp file `tmp`, fsynced. The outer error is
+/// the connection's; the inner one is the answer.
+async fn receive_snapshot(
     ch: &mut Channel,
     hosted: &Arc<Hosted>,
-    session: u64,
-    from_generation: u64,
-    base_version: u32,
-    fold_end: u64,
+    tmp: &std::path::Path,
     snapshot_len: u64,
-) -> Result<Result<crate::net::message::State, Failure>, TransportError> {
-    let tmp = hosted.install_tmp(from_generation, base_version);
-    let _ = std::fs::remove_file(&tmp);
-    let file = match blocking(|| fsutil::create_private(&tmp)) {
+) -> Result<Result<(), Failure>, TransportError> {
+    let _ = std::fs::remove_file(tmp);
+    let file = match blocking(|| fsutil::create_private(tmp)) {
         Ok(f) => Some(f),
         Err(e) => {
             log::error!("{}: {}", hosted.url, e.explain());
@@ -209,7 +237,7 @@ async fn install(
         let msg = match ch.recv().await {
             Ok(m) => m,
             Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(tmp);
                 return Err(e);
             }
         };
@@ -225,7 +253,7 @@ async fn install(
             }
             Ok(Request::End) => break,
             _ => {
-                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(tmp);
                 return Err(TransportError::Noise("an install was interrupted by another request".into()));
             }
         }
@@ -238,12 +266,10 @@ async fn install(
         if got != snapshot_len || snapshot_len == 0 {
             return Err((Code::Protocol, format!("install announced {snapshot_len} snapshot bytes, sent {got}")));
         }
-        blocking(|| f.sync_all()).map_err(|e| (Code::Storage, format!("fsync {}: {e}", tmp.display())))?;
-        drop(f);
-        blocking(|| hosted.install(session, from_generation, base_version, fold_end, &tmp))
+        blocking(|| f.sync_all()).map_err(|e| (Code::Storage, format!("fsync {}: {e}", tmp.display())))
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(tmp);
     }
     Ok(result)
 }

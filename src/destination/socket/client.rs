@@ -16,12 +16,15 @@ use std::time::{Duration, Instant, SystemTime};
 use serde_json::json;
 
 use crate::fsutil;
-use crate::journal::{self, Kind};
+use crate::journal::{self, Kind, Payloads};
+use crate::keys::KeySource;
 use crate::layout::{GenName, Layout};
+use crate::meta::Meta;
 use crate::net::identity::{self, PublicKey, SecretKey};
 use crate::net::message::{Code, Manifest, Reply, Request, State, PROTO};
 use crate::net::transport::{Channel, Stream, TransportError};
 use crate::net::url::{self, Host, SocketUrl};
+use crate::seal::Sealer;
 use crate::versions::Position;
 
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +261,11 @@ impl SocketDestination {
         snapshot: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<State, SocketError> {
-        let r = self.rt.block_on(self.link.install(from_generation, base_version, fold_end, snapshot, progress));
+        let r = self.rt.block_on(self.link.install(
+            Request::Install { from_generation, base_version, fold_end, snapshot_len: 0, tail: vec![] },
+            snapshot,
+            progress,
+        ));
         match r {
             Ok(st) => {
                 self.link.state = st;
@@ -271,6 +278,110 @@ impl SocketDestination {
                 Err(e)
             }
         }
+    }
+
+    /// Uploads a snapshot for generation `from_generation + 1` and leaves it on the server
+    /// for an Install without one (`switch_staged`): the long part of a compaction, off the
+    /// writer's connection.
+    pub fn stage(
+        &mut self,
+        from_generation: u64,
+        base_version: u32,
+        snapshot: &Path,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<State, SocketError> {
+        let req = Request::Stage { from_generation, base_version, snapshot_len: 0 };
+        let r = self.rt.block_on(self.link.install(req, snapshot, progress));
+        if r.is_err() {
+            self.link.conn = None;
+        }
+        r
+    }
+
+    /// Switches a sealed backup to the generation staged for `from_generation + 1`: the
+    /// journal's records past `fold_end` are read back and resealed for their places in the
+    /// new generation (the server holds no key). Call it with the node's writes held.
+    pub fn switch_staged(
+        &mut self,
+        from_generation: u64,
+        base_version: u32,
+        fold_end: u64,
+        sealer: &Sealer,
+    ) -> Result<State, SocketError> {
+        let tail = match self.rt.block_on(self.link.call(&Request::Tail { from: fold_end }))? {
+            Reply::Chunk(b) => b,
+            r => return Err(self.link.unexpected(&r)),
+        };
+        let at = Path::new(&self.link.url);
+        let from = Payloads::Sealed { sealer, generation: from_generation };
+        let to = Payloads::Sealed { sealer, generation: from_generation + 1 };
+        let tail = journal::transcode(at, &tail, fold_end, from, journal::HEADER_LEN, to)
+            .map_err(|e| SocketError::Local { url: self.link.url.clone(), what: e.explain() })?;
+        let req = Request::Install { from_generation, base_version, fold_end, snapshot_len: 0, tail };
+        let r = self.rt.block_on(self.link.call(&req))?;
+        let st = self.link.expect_state(r)?;
+        self.link.state = st;
+        Ok(st)
+    }
+
+    /// The backup's backup.json as the server stores it (None: it has none).
+    pub fn meta(&mut self) -> Result<Option<Meta>, SocketError> {
+        let b = match self.rt.block_on(self.link.call(&Request::GetMeta))? {
+            Reply::Meta(b) => b,
+            r => return Err(self.link.unexpected(&r)),
+        };
+        if b.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| self.link.err_protocol(format!("the server's backup.json is not valid: {e}")))
+    }
+
+    /// Stores `meta` as the backup's backup.json on the server (into an empty backup, or
+    /// the same backup with more filled in).
+    pub fn put_meta(&mut self, meta: &Meta) -> Result<State, SocketError> {
+        let body = serde_json::to_vec_pretty(meta).map_err(|e| self.link.err_protocol(e.to_string()))?;
+        let r = self.rt.block_on(self.link.call(&Request::PutMeta(body)))?;
+        let st = self.link.expect_state(r)?;
+        self.link.state = st;
+        Ok(st)
+    }
+
+    /// The long part of a sealed backup's compaction, on a reading connection: downloads up
+    /// to the last transaction, opens and folds it with the key (`keys`), and stages the
+    /// new generation's snapshot, sealed, on the server. None when there is nothing to fold.
+    pub fn stage_compaction(
+        &mut self,
+        work: &Path,
+        keys: &KeySource,
+        sealer: &Sealer,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<Staged>, SocketError> {
+        let st = self.rt.block_on(self.link.call(&Request::GetState))?;
+        let st = self.link.expect_state(st)?;
+        let fold_end = st.last_tx_offset;
+        if fold_end <= journal::HEADER_LEN {
+            return Ok(None);
+        }
+        let url = self.link.url.clone();
+        let local = |what: String| SocketError::Local { url: url.clone(), what };
+        std::fs::create_dir_all(work).map_err(|e| local(format!("create {}: {e}", work.display())))?;
+        let r = (|| {
+            let dl = work.join("copy");
+            let m = self.download(&dl, fold_end, progress)?;
+            let db = work.join("folded.sqlite3");
+            let (db, sum) =
+                crate::restore::restore_with(&dl, &db, keys, &mut |_, _| {}).map_err(|e| local(e.explain()))?;
+            let snap = work.join("folded.snapshot");
+            let g = m.generation + 1;
+            crate::snapshot::write(&snap, g, sum.version, &db, &mut fsutil::Throttle::unlimited(), Some(sealer))
+                .map_err(|e| local(e.explain()))?;
+            self.stage(m.generation, sum.version, &snap, progress)?;
+            Ok(Some(Staged { from_generation: m.generation, base_version: sum.version, fold_end }))
+        })();
+        let _ = std::fs::remove_dir_all(work);
+        r
     }
 
     /// Compaction by reading the remote back: downloads up to the last transaction, rebuilds
@@ -299,6 +410,14 @@ impl SocketDestination {
         let _ = std::fs::remove_dir_all(work);
         r
     }
+}
+
+/// A new generation staged on the server by `stage_compaction`, for `switch_staged`.
+#[derive(Debug, Clone, Copy)]
+pub struct Staged {
+    pub from_generation: u64,
+    pub base_version: u32,
+    pub fold_end: u64,
 }
 
 fn record_tail(record: &[u8]) -> u32 {
@@ -607,6 +726,17 @@ impl Link {
             .mode(0o700)
             .create(dir)
             .map_err(|e| local(format!("create {}: {e}", dir.display())))?;
+        // The backup's metadata first (it changes only while the backup is empty): what a
+        // restore needs to find the key and open the seals.
+        match self.call(&Request::GetMeta).await? {
+            Reply::Meta(b) if b.is_empty() => {}
+            Reply::Meta(b) => {
+                let meta: Meta = serde_json::from_slice(&b)
+                    .map_err(|e| self.err_protocol(format!("the server's backup.json is not valid: {e}")))?;
+                meta.store(dir).map_err(|e| local(e.explain()))?;
+            }
+            r => return Err(self.unexpected(&r)),
+        }
         let m = match self.call(&Request::Download { limit }).await? {
             Reply::Manifest(m) => m,
             r => return Err(self.unexpected(&r)),
@@ -663,11 +793,10 @@ impl Link {
         Ok(m)
     }
 
+    /// Sends `req` (an Install or a Stage; its snapshot_len is filled in) and the snapshot.
     async fn install(
         &mut self,
-        from_generation: u64,
-        base_version: u32,
-        fold_end: u64,
+        mut req: Request,
         snapshot: &Path,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<State, SocketError> {
@@ -681,9 +810,11 @@ impl Link {
         let Some(ch) = self.conn.as_mut() else { return Err(local("connection lost".into())) };
         let lost =
             |e: TransportError| SocketError::Dropped { url: url.clone(), during: "an install", error: e.to_string() };
-        ch.send(&Request::Install { from_generation, base_version, fold_end, snapshot_len: len }.encode())
-            .await
-            .map_err(lost)?;
+        match &mut req {
+            Request::Install { snapshot_len, .. } | Request::Stage { snapshot_len, .. } => *snapshot_len = len,
+            _ => return Err(local("not an install".into())),
+        }
+        ch.send(&req.encode()).await.map_err(lost)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut sent = 0u64;
         while sent < len {

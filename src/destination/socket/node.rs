@@ -20,13 +20,21 @@ pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
     let p = ldir.join(LOCK_NAME);
     let Ok(text) = std::fs::read_to_string(&p) else { return Ok(None) };
     let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parse {}", p.display()))?;
-    if v["backend_url"].as_str() != Some(url) {
-        return Ok(None);
-    }
-    match v["server_key"].as_str() {
+    // `server_key` pins backend_url's server; `server_keys` the others' (add-destination)
+    let k = if v["backend_url"].as_str() == Some(url) { &v["server_key"] } else { &v["server_keys"][url] };
+    match k.as_str() {
         Some(k) => Ok(Some(identity::parse_public(k).map_err(|e| anyhow!("{}: server_key: {e}", p.display()))?)),
         None => Ok(None),
     }
+}
+
+/// Whether `ldir`'s backup.lock says the node chose a plaintext backup (`init
+/// --no-encryption` before its first start).
+pub fn plaintext_chosen(ldir: &Path) -> bool {
+    std::fs::read(ldir.join(LOCK_NAME))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["no_encryption"] == serde_json::json!(true))
 }
 
 /// The plugin's writer connection for `url` from `ldir`: the node's key from its

@@ -1,11 +1,18 @@
 //! The `socket:` destination behind the destination seam.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::client::{SocketDestination, SocketError};
+use super::client::{SocketDestination, SocketError, Staged};
+use crate::compact::lock;
 use crate::destination::{BackgroundCompaction, Destination, GenerationFiles, Shared, Tip};
 use crate::error::StoreError;
 use crate::journal::Kind;
+use crate::journal::{self, Payloads};
+use crate::keys::{KeyError, KeySource};
+use crate::meta::Meta;
+use crate::seal::Sealer;
 use crate::versions::Position;
 
 impl From<SocketError> for StoreError {
@@ -19,17 +26,106 @@ impl From<SocketError> for StoreError {
     }
 }
 
+/// How the node seals for the server's copy: as its backup.json there says. The server
+/// stores the sealed bytes and never holds the key.
+enum Sealing {
+    Plain,
+    Ready {
+        sealer: Arc<Sealer>,
+        keys: KeySource,
+    },
+    /// Sealed, the key not read yet (a node before lightningd's first start).
+    Pending {
+        meta: Meta,
+        keys: KeySource,
+    },
+}
+
 /// A socket destination and what the plugin knows of its last record.
 pub struct Socket {
     pub dest: SocketDestination,
     /// Payload CRC of the last record this process sent (0: unknown, as after a start).
     last_crc: u32,
     last_write: Option<SystemTime>,
+    sealing: Sealing,
+    buf: Vec<u8>,
+    /// The node's lightning dir, where its key is looked for.
+    ldir: PathBuf,
 }
 
 impl Socket {
-    pub fn new(dest: SocketDestination) -> Socket {
-        Socket { dest, last_crc: 0, last_write: None }
+    /// The seam over `dest`, sealing as the server's backup.json says, with the key found
+    /// from `ldir` (the node's lightning dir) or where backup.json says it was.
+    pub fn open(dest: SocketDestination, ldir: &Path) -> Result<Socket, StoreError> {
+        let mut s = Socket {
+            dest,
+            last_crc: 0,
+            last_write: None,
+            sealing: Sealing::Plain,
+            buf: Vec::with_capacity(1 << 16),
+            ldir: ldir.to_path_buf(),
+        };
+        s.load_sealing()?;
+        Ok(s)
+    }
+
+    /// Follows the server's backup.json (at open, and after an install replaced it).
+    fn load_sealing(&mut self) -> Result<(), StoreError> {
+        let mut meta = self.dest.meta()?;
+        let st = self.dest.server_state();
+        let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
+        if empty && !meta.as_ref().is_some_and(|m| m.sealed) && !super::node::plaintext_chosen(&self.ldir) {
+            // A new node's first connection to a server backup made plaintext: the node
+            // did not choose that (init could not send its backup.json without a key).
+            let ldir = std::path::absolute(&self.ldir).unwrap_or_else(|_| self.ldir.clone());
+            let m = Meta::new_sealed(None, None, Some(ldir))?;
+            self.dest.put_meta(&m)?;
+            meta = Some(m);
+        }
+        self.sealing = match meta {
+            Some(m) if m.sealed => {
+                let keys = m.source_with_recorded(KeySource::lightning_dir(&self.ldir));
+                Sealing::Pending { meta: m, keys }
+            }
+            _ => Sealing::Plain,
+        };
+        if let Sealing::Pending { meta, keys } = &self.sealing {
+            // read now if it is there (a new node has no hsm_secret until lightningd made it)
+            if keys.find(meta.key_file.as_deref()).map_err(|e| self.key_error(e))?.is_some() {
+                self.sealer()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn key_error(&self, e: KeyError) -> StoreError {
+        StoreError::Key { path: self.dest.url().into(), what: e.to_string() }
+    }
+
+    /// The sealer of a sealed backup, reading the key now if it was not read yet; None for
+    /// a plaintext one. The first read also records the key's fingerprint on the server.
+    fn sealer(&mut self) -> Result<Option<Arc<Sealer>>, StoreError> {
+        if let Sealing::Pending { meta, keys } = &self.sealing {
+            let (meta, keys) = (meta.clone(), keys.clone());
+            let Some((s, key)) = meta.sealer(&keys).map_err(|e| self.key_error(e))? else {
+                return Err(self.key_error(meta.missing(&keys)));
+            };
+            if meta.key_fingerprint.is_none() {
+                let ldir = meta.lightning_dir.clone().or_else(|| {
+                    keys.search
+                        .iter()
+                        .find(|d| d.join(crate::keys::HSM_SECRET).exists())
+                        .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
+                });
+                let filled = Meta { key_fingerprint: Some(key.fingerprint()), lightning_dir: ldir, ..meta };
+                self.dest.put_meta(&filled)?;
+            }
+            self.sealing = Sealing::Ready { sealer: Arc::new(s), keys };
+        }
+        Ok(match &self.sealing {
+            Sealing::Ready { sealer, .. } => Some(sealer.clone()),
+            _ => None,
+        })
     }
 }
 
@@ -51,6 +147,48 @@ impl Destination for Socket {
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = match self.seal_for_next(data_version, kind, replace_last, record, &mut buf) {
+            Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
+            Ok(false) => self.append_copy(data_version, kind, replace_last, record),
+            Err(e) => Err(e),
+        };
+        self.buf = buf;
+        r
+    }
+    /// Seals for the place the server's journal gives the record next (where its last
+    /// transaction starts, when it replaces it), as the file writer does for its own.
+    fn seal_for_next(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let Some(sealer) = self.sealer()? else { return Ok(false) };
+        let st = self.dest.server_state();
+        let offset = match (replace_last, st.droppable) {
+            (false, _) => st.journal_len,
+            (true, true) => st.last_tx_offset,
+            (true, false) => {
+                return Err(StoreError::Invalid { path: self.dest.url().into(), what: "no transaction to drop".into() })
+            }
+        };
+        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
+            .map_err(|what| StoreError::Invalid { path: self.dest.url().into(), what })?;
+        out.clear();
+        let payloads = Payloads::Sealed { sealer: &sealer, generation: st.generation };
+        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        Ok(true)
+    }
+    fn append_copy(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        record: &[u8],
+    ) -> Result<(), StoreError> {
         self.dest.append(data_version, kind, replace_last, record)?;
         self.last_crc = crate::journal::payload_crc(record);
         self.last_write = Some(SystemTime::now());
@@ -67,9 +205,33 @@ impl Destination for Socket {
     }
     /// On a second connection: the node reads the backup back, folds it, uploads the new
     /// snapshot, and the server swaps generations; the writer's appends go on meanwhile.
-    fn background_compaction(&self, _me: Shared) -> Option<BackgroundCompaction> {
+    /// A sealed backup: the new snapshot is sealed by the node and staged by the reading
+    /// connection; the switch, which needs the records past the fold point resealed, runs
+    /// on the writer's connection with db_write held (`switch_generation`).
+    fn background_compaction(&self, me: Shared) -> Option<BackgroundCompaction> {
         let url = self.dest.url().to_string();
         let reader = self.dest.reader();
+        if let Sealing::Ready { sealer, keys } = &self.sealing {
+            let (sealer, keys) = (sealer.clone(), keys.clone());
+            return Some(Box::new(move |work| {
+                let mut r = reader.connect().map_err(|e| format!("{url}: {e}"))?;
+                let staged = match r.stage_compaction(work, &keys, &sealer, &mut |_, _| {}) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return Ok(format!("{url}: nothing to fold yet")),
+                    Err(e) => return Err(format!("{url}: {e}")),
+                };
+                drop(r);
+                lock(&me).switch_generation(Box::new(staged)).map_err(|e| format!("{url}: {}", e.explain()))?;
+                let st = lock(&me).tip();
+                Ok(format!(
+                    "{url}: compacted on the server into generation {} at data_version {} ({} journal bytes left)",
+                    st.generation, st.position.version, st.journal_len
+                ))
+            }));
+        }
+        if !matches!(self.sealing, Sealing::Plain) {
+            return None; // sealed, and the key not read yet: nothing to open the records with
+        }
         Some(Box::new(move |work| {
             let mut r = reader.connect().map_err(|e| format!("{url}: {e}"))?;
             match r.compact(work, &mut |_, _| {}) {
@@ -82,15 +244,61 @@ impl Destination for Socket {
             }
         }))
     }
-    fn install(&mut self, _from: &GenerationFiles) -> Result<(), StoreError> {
-        Err(StoreError::Remote {
-            what: format!(
-                "{}: a socket destination that lacks more than the records after its position cannot be brought up \
-                 to date from another copy yet",
-                self.dest.url()
-            ),
-            hint: "stop lightningd, remove this destination with backup-cli remove-destination, and init it again",
+    fn switch_generation(&mut self, prepared: Box<dyn std::any::Any + Send>) -> Result<(), StoreError> {
+        let staged = prepared.downcast::<Staged>().map_err(|_| StoreError::Invalid {
+            path: self.dest.url().into(),
+            what: "not a generation staged on a backup server".into(),
+        })?;
+        let Some(sealer) = self.sealer()? else {
+            return Err(StoreError::Invalid { path: self.dest.url().into(), what: "the backup is not sealed".into() });
+        };
+        self.dest.switch_staged(staged.from_generation, staged.base_version, staged.fold_end, &sealer)?;
+        Ok(())
+    }
+    /// Seeds an empty server backup with a file copy's generation, as it is: its backup.json
+    /// (one backup id: the seals hold), its snapshot as the same generation, then its
+    /// records one by one at the same places, each checked by the server as an append.
+    fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError> {
+        let url = self.dest.url().to_string();
+        let refuse = |what: String| StoreError::Remote {
+            what: format!("{url}: {what}"),
+            hint: "add a socket destination only with a new, empty backup on the server (`backup-cli init` there)",
             retryable: false,
-        })
+        };
+        let st = self.dest.server_state();
+        if st.journal_len != journal::HEADER_LEN || st.version != 0 {
+            return Err(refuse(format!(
+                "the server's backup holds data (generation {}, data_version {}): only an empty one is seeded",
+                st.generation, st.version
+            )));
+        }
+        if let Some(m) = Meta::load(crate::fsutil::parent_of(&from.journal))? {
+            self.dest.put_meta(&m)?;
+        }
+        let mut reader = journal::JournalReader::open(&from.journal)?;
+        reader.limit(from.journal_len);
+        match &from.snapshot {
+            Some(snap) if from.generation > st.generation => {
+                let base = reader.header.base.version();
+                self.dest.install_generation(from.generation - 1, base, journal::HEADER_LEN, snap, &mut |_, _| {})?;
+            }
+            None if from.generation == st.generation => {}
+            _ => {
+                return Err(refuse(format!(
+                    "the copy to seed from is at generation {}, the server's empty backup at {}: its sealed data is \
+                     bound to its generation. Compact the copy first (`backup-cli compact`, lightningd stopped), \
+                     then add again",
+                    from.generation, st.generation
+                )))
+            }
+        }
+        let mut buf = Vec::new();
+        while let Some(rec) = reader.next_record()? {
+            buf.clear();
+            journal::frame_payload(&mut buf, rec.data_version, rec.kind, &rec.payload);
+            self.dest.append(rec.data_version, rec.kind, false, &buf)?;
+            self.last_crc = rec.payload_crc;
+        }
+        self.load_sealing()
     }
 }
