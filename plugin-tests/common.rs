@@ -147,3 +147,14 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
     }
 }
+
+/// The current journal of the backup at `root`, up to the end of its data (without the
+/// writer's zero-filled room after it).
+pub fn journal_data(root: &Path) -> Vec<u8> {
+    let path = cln_backup::layout::Layout::new(root).list().unwrap().journal;
+    let mut r = cln_backup::journal::JournalReader::open(&path).unwrap();
+    while r.next_record().unwrap().is_some() {}
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(r.position() as usize);
+    bytes
+}

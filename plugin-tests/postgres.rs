@@ -874,7 +874,7 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     assert_eq!(st["destinations"][1]["details"]["key_fingerprint"], fp_of(LEGACY_FP_KEY), "{st:#}");
     node.stop().unwrap();
     // one seal per record: the database holds exactly the file copy's journal
-    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    let file_journal = journal_data(&copy);
     assert_eq!(pg_journal(&lock.urls[1], "regtest", tmp.path()), file_journal);
     assert!(readable(&copy, &needles("small")).is_empty());
     let fin = final_db("small", tmp.path());
@@ -914,7 +914,7 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     node.start_if_needed(std::slice::from_ref(&rec), 0).unwrap();
     assert_eq!(node.step(&rec).unwrap(), cln_backup::sim::Answer::Continue);
     node.stop().unwrap();
-    let file_journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    let file_journal = journal_data(&copy);
     assert_eq!(pg_journal(&lock.urls[1], "regtest", &tmp.path().join("a")), file_journal);
     assert_eq!(pg_journal(&lock.urls[2], "regtest", &tmp.path().join("b")), file_journal);
 }
@@ -984,7 +984,7 @@ fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
     assert!(d.tip().same_place(&file_tip));
     drop(w);
     drop(d);
-    let journal = std::fs::read(cln_backup::layout::Layout::new(&copy).list().unwrap().journal).unwrap();
+    let journal = journal_data(&copy);
     assert_eq!(pg_journal(&backend, "regtest", tmp.path()), journal);
     let gens = pgharness::shared()
         .psql(&db_of(&url), "SELECT string_agg(DISTINCT generation::text, ',') FROM cln_backup.records");
