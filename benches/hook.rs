@@ -7,8 +7,8 @@
 //! 2. Restore speed (statements/s) against SQLite executing the same statements in one
 //!    transaction with the same settings.
 //! 3. The plugin's RSS after the whole trace, and its binary's size.
-//! 4. The postgres:// destination's append against a bare INSERT + COMMIT (also with a
-//!    synchronous standby). CLN_BACKUP_BENCH_ONLY=postgres runs only this one.
+//! 4. The postgres:// destination's append (sealed) against a bare INSERT + COMMIT (also
+//!    with a synchronous standby). CLN_BACKUP_BENCH_ONLY=postgres runs only this one.
 //! 5. Sealing: hook p50/p99 of a sealed backup against a plaintext one (two plugins, the
 //!    same trace, interleaved call by call), restore time sealed against plain, and the
 //!    in-process cost of sealing a record. `CLN_BACKUP_BENCH_ONLY=seal` runs only this.
@@ -637,9 +637,16 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
     cluster.psql("bench", "CREATE TABLE baseline (seq bigint PRIMARY KEY, data bytea NOT NULL)");
     let tmp = tempfile::tempdir().unwrap();
     let local = tmp.path().join("b");
-    cln_backup::writer::create(&local, None, None, None).unwrap();
+    // sealed, as the plugin writes: the key in an hsm_secret of a lightning dir
+    let ldir = tmp.path().join("ln");
+    fs::create_dir(&ldir).unwrap();
+    fs::write(ldir.join("hsm_secret"), [7u8; 32]).unwrap();
+    let keys = cln_backup::keys::KeySource::lightning_dir(&ldir);
+    let meta = cln_backup::meta::Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+    cln_backup::writer::create(&local, None, Some(&meta), None).unwrap();
     pg::create(&url, "bench", &local, &mut |_, _| {}).unwrap();
-    let mut dest = PgDestination::open(&url, "bench", Duration::from_secs(60)).unwrap();
+    let mut dest = PgDestination::open_with(&url, "bench", Duration::from_secs(60), &keys).unwrap();
+    assert_eq!(dest.status()["sealed"], true, "the benchmark measures sealed appends");
     // the baseline: its own connection, same client crate, same runtime kind
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let cfg: tokio_postgres::Config = url.split('?').next().unwrap().parse().unwrap();
@@ -693,7 +700,7 @@ fn postgres_appends(trace: &[sim::TraceRecord]) {
     let standby = cluster.add_sync_standby().unwrap();
     // new sessions see synchronous_standby_names; both sides reconnect alike
     drop(dest);
-    let mut dest = PgDestination::open(&url, "bench", Duration::from_secs(60)).unwrap();
+    let mut dest = PgDestination::open_with(&url, "bench", Duration::from_secs(60), &keys).unwrap();
     assert_eq!(dest.status()["synchronous_replication"], true);
     run(&mut dest, &trace[half..], "(synchronous standby)");
     drop(standby);
