@@ -191,6 +191,7 @@ fn hook_restore_and_compaction(base: &Path) {
             two.0, slower.0, two.0 / slower.0, two.1, slower.1, two.1 / slower.1
         );
     }
+    fanout_in_process(&trace, &base, &shm);
     let _ = fs::remove_dir_all(&shm);
     if only_hook {
         return;
@@ -403,6 +404,43 @@ fn main() {
         postgres_appends(&sim::read_trace(&fs::read(&p).unwrap()).unwrap());
     }
     let _ = fs::remove_dir_all(&base);
+}
+
+/// The replicated journal in-process (no plugin, no stdio): two destinations (the disk
+/// and a tmpfs) against the disk alone, interleaved call by call. What the fan-out itself
+/// costs, apart from the scheduling of a plugin process.
+fn fanout_in_process(trace: &[sim::TraceRecord], base: &Path, shm: &Path) {
+    use cln_backup::destination::replicas::Replicas;
+    let open = |name: &str, roots: &[PathBuf]| {
+        let ldir = base.join(format!("fanout-{name}"));
+        fs::create_dir_all(&ldir).unwrap();
+        let urls: Vec<String> = roots.iter().map(|r| format!("file://{}", r.display())).collect();
+        for r in roots {
+            cln_backup::writer::create(r, None, None, None).unwrap();
+        }
+        Replicas::open(&urls, &ldir, 0)
+    };
+    let mut one = open("one", &[base.join("fanout-one.bkp")]);
+    let mut two = open("two", &[base.join("fanout-two.bkp"), shm.join("fanout-two.bkp")]);
+    let (mut a, mut b) = (Vec::with_capacity(trace.len()), Vec::with_capacity(trace.len()));
+    for (i, rec) in trace.iter().enumerate() {
+        for k in 0..2 {
+            let t = Instant::now();
+            if (k == 0) == (i % 2 == 0) {
+                one.apply(rec.data_version, &rec.writes).unwrap();
+                a.push(t.elapsed());
+            } else {
+                two.apply(rec.data_version, &rec.writes).unwrap();
+                b.push(t.elapsed());
+            }
+        }
+    }
+    let (a50, a99, b50, b99) = (pct(&mut a, 0.5), pct(&mut a, 0.99), pct(&mut b, 0.5), pct(&mut b, 0.99));
+    println!(
+        "  in-process, no plugin (plaintext): disk + tmpfs against the disk alone: p50 {b50:.0} vs {a50:.0} µs = {:.2}x, p99 {b99:.0} vs {a99:.0} µs = {:.2}x",
+        b50 / a50,
+        b99 / a99
+    );
 }
 
 /// This thread's CPU time.
