@@ -175,6 +175,10 @@ impl SocketDestination {
         let l = &self.link;
         ReaderSpec { url: l.url.clone(), key: l.key.clone(), server_key: l.server_key, timeout: l.reconnect_timeout }
     }
+    /// The bound on reconnects and stalled calls (`backup-reconnect-timeout`).
+    pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        self.link.reconnect_timeout = timeout;
+    }
     /// The server's state as of the last answer.
     pub fn server_state(&self) -> State {
         self.link.state

@@ -244,6 +244,9 @@ impl Destination for Socket {
             }
         }))
     }
+    fn set_reconnect_timeout(&mut self, timeout: std::time::Duration) {
+        self.dest.set_reconnect_timeout(timeout);
+    }
     fn switch_generation(&mut self, prepared: Box<dyn std::any::Any + Send>) -> Result<(), StoreError> {
         let staged = prepared.downcast::<Staged>().map_err(|_| StoreError::Invalid {
             path: self.dest.url().into(),
