@@ -1563,3 +1563,71 @@ fn a_reseed_cut_by_sigkill_leaves_the_old_or_the_new_copy() {
     assert_same(&db, &fin);
     let _ = &lb.at_add;
 }
+
+/// `restore --lightning-dir` reads a socket copy too (downloaded with the node's key and
+/// the pinned server key from that dir) and takes it when it is ahead of the file copy, or
+/// when it is the only one, and says why.
+#[test]
+fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 45);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("small");
+    let half = trace.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let stale = tmp.path().join("stale.bkp");
+    assert!(Command::new("cp").arg("-a").arg(&file).arg(&stale).status().unwrap().success());
+    let root = tmp.path().join("server.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let o = Command::new(CLI)
+        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    // the file copy is found stale (as after its disk was put back from an older copy)
+    std::fs::remove_dir_all(&file).unwrap();
+    assert!(Command::new("cp").arg("-a").arg(&stale).arg(&file).status().unwrap().success());
+    let restore = |name: &str| {
+        let out = tmp.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let dest = out.join("lightningd.sqlite3");
+        let o = Command::new(CLI)
+            .args(["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()])
+            .env("XDG_STATE_HOME", tmp.path().join("nothing-recorded"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+        assert_same(&dest, &final_db("small", tmp.path()));
+        stdout(&o)
+    };
+    let out = restore("ahead");
+    assert!(out.contains(&format!("Restoring from {u}: it holds data_version")), "{out}");
+    assert!(out.contains(&format!("{} holds only up to data_version", url(&file))), "{out}");
+    // a lock that names the socket copy alone
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let pin = lock["server_keys"][&u].clone();
+    let alone = serde_json::json!({"backend_url": u, "server_key": pin});
+    std::fs::write(ldir.join("backup.lock"), alone.to_string()).unwrap();
+    let out = restore("alone");
+    assert!(out.contains(&format!("Restoring from {u}: it is the only copy")), "{out}");
+    // a server key that is not the pinned one: the copy is unreadable, said so
+    let wrong = serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&[7u8; 32])});
+    std::fs::write(ldir.join("backup.lock"), wrong.to_string()).unwrap();
+    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), tmp.path().join("x.sqlite3").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("unreadable"), "{}", stdout(&o));
+    drop(server);
+}
