@@ -853,6 +853,44 @@ mod tests {
         assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), before);
     }
 
+    /// A reseed is the writer's, of the same backup, never to an older data_version, and
+    /// switches whole; refused ones leave the backup as it was.
+    #[test]
+    fn reseed_refusals_and_switch() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("b.bkp");
+        crate::writer::create(&root, None, None, None).unwrap();
+        let h = Hosted::open(&root, None).unwrap();
+        h.claim_writer(1).unwrap();
+        for dv in 1..=3 {
+            h.append(1, dv, 1, false, &rec(dv, Kind::Transaction)).unwrap();
+        }
+        let before = h.state().unwrap();
+        let journal = |n: u32| {
+            let p = h.reseed_tmp(1, 0);
+            let recs: Vec<u8> = (1..=n).flat_map(|dv| rec(dv, Kind::Transaction)).collect();
+            let _ = std::fs::remove_file(&p);
+            crate::writer::write_journal(&p, &Header { generation: 1, base: Base::Empty, sealed: false }, &recs)
+                .unwrap();
+            p
+        };
+        let snap = h.install_tmp(0, 0);
+        let e = h.reseed(1, 1, 0, b"", &journal(2), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("never rolled back"), "{}", e.1);
+        assert_eq!(h.reseed(2, 1, 0, b"", &journal(5), &snap).unwrap_err().0, Code::NotWriter);
+        let other = serde_json::to_vec(&Meta::new_sealed(None, None, None).unwrap()).unwrap();
+        let e = h.reseed(1, 1, 0, &other, &journal(5), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("another backup"), "{}", e.1);
+        let e = h.reseed(1, 2, 0, b"", &journal(5), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("announced"), "{}", e.1);
+        assert_eq!(h.state().unwrap(), before);
+        let st = h.reseed(1, 1, 0, b"", &journal(5), &snap).unwrap();
+        assert_eq!((st.generation, st.version), (1, 5));
+        assert_ne!(st.tail, 0);
+        drop(h);
+        assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), st);
+    }
+
     #[test]
     fn pairing_is_recorded_and_pinned() {
         let d = tempfile::tempdir().unwrap();
