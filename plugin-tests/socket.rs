@@ -1335,3 +1335,299 @@ fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
         drop(server);
     }
 }
+
+/// A node with a sealed file copy and a socket copy (added by `add-destination`),
+/// `backup-min-destinations=1`: the server is SIGKILLed mid-trace, the node goes on and
+/// compacts its file copy into generation 2, so the server's copy (generation 1) can no
+/// longer be caught up record by record. Returned with the node running, the server down.
+struct LeftBehind {
+    tmp: tempfile::TempDir,
+    ldir: PathBuf,
+    file: PathBuf,
+    root: PathBuf,
+    server: Server,
+    u: String,
+    node: cln_backup::sim::Node,
+    /// The file copy as it was when the socket copy was added, and halfway before that.
+    at_add: PathBuf,
+    older: PathBuf,
+}
+
+fn left_behind(seed: u8, upto: usize) -> LeftBehind {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", seed);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("channels");
+    let (q, half) = (trace.len() / 8, trace.len() / 4);
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..q).unwrap(), None);
+    node.stop().unwrap();
+    let older = tmp.path().join("older.bkp");
+    assert!(Command::new("cp").arg("-a").arg(&file).arg(&older).status().unwrap().success());
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(trace, q..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let at_add = tmp.path().join("at-add.bkp");
+    assert!(Command::new("cp").arg("-a").arg(&file).arg(&at_add).status().unwrap().success());
+    let root = tmp.path().join("server.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let o = Command::new(CLI)
+        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    node.options = serde_json::json!({"backup-min-destinations": 1, "backup-reconnect-timeout": 1});
+    let third = half + (trace.len() - half) / 3;
+    assert_eq!(node.replay(trace, half..third).unwrap(), None);
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert_eq!(st["destinations"][1]["state"], "in-sync", "{st:#}");
+    server.kill();
+    assert_eq!(node.replay(trace, third..upto).unwrap(), None, "min 1: lightningd goes on");
+    let st = node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert_eq!(st["destinations"][1]["state"], "behind", "{st:#}");
+    let v = node.plugin().unwrap().cli("backup-compact", serde_json::json!({})).unwrap();
+    assert_eq!(v["result"], "compaction started", "{v}");
+    wait_for_log(node.plugin().unwrap(), "info", "into generation 2");
+    LeftBehind { tmp, ldir, file, root, server, u, node, at_add, older }
+}
+
+/// The node's key and the server's pin, beside a restore's destination.
+fn restore_into(lb: &LeftBehind, name: &str) -> PathBuf {
+    let out = lb.tmp.path().join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(lb.ldir.join("hsm_secret"), out.join("hsm_secret")).unwrap();
+    std::fs::copy(lb.ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
+    out
+}
+
+/// The socket copy left behind by a compaction is re-seeded with the file copy's new
+/// generation when the server is back, is in sync again, takes the rest of the trace, and
+/// restores equal to the node row for row.
+#[test]
+fn a_socket_copy_left_behind_by_a_compaction_is_reseeded() {
+    let trace = trace("channels");
+    let two_thirds = trace.len() * 2 / 3;
+    let mut lb = left_behind(41, two_thirds);
+    let st = lb.node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    assert_eq!(st["destinations"][0]["generation"], 2, "{st:#}");
+    assert_eq!(st["destinations"][1]["generation"], 1, "{st:#}");
+    lb.server.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let st = loop {
+        let st = lb.node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+        if st["destinations"][1]["state"] == "in-sync" {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the socket copy never caught up: {st:#}\n{:?}", lb.server.lines());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(st["destinations"][1]["generation"], 2, "{st:#}");
+    assert_eq!(st["destinations"][1]["latest_version"], st["destinations"][0]["latest_version"], "{st:#}");
+    lb.server.wait_log("re-seeded with generation 2");
+    wait_for_log(lb.node.plugin().unwrap(), "info", "is up to date again");
+    assert_eq!(lb.node.replay(trace, two_thirds..trace.len()).unwrap(), None);
+    let st = lb.node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
+    for d in st["destinations"].as_array().unwrap() {
+        assert_eq!(d["state"], "in-sync", "{st:#}");
+    }
+    lb.node.stop().unwrap();
+    // the old generation is gone from the server, and nothing is readable there
+    let files: Vec<String> =
+        std::fs::read_dir(&lb.root).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    assert!(!files.iter().any(|f| f.starts_with("0000000000000001-")), "{files:?}");
+    let found = crate::sealed::readable(&lb.root, &crate::sealed::needles("channels"));
+    assert!(found.is_empty(), "readable on the server: {found:?}");
+    let out = restore_into(&lb, "restored");
+    let db = restore_cli(&lb.u, &out);
+    assert_same(&db, &final_db("channels", lb.tmp.path()));
+    let _ = &lb.file;
+}
+
+/// What a restore of `u` gives: its data_version.
+fn restored_version(lb: &LeftBehind, u: &str, name: &str) -> (u32, PathBuf) {
+    let out = restore_into(lb, name);
+    let o = cli(&["restore", u, out.to_str().unwrap()]);
+    assert!(o.status.success(), "restore failed: {}", stderr(&o));
+    let s = cln_backup::restore::verify_with(
+        &out,
+        &cln_backup::keys::KeySource::lightning_dir(&out),
+        &mut |_, _| {},
+    );
+    drop(s);
+    let text = stdout(&o);
+    let v = text
+        .split("Restored data_version ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no version in: {text}"));
+    (v, out.join("lightningd.sqlite3"))
+}
+
+/// A server SIGKILLed in the middle of a re-seed (its snapshot or journal on the way, or at
+/// a random moment) restores to the old copy or to the new one, never a mix; and what must
+/// never go there is refused with the copy left as it was: another backup's generation, an
+/// older copy of the same backup.
+#[test]
+fn a_reseed_cut_by_sigkill_leaves_the_old_or_the_new_copy() {
+    use cln_backup::destination::Destination;
+    let trace = trace("channels");
+    let mut lb = left_behind(43, trace.len());
+    lb.node.stop().unwrap();
+    let saved = lb.tmp.path().join("server-saved.bkp");
+    assert!(Command::new("cp").arg("-a").arg(&lb.root).arg(&saved).status().unwrap().success());
+    let new = cln_backup::destination::inspect::inspect(&url(&lb.file), &lb.ldir).unwrap();
+    assert_eq!(new.files.generation, 2);
+    let fin = final_db("channels", lb.tmp.path());
+    lb.server.spawn();
+    let (old_v, old_db) = restored_version(&lb, &lb.u.clone(), "old");
+    assert!(old_v < new.tip.position.version, "{old_v}");
+    let open = |lb: &LeftBehind| {
+        let d = cln_backup::destination::socket::node::connect_node(&lb.ldir, &lb.u, Duration::from_secs(2)).unwrap();
+        cln_backup::destination::socket::seam::Socket::open(d, &lb.ldir).unwrap()
+    };
+    let mut rng = Rng(43);
+    let (mut cut, mut done) = (0, 0);
+    for round in 0..8 {
+        lb.server.kill();
+        std::fs::remove_dir_all(&lb.root).unwrap();
+        assert!(Command::new("cp").arg("-a").arg(&saved).arg(&lb.root).status().unwrap().success());
+        lb.server.spawn();
+        let mut s = open(&lb);
+        let files = new.files.clone();
+        let job = std::thread::spawn(move || s.install(&files).map_err(|e| e.explain()));
+        if round % 2 == 0 {
+            // the moment the first of its files arrives on the server
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !job.is_finished() && Instant::now() < deadline {
+                let tmp_there = std::fs::read_dir(&lb.root)
+                    .unwrap()
+                    .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+                if tmp_there {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.below(120)));
+        }
+        lb.server.kill();
+        match job.join().unwrap() {
+            Ok(()) => done += 1,
+            Err(_) => cut += 1,
+        }
+        lb.server.spawn();
+        assert_no_tmp_left(&lb.root);
+        let (v, db) = restored_version(&lb, &lb.u.clone(), &format!("round-{round}"));
+        if v == old_v {
+            assert_same(&db, &old_db);
+        } else {
+            assert_eq!(v, new.tip.position.version, "round {round}: neither the old copy nor the new");
+            assert_same(&db, &fin);
+        }
+    }
+    eprintln!("{cut} re-seeds cut by the SIGKILL, {done} finished before it");
+    assert!(cut >= 1, "no re-seed was cut: the test proved nothing");
+    // undisturbed: the new copy
+    let mut s = open(&lb);
+    s.install(&new.files).unwrap();
+    assert_eq!(s.tip().position.version, new.tip.position.version);
+    assert_eq!(s.tip().generation, 2);
+    // another backup's generation: refused, nothing changed
+    let (other_ldir, _) = node_dir(lb.tmp.path(), "other", 44);
+    let other = lb.tmp.path().join("other.bkp");
+    let o = cli(&["init", "--lightning-dir", other_ldir.to_str().unwrap(), &url(&other)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut onode = cln_backup::sim::Node::new(Path::new(BIN), &other_ldir).unwrap();
+    assert_eq!(onode.replay(trace, 0..trace.len()).unwrap(), None);
+    onode.stop().unwrap();
+    let theirs = cln_backup::destination::inspect::inspect(&url(&other), &other_ldir).unwrap();
+    let e = s.install(&theirs.files).unwrap_err().explain();
+    assert!(e.contains("another backup"), "{e}");
+    // an older copy of the same backup (generation 1, a quarter of the trace): never a roll back
+    let older = cln_backup::destination::inspect::inspect(&url(&lb.older), &lb.ldir).unwrap();
+    let e = s.install(&older.files).unwrap_err().explain();
+    assert!(e.contains("never rolled back"), "{e}");
+    drop(s);
+    let (v, db) = restored_version(&lb, &lb.u.clone(), "after-refusals");
+    assert_eq!(v, new.tip.position.version);
+    assert_same(&db, &fin);
+    let _ = &lb.at_add;
+}
+
+/// `restore --lightning-dir` reads a socket copy too (downloaded with the node's key and
+/// the pinned server key from that dir) and takes it when it is ahead of the file copy, or
+/// when it is the only one, and says why.
+#[test]
+fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 45);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("small");
+    let half = trace.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let stale = tmp.path().join("stale.bkp");
+    assert!(Command::new("cp").arg("-a").arg(&file).arg(&stale).status().unwrap().success());
+    let root = tmp.path().join("server.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let o = Command::new(CLI)
+        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    // the file copy is found stale (as after its disk was put back from an older copy)
+    std::fs::remove_dir_all(&file).unwrap();
+    assert!(Command::new("cp").arg("-a").arg(&stale).arg(&file).status().unwrap().success());
+    let restore = |name: &str| {
+        let out = tmp.path().join(name);
+        std::fs::create_dir_all(&out).unwrap();
+        let dest = out.join("lightningd.sqlite3");
+        let o = Command::new(CLI)
+            .args(["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()])
+            .env("XDG_STATE_HOME", tmp.path().join("nothing-recorded"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+        assert_same(&dest, &final_db("small", tmp.path()));
+        stdout(&o)
+    };
+    let out = restore("ahead");
+    assert!(out.contains(&format!("Restoring from {u}: it holds data_version")), "{out}");
+    assert!(out.contains(&format!("{} holds only up to data_version", url(&file))), "{out}");
+    // a lock that names the socket copy alone
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let pin = lock["server_keys"][&u].clone();
+    let alone = serde_json::json!({"backend_url": u, "server_key": pin});
+    std::fs::write(ldir.join("backup.lock"), alone.to_string()).unwrap();
+    let out = restore("alone");
+    assert!(out.contains(&format!("Restoring from {u}: it is the only copy")), "{out}");
+    // a server key that is not the pinned one: the copy is unreadable, said so
+    let wrong = serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&[7u8; 32])});
+    std::fs::write(ldir.join("backup.lock"), wrong.to_string()).unwrap();
+    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), tmp.path().join("x.sqlite3").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("unreadable"), "{}", stdout(&o));
+    drop(server);
+}

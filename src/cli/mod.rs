@@ -248,7 +248,13 @@ fn run(cmd: Cmd) -> Result<()> {
                 (None, None) => bail!("say what to restore from: a URL, or --lightning-dir DIR to use its backup.lock"),
             };
             if is_socket_url(&url) {
-                let (dest, s) = socket::restore(&url, &dest, &key.source(), &mut progress_bar("Restoring"))?;
+                let (dest, s) = socket::restore(
+                    &url,
+                    &dest,
+                    lightning_dir.as_deref(),
+                    &key.source(),
+                    &mut progress_bar("Restoring"),
+                )?;
                 finish_progress();
                 print_summary("Restored", &s);
                 println!("Wrote {}", dest.display());

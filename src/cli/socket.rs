@@ -4,22 +4,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::destination::socket::node::{lock_body, pinned_server_key};
+use crate::destination::socket::node::{connect_reader, lock_body, recorded_dirs, state_file};
 use crate::destination::socket::SocketDestination;
 use crate::error::StoreError;
 use crate::keys::KeySource;
-use crate::net::identity::{self, SecretKey};
-use crate::plugin::LOCK_NAME;
+use crate::net::identity;
 use crate::restore::{self, Summary};
 use crate::seal::Sealer;
 use crate::{fsutil, journal, snapshot};
 
-/// How long the command line waits for the server (the plugin's default bound).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::destination::socket::node::CONNECT_TIMEOUT;
 
 /// `backup-cli init --lightning-dir DIR socket:HOST:PORT`: pairs with the server, pins its
 /// key, uploads the node's database as the first generation (if it has one), writes backup.lock.
@@ -116,24 +113,6 @@ fn upload_first(dest: &mut SocketDestination, db: &Path, work: &Path, sealer: Op
     Ok(())
 }
 
-/// Where init records which lightning dir uses which socket: URL, so a restore drill or a
-/// verify on the same machine finds the node's key and pin with no flags:
-/// `$XDG_STATE_HOME/cln-backup/socket-nodes.json` (or `~/.local/state/...`).
-fn state_file() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
-    Some(base.join("cln-backup/socket-nodes.json"))
-}
-
-fn recorded_dirs() -> serde_json::Map<String, serde_json::Value> {
-    state_file()
-        .and_then(|p| std::fs::read(p).ok())
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v.as_object().cloned())
-        .unwrap_or_default()
-}
-
 /// Best effort: a convenience for drills, never needed for a restore.
 fn remember_lightning_dir(url: &str, ldir: &Path) {
     let Some(p) = state_file() else { return };
@@ -143,51 +122,6 @@ fn remember_lightning_dir(url: &str, ldir: &Path) {
     let Ok(body) = serde_json::to_vec_pretty(&map) else { return };
     let _ = std::fs::create_dir_all(fsutil::parent_of(&p));
     let _ = fsutil::write_atomic(&p, true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)));
-}
-
-/// Where the node's key comes from for restore/verify: `CLN_BACKUP_LIGHTNING_DIR`, the
-/// given directories, then the lightning dir recorded at init for `url`; the first with an
-/// hsm_secret.
-fn find_node_key(url: &str, candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("CLN_BACKUP_LIGHTNING_DIR").map(PathBuf::from).into_iter().collect();
-    dirs.extend(candidates.iter().cloned());
-    if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
-        dirs.push(PathBuf::from(d));
-    }
-    for d in &dirs {
-        if d.join("hsm_secret").is_file() {
-            return Ok((identity::node_key_from_lightning_dir(d).map_err(|e| anyhow!(e))?, d.clone()));
-        }
-    }
-    bail!(
-        "no hsm_secret found in {}: a socket: backup only answers the node it is paired with, by a key derived from \
-         hsm_secret. Put the node's hsm_secret in the lightning dir you restore into, or set CLN_BACKUP_LIGHTNING_DIR \
-         to the directory that holds it",
-        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-    )
-}
-
-fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
-    crate::net::url::parse(url).map_err(|e| anyhow!(e))?;
-    let (key, ldir) = find_node_key(url, ldirs)?;
-    let mut pinned = pinned_server_key(&ldir, url)?;
-    if pinned.is_none() {
-        if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
-            pinned = pinned_server_key(Path::new(d), url)?;
-        }
-    }
-    let dest = SocketDestination::connect(url, key, pinned, CONNECT_TIMEOUT, false)?;
-    if pinned.is_none() {
-        if let Some(k) = dest.server_key() {
-            eprintln!(
-                "warning: no server key pinned for {url} in {}/{LOCK_NAME}: the server presented {}; check it \
-                 against the key `backup-cli server` logs at start",
-                ldir.display(),
-                identity::to_hex(&k)
-            );
-        }
-    }
-    Ok(dest)
 }
 
 /// Downloads a consistent copy next to `near` and runs `f` on it; the copy is removed after.
@@ -214,14 +148,19 @@ fn with_copy<T>(
 /// with the local engine.
 /// The key of a sealed backup is found as for a file backup (`restore::find_sealer`): the
 /// one given, hsm_secret beside DEST, the lightning dir recorded at init.
+/// `ldir`: the lightning dir `restore --lightning-dir` chose the copy from, whose key and
+/// pin are used as when the copy was inspected.
 pub fn restore(
     url: &str,
     dest: &Path,
+    ldir: Option<&Path>,
     keys: &KeySource,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(PathBuf, Summary)> {
     let dest_dir = if dest.is_dir() { dest.to_path_buf() } else { fsutil::parent_of(dest).to_path_buf() };
-    let mut d = connect_reader(url, std::slice::from_ref(&dest_dir))?;
+    let mut dirs = vec![dest_dir.clone()];
+    dirs.extend(ldir.map(Path::to_path_buf));
+    let mut d = connect_reader(url, &dirs)?;
     with_copy(&mut d, &dest_dir, progress, |copy| Ok(restore::restore_with(copy, dest, keys, &mut |_, _| {})?))
 }
 

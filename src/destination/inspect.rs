@@ -24,6 +24,17 @@ pub struct Copy {
 #[derive(Debug)]
 pub struct Scratch(pub PathBuf);
 
+impl Scratch {
+    /// A new, not yet existing path in the temp directory.
+    fn new() -> Scratch {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scratch = Scratch(std::env::temp_dir().join(format!("cln-backup-inspect-{}-{n}", std::process::id())));
+        let _ = std::fs::remove_dir_all(&scratch.0);
+        scratch
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -37,18 +48,23 @@ pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
         Target::Legacy(path) => inspect_v1(url, &path),
         // A remote copy is read through a local download, kept while the Copy lives.
         Target::Postgres(u) => {
-            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let scratch = Scratch(std::env::temp_dir().join(format!("cln-backup-inspect-{}-{n}", std::process::id())));
-            let _ = std::fs::remove_dir_all(&scratch.0);
+            let scratch = Scratch::new();
             super::postgres::transfer::download(&u, None, &scratch.0, &mut |_, _| {}).map_err(|e| e.explain())?;
             let mut c = inspect_dir(url, &scratch.0)?;
             c.scratch = Some(std::sync::Arc::new(scratch));
             Ok(c)
         }
-        Target::Socket(u) => Err(format!(
-            "{u}: a socket: copy is compared by restoring it (backup-cli restore {u} DEST) in this version"
-        )),
+        // With the node's key and the server's pin as `backup-cli restore socket:...` finds
+        // them, from `base` (the lightning dir) first.
+        Target::Socket(u) => {
+            let scratch = Scratch::new();
+            let mut d = super::socket::node::connect_reader(&u, &[base.to_path_buf()]).map_err(|e| format!("{e:#}"))?;
+            d.download(&scratch.0, 0, &mut |_, _| {}).map_err(|e| e.to_string())?;
+            let mut c = inspect_dir(url, &scratch.0)?;
+            c.last_write = None; // the download's time, not the server's last write
+            c.scratch = Some(std::sync::Arc::new(scratch));
+            Ok(c)
+        }
     }
 }
 

@@ -17,6 +17,8 @@
 //! 0x08 Tail     u64 from                           0x83 Chunk: journal bytes [from, end)
 //! 0x09 GetMeta                                     0x86 Meta: bytes backup.json (empty: none)
 //! 0x0A PutMeta  bytes backup.json                  0x81 State
+//! 0x0B Reseed   u64 generation, u32 base,          (then 0x83 Chunk... 0x84 End with the
+//!               u64 journal_len, bytes backup.json  journal) 0x81 State
 //!
 //! State    = u64 generation, u64 journal_len, u32 version, u8 droppable,
 //!            u64 last_tx_offset (0: none), u32 tail (header CRC of the last record, 0: none)
@@ -33,6 +35,14 @@
 //! key fingerprint, where the key was): any metadata into an empty backup (the node's
 //! init), else only the same backup id and sealing with more filled in. The server never
 //! reads a payload or holds a key: it checks framing, CRCs and the version rules.
+//!
+//! Reseed replaces the whole backup with another copy's generation, as it is: the journal
+//! that follows, and the snapshot an earlier Stage (from_generation = generation - 1) left
+//! when the generation has one. Only the writer session may send it. It is refused unless
+//! the backup.json sent is the same backup's (same id and sealing), the generation would be
+//! current (not below the backup's, and at the same generation and base only with the same
+//! snapshot), and it holds at least the data_version the backup holds: a copy is never
+//! rolled back. The switch is one rename: the backup is either as before or the new one.
 //!
 //! A client that is not paired gets no message at all: the server closes after the handshake.
 
@@ -98,6 +108,7 @@ pub enum Request {
     Tail { from: u64 },
     GetMeta,
     PutMeta(Vec<u8>),
+    Reseed { generation: u64, base_version: u32, journal_len: u64, meta: Vec<u8> },
     Chunk(Vec<u8>),
     End,
 }
@@ -194,6 +205,9 @@ impl Request {
             Request::Tail { from } => o.u8(0x08).u64(*from),
             Request::GetMeta => o.u8(0x09),
             Request::PutMeta(b) => o.u8(0x0A).bytes(b),
+            Request::Reseed { generation, base_version, journal_len, meta } => {
+                o.u8(0x0B).u64(*generation).u32(*base_version).u64(*journal_len).bytes(meta)
+            }
             Request::Chunk(b) => o.u8(0x83).bytes(b),
             Request::End => o.u8(0x84),
         };
@@ -224,6 +238,12 @@ impl Request {
             0x08 => Request::Tail { from: i.u64()? },
             0x09 => Request::GetMeta,
             0x0A => Request::PutMeta(i.bytes()?),
+            0x0B => Request::Reseed {
+                generation: i.u64()?,
+                base_version: i.u32()?,
+                journal_len: i.u64()?,
+                meta: i.bytes()?,
+            },
             0x83 => Request::Chunk(i.bytes()?),
             0x84 => Request::End,
             t => return Err(format!("unknown request 0x{t:02x}")),
@@ -306,6 +326,7 @@ mod tests {
             Request::Tail { from: 40 },
             Request::GetMeta,
             Request::PutMeta(b"{}".to_vec()),
+            Request::Reseed { generation: 4, base_version: 8, journal_len: 77, meta: b"{}".to_vec() },
             Request::Chunk(vec![9; 10]),
             Request::End,
         ];

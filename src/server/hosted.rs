@@ -407,6 +407,144 @@ impl Hosted {
         Ok(st)
     }
 
+    /// Where a reseed's journal is written while it arrives (a leftover if interrupted:
+    /// its name is no generation's, so the writer's next open removes it).
+    pub fn reseed_tmp(&self, generation: u64, base_version: u32) -> PathBuf {
+        self.root.join(format!("{generation:016x}-{base_version:08x}.reseed.tmp"))
+    }
+
+    /// Replaces the backup with another copy's generation (the writer's catch-up of a copy
+    /// that fell behind): `journal_tmp` (fsynced) becomes the journal, after the snapshot a
+    /// Stage left at `snapshot_tmp` when the generation has one. Checked first: the same
+    /// backup (`meta`), a generation that becomes current, never an older data_version.
+    /// One rename commits it; downloads already started keep the old files open.
+    pub fn reseed(
+        &self,
+        session: u64,
+        generation: u64,
+        base_version: u32,
+        meta: &[u8],
+        journal_tmp: &Path,
+        snapshot_tmp: &Path,
+    ) -> Result<State, Failure> {
+        let refused = |m: String| -> Result<State, Failure> { Err((Code::Refused, m)) };
+        // The journal sent, walked outside the lock: whole, well framed, a valid chain.
+        let bad = |e: StoreError| (Code::Refused, format!("the journal sent is not valid: {}", e.explain()));
+        let mut r = journal::JournalReader::open(journal_tmp).map_err(bad)?;
+        let header = r.header;
+        if header.generation != generation || header.base.version() != base_version || generation == 0 {
+            return refused(format!(
+                "the journal sent is generation {} at base {}, announced as generation {generation} at base \
+                {base_version}",
+                header.generation,
+                header.base.version()
+            ));
+        }
+        let mut pos = crate::versions::Position { version: base_version, droppable: false };
+        while let Some(rec) = r.next_record().map_err(bad)? {
+            crate::writer::check_chain(journal_tmp, pos, &rec).map_err(bad)?;
+            if rec.kind == Kind::Transaction {
+                pos = crate::versions::Position { version: rec.data_version, droppable: true };
+            }
+        }
+        if r.torn_tail.is_some() || r.position() != r.len() {
+            return refused(format!("the journal sent ends in a cut record at {}", r.position()));
+        }
+        let new_meta: Option<Meta> = if meta.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::from_slice(meta)
+                    .map_err(|e| (Code::Protocol, format!("backup.json sent is not valid: {e}")))?,
+            )
+        };
+        let new_sealed = new_meta.as_ref().is_some_and(|m| m.sealed);
+        let mut slot = lock(&self.slot);
+        if slot.writer_session != Some(session) {
+            return Err((Code::NotWriter, "a reseed needs the writer session (Hello with writer=1)".into()));
+        }
+        let Some(w) = slot.writer.as_mut() else { return Err(gone()) };
+        let old_meta = Meta::load(&self.root).map_err(store)?;
+        let old_sealed = old_meta.as_ref().is_some_and(|m| m.sealed);
+        let same_backup = old_sealed == new_sealed
+            && header.sealed == new_sealed
+            && w.header().sealed == old_sealed
+            && (!new_sealed || old_meta.as_ref().map(|m| &m.backup_id) == new_meta.as_ref().map(|m| &m.backup_id));
+        if !same_backup {
+            return refused(format!(
+                "{} holds another backup (backup id {}, {}) than the generation sent (backup id {}, {}): a copy is \
+                re-seeded only from its own backup. Check the destination's URL; to host this backup there, \
+                make a new one with `backup-cli init` on the server",
+                self.url,
+                old_meta.as_ref().map_or("none", |m| m.backup_id.as_str()),
+                if old_sealed { "sealed" } else { "plaintext" },
+                new_meta.as_ref().map_or("none", |m| m.backup_id.as_str()),
+                if new_sealed { "sealed" } else { "plaintext" },
+            ));
+        }
+        let held = w.position().version;
+        if pos.version.wrapping_sub(held) >= 1 << 31 {
+            return refused(format!(
+                "{} holds data_version {held}, the generation sent only {}: a copy is never rolled back to an \
+                older state. Re-seed it from the copy that holds the node's latest state",
+                self.url, pos.version
+            ));
+        }
+        let cur = GenName { generation: w.header().generation, base_version: w.header().base.version() };
+        let new = GenName { generation, base_version };
+        if new < cur {
+            return refused(format!(
+                "{} is at generation {} (base {}), past the generation sent ({generation}, base {base_version}): \
+                it would not become current. It is re-seeded once the node's copy is compacted past it",
+                self.url, cur.generation, cur.base_version
+            ));
+        }
+        let layout = w.layout().clone();
+        let has_snapshot = matches!(header.base, Base::Snapshot(_));
+        if has_snapshot {
+            let h = File::open(snapshot_tmp)
+                .map_err(StoreError::io("open", snapshot_tmp))
+                .and_then(|mut f| crate::snapshot::read_header(snapshot_tmp, &mut f))
+                .map_err(|e| (Code::Refused, format!("no snapshot staged for the generation: {}", e.explain())))?;
+            if h.sealed != header.sealed || h.generation != generation || h.data_version != base_version {
+                return refused(format!(
+                    "the snapshot staged is generation {} at data_version {}, not {generation} at {base_version}",
+                    h.generation, h.data_version
+                ));
+            }
+            // The same generation and base keep their snapshot (no second rename to commit):
+            // only when it is that very snapshot.
+            if new == cur && !same_contents(snapshot_tmp, &layout.snapshot_path(cur)).map_err(store)? {
+                return refused(format!(
+                    "{} holds generation {generation} at base {base_version} with another snapshot (each copy \
+                    compacted on its own): it is re-seeded once the node's copy is compacted into a later \
+                    generation",
+                    self.url
+                ));
+            }
+        }
+        if let Some(m) = &new_meta {
+            if old_meta.as_ref() != Some(m) {
+                m.store(&self.root).map_err(store)?; // the same backup: fits the old files too
+            }
+        }
+        if has_snapshot && new != cur {
+            let snap = layout.snapshot_path(new);
+            std::fs::rename(snapshot_tmp, &snap).map_err(|e| store(StoreError::io("rename into place", &snap)(e)))?;
+            fsutil::fsync_dir(&layout.root).map_err(store)?;
+        }
+        // The commit point: the new journal becomes the current generation's.
+        let jpath = layout.journal_path(new);
+        std::fs::rename(journal_tmp, &jpath).map_err(|e| store(StoreError::io("rename into place", &jpath)(e)))?;
+        if let Err(e) = fsutil::fsync_dir(&layout.root).and_then(|_| w.reopen()) {
+            slot.writer = None; // it may still name the replaced journal: nothing goes there
+            return Err(store(e));
+        }
+        let w = slot.writer.as_ref().ok_or_else(gone)?;
+        slot.tail = tail_of(w).map_err(store)?;
+        Ok(state_of(slot.writer.as_ref().ok_or_else(gone)?, slot.tail))
+    }
+
     /// The journal's bytes from `from` to its end, as they are now (a compaction's tail,
     /// for the node to reseal for the new generation).
     pub fn tail(&self, from: u64) -> Result<Vec<u8>, Failure> {
@@ -524,6 +662,28 @@ fn check_tail(jpath: &Path, fold_end: u64, end: u64, tail: &[u8]) -> Result<(), 
         p += n;
     }
     Ok(())
+}
+
+/// Whether two files hold the same bytes.
+fn same_contents(a: &Path, b: &Path) -> Result<bool, StoreError> {
+    let (fa, fb) =
+        (File::open(a).map_err(StoreError::io("open", a))?, File::open(b).map_err(StoreError::io("open", b))?);
+    let la = fa.metadata().map_err(StoreError::io("stat", a))?.len();
+    if la != fb.metadata().map_err(StoreError::io("stat", b))?.len() {
+        return Ok(false);
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0;
+    while off < la {
+        let n = ((la - off) as usize).min(ba.len());
+        fa.read_exact_at(&mut ba[..n], off).map_err(StoreError::io("read", a))?;
+        fb.read_exact_at(&mut bb[..n], off).map_err(StoreError::io("read", b))?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+        off += n as u64;
+    }
+    Ok(true)
 }
 
 fn gone() -> Failure {
@@ -691,6 +851,44 @@ mod tests {
         assert_eq!(before.generation, 1);
         drop(h);
         assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), before);
+    }
+
+    /// A reseed is the writer's, of the same backup, never to an older data_version, and
+    /// switches whole; refused ones leave the backup as it was.
+    #[test]
+    fn reseed_refusals_and_switch() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("b.bkp");
+        crate::writer::create(&root, None, None, None).unwrap();
+        let h = Hosted::open(&root, None).unwrap();
+        h.claim_writer(1).unwrap();
+        for dv in 1..=3 {
+            h.append(1, dv, 1, false, &rec(dv, Kind::Transaction)).unwrap();
+        }
+        let before = h.state().unwrap();
+        let journal = |n: u32| {
+            let p = h.reseed_tmp(1, 0);
+            let recs: Vec<u8> = (1..=n).flat_map(|dv| rec(dv, Kind::Transaction)).collect();
+            let _ = std::fs::remove_file(&p);
+            crate::writer::write_journal(&p, &Header { generation: 1, base: Base::Empty, sealed: false }, &recs)
+                .unwrap();
+            p
+        };
+        let snap = h.install_tmp(0, 0);
+        let e = h.reseed(1, 1, 0, b"", &journal(2), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("never rolled back"), "{}", e.1);
+        assert_eq!(h.reseed(2, 1, 0, b"", &journal(5), &snap).unwrap_err().0, Code::NotWriter);
+        let other = serde_json::to_vec(&Meta::new_sealed(None, None, None).unwrap()).unwrap();
+        let e = h.reseed(1, 1, 0, &other, &journal(5), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("another backup"), "{}", e.1);
+        let e = h.reseed(1, 2, 0, b"", &journal(5), &snap).unwrap_err();
+        assert!(e.0 == Code::Refused && e.1.contains("announced"), "{}", e.1);
+        assert_eq!(h.state().unwrap(), before);
+        let st = h.reseed(1, 1, 0, b"", &journal(5), &snap).unwrap();
+        assert_eq!((st.generation, st.version), (1, 5));
+        assert_ne!(st.tail, 0);
+        drop(h);
+        assert_eq!(Hosted::open(&root, None).unwrap().state().unwrap(), st);
     }
 
     #[test]

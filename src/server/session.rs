@@ -142,7 +142,7 @@ async fn run(
                         Err((Code::Refused, format!("no snapshot was staged for generation {}", from_generation + 1)))
                     }
                 } else {
-                    receive_snapshot(&mut ch, hosted, &tmp, snapshot_len).await?
+                    receive_file(&mut ch, hosted, &tmp, snapshot_len).await?
                 };
                 let r = got.and_then(|_| {
                     blocking(|| hosted.install(session, from_generation, base_version, fold_end, &tmp, &tail))
@@ -160,11 +160,30 @@ async fn run(
             }
             Request::Stage { from_generation, base_version, snapshot_len } => {
                 let tmp = hosted.install_tmp(from_generation, base_version);
-                let r = receive_snapshot(&mut ch, hosted, &tmp, snapshot_len).await?;
+                let r = receive_file(&mut ch, hosted, &tmp, snapshot_len).await?;
                 if r.is_err() {
                     let _ = std::fs::remove_file(&tmp);
                 }
                 reply(&mut ch, r.and_then(|_| blocking(|| hosted.state())).map(Reply::State)).await?;
+            }
+            Request::Reseed { generation, base_version, journal_len, meta } => {
+                let jtmp = hosted.reseed_tmp(generation, base_version);
+                let stmp = hosted.install_tmp(generation.saturating_sub(1), base_version);
+                let got = receive_file(&mut ch, hosted, &jtmp, journal_len).await?;
+                let r = got
+                    .and_then(|_| blocking(|| hosted.reseed(session, generation, base_version, &meta, &jtmp, &stmp)));
+                // refused or done: neither file is wanted any more (renamed away if taken)
+                let _ = std::fs::remove_file(&jtmp);
+                let _ = std::fs::remove_file(&stmp);
+                match &r {
+                    Ok(st) => log::info!(
+                        "{}: re-seeded with generation {generation} (base {base_version}) up to data_version {}",
+                        hosted.url,
+                        st.version
+                    ),
+                    Err((_, m)) => log::warn!("{}: re-seed refused: {m}", hosted.url),
+                }
+                reply(&mut ch, r.map(Reply::State)).await?;
             }
             Request::Tail { from } => reply(&mut ch, blocking(|| hosted.tail(from)).map(Reply::Chunk)).await?,
             Request::GetMeta => reply(&mut ch, blocking(|| hosted.meta()).map(Reply::Meta)).await?,
@@ -211,13 +230,13 @@ async fn send_file(ch: &mut Channel, buf: &mut [u8], mut f: &std::fs::File, len:
     Ok(())
 }
 
-/// Receives an install's snapshot into the temp file `tmp`, fsynced. The outer error is
-/// the connection's; the inner one is the answer.
-async fn receive_snapshot(
+/// Receives the file an install, stage or reseed sends (a snapshot, a journal) into the temp
+/// file `tmp`, fsynced. The outer error is the connection's; the inner one is the answer.
+async fn receive_file(
     ch: &mut Channel,
     hosted: &Arc<Hosted>,
     tmp: &std::path::Path,
-    snapshot_len: u64,
+    len: u64,
 ) -> Result<Result<(), Failure>, TransportError> {
     let _ = std::fs::remove_file(tmp);
     let file = match blocking(|| fsutil::create_private(tmp)) {
@@ -263,8 +282,8 @@ async fn receive_snapshot(
             return Err(f);
         }
         let f = file.ok_or((Code::Storage, format!("could not create {}", tmp.display())))?;
-        if got != snapshot_len || snapshot_len == 0 {
-            return Err((Code::Protocol, format!("install announced {snapshot_len} snapshot bytes, sent {got}")));
+        if got != len || len == 0 {
+            return Err((Code::Protocol, format!("announced {len} bytes, sent {got}")));
         }
         blocking(|| f.sync_all()).map_err(|e| (Code::Storage, format!("fsync {}: {e}", tmp.display())))
     })();

@@ -175,6 +175,10 @@ impl SocketDestination {
         let l = &self.link;
         ReaderSpec { url: l.url.clone(), key: l.key.clone(), server_key: l.server_key, timeout: l.reconnect_timeout }
     }
+    /// The bound on reconnects and stalled calls (`backup-reconnect-timeout`).
+    pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
+        self.link.reconnect_timeout = timeout;
+    }
     /// The server's state as of the last answer.
     pub fn server_state(&self) -> State {
         self.link.state
@@ -296,6 +300,50 @@ impl SocketDestination {
             self.link.conn = None;
         }
         r
+    }
+
+    /// Replaces the server's backup with `from`, another copy's whole generation as it is
+    /// (its sealed bytes bound to their places): the snapshot staged first, then the journal
+    /// up to `from.journal_len` with `meta` (the backup's backup.json), switched to by the
+    /// server in one step, or refused (see `Request::Reseed`) with the backup left as it was.
+    pub fn reseed(
+        &mut self,
+        from: &crate::destination::GenerationFiles,
+        meta: Option<&Meta>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<State, SocketError> {
+        let url = self.link.url.clone();
+        let local = |what: String| SocketError::Local { url: url.clone(), what };
+        let header = journal::JournalReader::open(&from.journal).map_err(|e| local(e.explain()))?.header;
+        if header.generation != from.generation || from.generation == 0 {
+            return Err(local(format!("{}: the generation changed while it was read", from.journal.display())));
+        }
+        let base = header.base.version();
+        if let (Some(snap), journal::Base::Snapshot(_)) = (&from.snapshot, header.base) {
+            self.stage(from.generation - 1, base, snap, progress)?;
+        }
+        let body = match meta {
+            Some(m) => serde_json::to_vec_pretty(m).map_err(|e| local(e.to_string()))?,
+            None => vec![],
+        };
+        let req = Request::Reseed {
+            generation: from.generation,
+            base_version: base,
+            journal_len: from.journal_len,
+            meta: body,
+        };
+        match self.rt.block_on(self.link.install(req, &from.journal, progress)) {
+            Ok(st) => {
+                self.link.state = st;
+                Ok(st)
+            }
+            Err(e) => {
+                if !matches!(e, SocketError::Refused { .. }) {
+                    self.link.conn = None; // may stop mid-stream
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Switches a sealed backup to the generation staged for `from_generation + 1`: the
@@ -793,7 +841,8 @@ impl Link {
         Ok(m)
     }
 
-    /// Sends `req` (an Install or a Stage; its snapshot_len is filled in) and the snapshot.
+    /// Sends `req` (an Install or a Stage, its snapshot_len filled in, with the snapshot; a
+    /// Reseed with the journal) and the file.
     async fn install(
         &mut self,
         mut req: Request,
@@ -810,10 +859,18 @@ impl Link {
         let Some(ch) = self.conn.as_mut() else { return Err(local("connection lost".into())) };
         let lost =
             |e: TransportError| SocketError::Dropped { url: url.clone(), during: "an install", error: e.to_string() };
-        match &mut req {
-            Request::Install { snapshot_len, .. } | Request::Stage { snapshot_len, .. } => *snapshot_len = len,
+        let len = match &mut req {
+            Request::Install { snapshot_len, .. } | Request::Stage { snapshot_len, .. } => {
+                *snapshot_len = len;
+                len
+            }
+            // a journal may grow while it is sent: only its first journal_len bytes go
+            Request::Reseed { journal_len, .. } if *journal_len <= len => *journal_len,
+            Request::Reseed { journal_len, .. } => {
+                return Err(local(format!("{} has fewer than {journal_len} bytes", snapshot.display())))
+            }
             _ => return Err(local("not an install".into())),
-        }
+        };
         ch.send(&req.encode()).await.map_err(lost)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut sent = 0u64;

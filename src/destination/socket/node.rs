@@ -1,14 +1,19 @@
 //! The node's side of a `socket:` destination: its key from hsm_secret, the server's key
 //! pinned in backup.lock, and the plugin's writer connection.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::SocketDestination;
 use crate::net::identity::{self, PublicKey};
+use crate::net::identity::SecretKey;
+use crate::net::url;
 use crate::plugin::LOCK_NAME;
+
+/// How long the command line waits for the server (the plugin's default bound).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// backup.lock for a socket: destination.
 pub fn lock_body(url: &str, server_key: &PublicKey) -> serde_json::Value {
@@ -51,3 +56,70 @@ pub fn connect_node(ldir: &Path, url: &str, reconnect_timeout: Duration) -> Resu
     })?;
     Ok(SocketDestination::connect(url, key, Some(pin), reconnect_timeout, true)?)
 }
+
+/// Where init records which lightning dir uses which socket: URL, so a restore drill or a
+/// verify on the same machine finds the node's key and pin with no flags:
+/// `$XDG_STATE_HOME/cln-backup/socket-nodes.json` (or `~/.local/state/...`).
+pub fn state_file() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(base.join("cln-backup/socket-nodes.json"))
+}
+
+pub fn recorded_dirs() -> serde_json::Map<String, serde_json::Value> {
+    state_file()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_object().cloned())
+        .unwrap_or_default()
+}
+
+/// Where the node's key comes from for restore/verify: `CLN_BACKUP_LIGHTNING_DIR`, the
+/// given directories, then the lightning dir recorded at init for `url`; the first with an
+/// hsm_secret.
+fn find_node_key(url: &str, candidates: &[PathBuf]) -> Result<(SecretKey, PathBuf)> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("CLN_BACKUP_LIGHTNING_DIR").map(PathBuf::from).into_iter().collect();
+    dirs.extend(candidates.iter().cloned());
+    if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+        dirs.push(PathBuf::from(d));
+    }
+    for d in &dirs {
+        if d.join("hsm_secret").is_file() {
+            return Ok((identity::node_key_from_lightning_dir(d).map_err(|e| anyhow!(e))?, d.clone()));
+        }
+    }
+    bail!(
+        "no hsm_secret found in {}: a socket: backup only answers the node it is paired with, by a key derived from \
+         hsm_secret. Put the node's hsm_secret in the lightning dir you restore into, or set CLN_BACKUP_LIGHTNING_DIR \
+         to the directory that holds it",
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// A reading connection for the command line (restore, verify, inspect): the node's key
+/// as `find_node_key` finds it, the server's key pinned where that lightning dir's lock
+/// (or the one recorded at init) names `url`.
+pub fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination> {
+    url::parse(url).map_err(|e| anyhow!(e))?;
+    let (key, ldir) = find_node_key(url, ldirs)?;
+    let mut pinned = pinned_server_key(&ldir, url)?;
+    if pinned.is_none() {
+        if let Some(d) = recorded_dirs().get(url).and_then(|v| v.as_str()) {
+            pinned = pinned_server_key(Path::new(d), url)?;
+        }
+    }
+    let dest = SocketDestination::connect(url, key, pinned, CONNECT_TIMEOUT, false)?;
+    if pinned.is_none() {
+        if let Some(k) = dest.server_key() {
+            eprintln!(
+                "warning: no server key pinned for {url} in {}/{LOCK_NAME}: the server presented {}; check it \
+                 against the key `backup-cli server` logs at start",
+                ldir.display(),
+                identity::to_hex(&k)
+            );
+        }
+    }
+    Ok(dest)
+}
+

@@ -244,6 +244,9 @@ impl Destination for Socket {
             }
         }))
     }
+    fn set_reconnect_timeout(&mut self, timeout: std::time::Duration) {
+        self.dest.set_reconnect_timeout(timeout);
+    }
     fn switch_generation(&mut self, prepared: Box<dyn std::any::Any + Send>) -> Result<(), StoreError> {
         let staged = prepared.downcast::<Staged>().map_err(|_| StoreError::Invalid {
             path: self.dest.url().into(),
@@ -255,50 +258,73 @@ impl Destination for Socket {
         self.dest.switch_staged(staged.from_generation, staged.base_version, staged.fold_end, &sealer)?;
         Ok(())
     }
-    /// Seeds an empty server backup with a file copy's generation, as it is: its backup.json
-    /// (one backup id: the seals hold), its snapshot as the same generation, then its
-    /// records one by one at the same places, each checked by the server as an append.
+    /// Replaces the server's copy with a file copy's generation, as it is (one backup id:
+    /// the seals hold): seeding an empty server backup (`add-destination`, which first
+    /// gives it the backup's backup.json), or re-seeding one that fell too far behind. The
+    /// server switches in one step or refuses (another backup, an older data_version, a
+    /// generation that would not be current), leaving its copy as it was.
     fn install(&mut self, from: &GenerationFiles) -> Result<(), StoreError> {
         let url = self.dest.url().to_string();
         let refuse = |what: String| StoreError::Remote {
             what: format!("{url}: {what}"),
-            hint: "add a socket destination only with a new, empty backup on the server (`backup-cli init` there)",
+            hint: "the server's copy is left as it was: see the message",
             retryable: false,
         };
-        let st = self.dest.server_state();
-        if st.journal_len != journal::HEADER_LEN || st.version != 0 {
-            return Err(refuse(format!(
-                "the server's backup holds data (generation {}, data_version {}): only an empty one is seeded",
-                st.generation, st.version
-            )));
-        }
-        if let Some(m) = Meta::load(crate::fsutil::parent_of(&from.journal))? {
-            self.dest.put_meta(&m)?;
-        }
+        // The copy's end, checked before anything is sent: a record boundary, its version.
         let mut reader = journal::JournalReader::open(&from.journal)?;
         reader.limit(from.journal_len);
-        match &from.snapshot {
-            Some(snap) if from.generation > st.generation => {
-                let base = reader.header.base.version();
-                self.dest.install_generation(from.generation - 1, base, journal::HEADER_LEN, snap, &mut |_, _| {})?;
-            }
-            None if from.generation == st.generation => {}
-            _ => {
-                return Err(refuse(format!(
-                    "the copy to seed from is at generation {}, the server's empty backup at {}: its sealed data is \
-                     bound to its generation. Compact the copy first (`backup-cli compact`, lightningd stopped), \
-                     then add again",
-                    from.generation, st.generation
-                )))
-            }
-        }
-        let mut buf = Vec::new();
+        let mut version = reader.header.base.version();
+        let mut last_crc = 0;
         while let Some(rec) = reader.next_record()? {
-            buf.clear();
-            journal::frame_payload(&mut buf, rec.data_version, rec.kind, &rec.payload);
-            self.dest.append(rec.data_version, rec.kind, false, &buf)?;
-            self.last_crc = rec.payload_crc;
+            if rec.kind == Kind::Transaction {
+                version = rec.data_version;
+            }
+            last_crc = rec.payload_crc;
         }
+        if reader.position() != from.journal_len {
+            return Err(StoreError::Invalid {
+                path: from.journal.clone(),
+                what: format!("{} is not the end of a record (it ends at {})", from.journal_len, reader.position()),
+            });
+        }
+        let meta = Meta::load(crate::fsutil::parent_of(&from.journal))?;
+        self.dest.refresh()?; // as the server is now, not as last seen (it may have been down)
+        let st = self.dest.server_state();
+        let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
+        if empty {
+            if let Some(m) = &meta {
+                self.dest.put_meta(m)?;
+            }
+        } else {
+            // What the server checks again, said here before a whole generation is sent.
+            let theirs = self.dest.meta()?;
+            let same = match (&theirs, &meta) {
+                (Some(a), Some(b)) => a.sealed == b.sealed && (!a.sealed || a.backup_id == b.backup_id),
+                (a, b) => !a.as_ref().is_some_and(|m| m.sealed) && !b.as_ref().is_some_and(|m| m.sealed),
+            };
+            if !same {
+                return Err(refuse(format!(
+                    "it holds another backup (backup id {}) than the copy to seed from ({}): check the URL",
+                    theirs.as_ref().map_or("none", |m| m.backup_id.as_str()),
+                    meta.as_ref().map_or("none", |m| m.backup_id.as_str())
+                )));
+            }
+            if version.wrapping_sub(st.version) >= 1 << 31 {
+                return Err(refuse(format!(
+                    "it holds data_version {}, the copy to seed from only {version}: a copy is never rolled back",
+                    st.version
+                )));
+            }
+            if from.generation < st.generation {
+                return Err(refuse(format!(
+                    "it is at generation {}, past the copy to seed from ({}): it is re-seeded once that copy is \
+                    compacted past it",
+                    st.generation, from.generation
+                )));
+            }
+        }
+        self.dest.reseed(from, meta.as_ref(), &mut |_, _| {})?;
+        self.last_crc = last_crc;
         self.load_sealing()
     }
 }
