@@ -13,6 +13,8 @@ use cln_backup::versions::{self, Decision};
 use crate::common::*;
 #[path = "pgharness.rs"]
 mod pgharness;
+#[path = "pgcatchup.rs"]
+mod pgcatchup;
 
 const BOUND: Duration = Duration::from_secs(20);
 

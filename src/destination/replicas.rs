@@ -370,8 +370,16 @@ impl Replicas {
                     "hook_p99_us": s.latency.quantile(0.99),
                     "last_error": s.last_error,
                 });
-                if let Some(d) = &s.dest {
-                    let d = lock(d);
+                // A lagging copy's lock is the catch-up's while it reconnects or installs (up to
+                // backup-reconnect-timeout, or a whole upload): status must not wait for it.
+                let held = s.dest.as_ref().and_then(|d| match s.state {
+                    State::InSync => Some(lock(d)),
+                    State::Behind => d.try_lock().ok(),
+                });
+                if s.dest.is_some() && held.is_none() {
+                    v["catching_up"] = json!(true);
+                }
+                if let Some(d) = held {
                     let tip = d.tip();
                     v["kind"] = json!(d.kind());
                     v["latest_version"] = json!(tip.position.version);
