@@ -1,7 +1,8 @@
 //! A file copy and a PostgreSQL copy with backup-min-destinations=1, through the real
 //! plugin: the cluster crashes mid-trace, the node goes on, and the PostgreSQL copy is
 //! brought back (its missing records appended, or re-seeded with a new generation after a
-//! compaction), also across a SIGKILLed plugin; then both restore row for row.
+//! compaction), also across a SIGKILLed plugin; then both restore row for row. And
+//! init and add-destination, failing after an upload, delete the rows they made.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -172,4 +173,93 @@ fn pg_crashed_while_the_file_copy_is_compacted_is_reseeded_also_across_a_sigkill
     assert_eq!(st["destinations"][1]["latest_version"], st["destinations"][0]["latest_version"], "{st:#}");
     node.stop().unwrap();
     both_restore_to_the_end(tmp.path(), &copy, &backend);
+}
+
+// ---- init and add-destination leave no rows behind when they fail ----
+
+/// Rows of backup `name` in each of the schema's tables of database `db` (shared cluster).
+fn rows_of(db: &str, name: &str) -> String {
+    pgharness::shared().psql(
+        db,
+        &format!(
+            "SELECT (SELECT count(*) FROM cln_backup.backups WHERE name = '{name}') || ',' ||
+                    (SELECT count(*) FROM cln_backup.generations WHERE name = '{name}') || ',' ||
+                    (SELECT count(*) FROM cln_backup.snapshot_chunks WHERE name = '{name}') || ',' ||
+                    (SELECT count(*) FROM cln_backup.records WHERE name = '{name}')"
+        ),
+    )
+}
+
+/// `init` with a file copy and two databases, the second unusable (no such database, a
+/// wrong password): nothing is left, also not in the first database, so init can run again.
+#[test]
+fn pg_init_failing_on_a_later_database_deletes_what_it_uploaded_before() {
+    let good = pgharness::fresh_db("initundo");
+    let db = db_of(&good);
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let node = Node::new(Path::new(BIN), &ldir).unwrap();
+    let t = trace("small");
+    for r in &t[..30] {
+        node.run_without_plugin(r).unwrap();
+    }
+    let copy = tmp.path().join("copy.bkp");
+    let l = ldir.to_str().unwrap();
+    let no_db = pgharness::shared().url("no_such_database");
+    let bad_pw = good.replace(pgharness::PASSWORD, "wrong-password");
+    for (bad, says) in [(&no_db, "no_such_database"), (&bad_pw, "password")] {
+        let o = cli(&["init", "--lightning-dir", l, &url_of(&copy), &good, bad]);
+        assert!(!o.status.success());
+        let e = stderr(&o);
+        assert!(e.contains(says) && e.contains("Undone: the backup 'regtest'"), "{e}");
+        assert!(!e.contains(pgharness::PASSWORD), "{e}");
+        assert_eq!(rows_of(&db, "regtest"), "0,0,0,0", "rows left in the first database");
+        assert!(!copy.exists() && !ldir.join("backup.lock").exists());
+    }
+    // nothing in the way: the same init without the bad database works
+    let o = cli(&["init", "--lightning-dir", l, &url_of(&copy), &good]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(rows_of(&db, "regtest").split(',').next(), Some("1"));
+}
+
+/// `add-destination` of a database whose check after the upload fails (the lightning dir's
+/// hsm_secret is not the backup's key, so the seals do not open): its rows are deleted again
+/// and backup.lock is unchanged; with the right key back, the same database is added.
+#[test]
+fn pg_add_destination_whose_check_fails_deletes_its_rows_again() {
+    let url = pgharness::fresh_db("addundo");
+    let db = db_of(&url);
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let copy = tmp.path().join("copy.bkp");
+    let l = ldir.to_str().unwrap();
+    let o = cli(&["init", "--lightning-dir", l, &url_of(&copy)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = trace("small");
+    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(t, 0..t.len()).unwrap(), None);
+    node.stop().unwrap();
+    let lock_before = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
+    std::fs::rename(ldir.join("hsm_secret"), tmp.path().join("hsm_secret.away")).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), [0x42u8; 32]).unwrap();
+    let o = cli(&["add-destination", "--lightning-dir", l, &url]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let e = stderr(&o);
+    assert!(e.contains("does not verify") && e.contains("Undone: the backup 'regtest'"), "{e}");
+    assert_eq!(rows_of(&db, "regtest"), "0,0,0,0", "the unchecked copy's rows were left");
+    assert_eq!(std::fs::read_to_string(ldir.join("backup.lock")).unwrap(), lock_before);
+    // the key back: the same database is added (nothing left in the way), and restores
+    std::fs::rename(tmp.path().join("hsm_secret.away"), ldir.join("hsm_secret")).unwrap();
+    let o = cli(&["add-destination", "--lightning-dir", l, &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
+    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let dest = tmp.path().join("r.sqlite3");
+    let o = pg_restore(&backend, &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &node.db_path());
 }
