@@ -11,10 +11,10 @@ use cln_backup::sim::TraceRecord;
 use cln_backup::versions::{self, Decision};
 
 use crate::common::*;
-#[path = "pgharness.rs"]
-mod pgharness;
 #[path = "pgcatchup.rs"]
 mod pgcatchup;
+#[path = "pgharness.rs"]
+mod pgharness;
 
 const BOUND: Duration = Duration::from_secs(20);
 

@@ -49,7 +49,9 @@ impl NewPg {
     /// both, and what to do if the rows could not be deleted.
     pub fn undo(&self, why: anyhow::Error) -> anyhow::Error {
         match transfer::drop_backup(&self.backend_url, &self.name) {
-            Ok(_) => anyhow!("{why:#}. Undone: the backup '{}' uploaded to {} was deleted again", self.name, self.shown()),
+            Ok(_) => {
+                anyhow!("{why:#}. Undone: the backup '{}' uploaded to {} was deleted again", self.name, self.shown())
+            }
             Err(e) => anyhow!(
                 "{why:#}. The backup '{}' uploaded to {} could not be deleted again ({}): delete its rows \
                  (DELETE FROM cln_backup.T WHERE name = '{}' for T = snapshot_chunks, records, generations, \

@@ -44,8 +44,8 @@ use crate::seal::Sealer;
 use crate::versions::{self, Decision, Position};
 
 pub use transfer::{
-    build_generation, create, download, drop_backup, remove_old_generations, restore_from, verify_from, Downloaded, PgPlan,
-    PreparedGeneration,
+    build_generation, create, download, drop_backup, remove_old_generations, restore_from, verify_from, Downloaded,
+    PgPlan, PreparedGeneration,
 };
 pub use url::is_postgres_url;
 
