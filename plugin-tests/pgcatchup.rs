@@ -175,6 +175,45 @@ fn pg_crashed_while_the_file_copy_is_compacted_is_reseeded_also_across_a_sigkill
     both_restore_to_the_end(tmp.path(), &copy, &backend);
 }
 
+/// lightningd restarts during the outage: the database copy cannot be opened, and the node
+/// goes on within the bound recorded in backup.lock at the last init (not the 60 s default,
+/// and not twice). The catch-up opens it once the cluster is back, with the configured bound,
+/// which then holds in the next outage too.
+#[test]
+fn pg_down_when_the_plugin_starts_is_opened_later_with_the_configured_bound() {
+    let c = pgharness::private();
+    let (tmp, ldir, copy, backend) = two_copies(&c);
+    let t = trace("channels");
+    let mut node = node_of(&ldir);
+    assert_eq!(node.replay(t, 0..200).unwrap(), None);
+    let lock: Value = serde_json::from_str(&std::fs::read_to_string(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["reconnect_timeout_s"], 2, "{lock}");
+    c.stop("immediate");
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.replay(t, 200..300).unwrap(), None, "min 1: lightningd goes on without PostgreSQL");
+    let st = status(&mut node);
+    assert_eq!(st["destinations"][1]["state"], "failed", "{st:#}");
+    assert!(!st.to_string().contains(pgharness::PASSWORD), "{st:#}");
+    let logs = node.plugin().unwrap().logs();
+    assert!(
+        logs.iter().any(|(l, m)| l == "warn" && m.contains("Cannot open the backup at") && m.contains("within 2.0 s")),
+        "{logs:?}"
+    );
+    c.start().unwrap();
+    let st = wait_state(&mut node, 1, "in-sync", Duration::from_secs(60));
+    assert_eq!(st["destinations"][1]["details"]["reconnect_timeout_s"], 2.0, "{st:#}");
+    assert_eq!(st["destinations"][1]["latest_version"], st["destinations"][0]["latest_version"], "{st:#}");
+    assert_eq!(node.replay(t, 300..400).unwrap(), None);
+    // the next outage is noticed within that bound too
+    outage(&mut node, &c, t, 400..450);
+    c.start().unwrap();
+    wait_state(&mut node, 1, "in-sync", Duration::from_secs(60));
+    assert_eq!(node.replay(t, 450..t.len()).unwrap(), None);
+    node.stop().unwrap();
+    both_restore_to_the_end(tmp.path(), &copy, &backend);
+}
+
 // ---- init and add-destination leave no rows behind when they fail ----
 
 /// Rows of backup `name` in each of the schema's tables of database `db` (shared cluster).

@@ -488,7 +488,12 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
             println!("Created an empty backup at {url} for a new node.");
         }
         print_sealing(&meta, None);
-        let lf = destination::LockFile { urls: abs.clone(), min_destinations: min, extra: Default::default() };
+        let lf = destination::LockFile {
+            urls: abs.clone(),
+            min_destinations: min,
+            reconnect_timeout_s: None,
+            extra: Default::default(),
+        };
         println!(
             "Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.",
             lf.to_json()
@@ -523,7 +528,13 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         }
     }
     print_sealing(&meta, Some(ldir));
-    let body = destination::LockFile { urls: abs, min_destinations: min, extra: Default::default() }.to_json();
+    let body = destination::LockFile {
+        urls: abs,
+        min_destinations: min,
+        reconnect_timeout_s: None,
+        extra: Default::default(),
+    }
+    .to_json();
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())

@@ -69,6 +69,8 @@ pub struct Replicas {
     slots: Vec<Slot>,
     /// Destinations that must hold every write (0 = all of them).
     min: usize,
+    /// `backup-reconnect-timeout`: also for a destination the catch-up opens later.
+    reconnect_timeout: Duration,
     buf: Vec<u8>,
     sealed_buf: Vec<u8>,
     done_tx: Sender<Done>,
@@ -78,11 +80,11 @@ pub struct Replicas {
 impl Replicas {
     /// Opens every destination. One that cannot be opened is `behind` (and named in the
     /// log); whether that halts lightningd is the policy's to say at the first write.
-    pub fn open(urls: &[String], base: &std::path::Path, min: usize) -> Replicas {
+    pub fn open(urls: &[String], base: &std::path::Path, min: usize, reconnect_timeout: Duration) -> Replicas {
         let (done_tx, done_rx) = mpsc::channel();
         let mut slots = Vec::new();
         for url in urls {
-            let (dest, error) = match super::open(url, base) {
+            let (dest, error) = match super::open(url, base, reconnect_timeout) {
                 Ok((d, notes)) => {
                     notes.iter().for_each(|n| info!("{n}"));
                     (Some(Arc::new(Mutex::new(d))), None)
@@ -107,6 +109,7 @@ impl Replicas {
         let mut r = Replicas {
             slots,
             min,
+            reconnect_timeout,
             buf: Vec::with_capacity(1 << 16),
             sealed_buf: Vec::with_capacity(1 << 16),
             done_tx,
@@ -179,8 +182,18 @@ impl Replicas {
 
     /// `backup-reconnect-timeout` for every network destination.
     pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
-        for d in self.slots.iter().filter_map(|s| s.dest.as_ref()) {
-            lock(d).set_reconnect_timeout(timeout);
+        self.reconnect_timeout = timeout;
+        for s in &self.slots {
+            let Some(d) = &s.dest else { continue };
+            match s.state {
+                State::InSync => lock(d).set_reconnect_timeout(timeout),
+                // busy with the catch-up, which gives it the bound before its next attempt
+                State::Behind => {
+                    if let Ok(mut d) = d.try_lock() {
+                        d.set_reconnect_timeout(timeout);
+                    }
+                }
+            }
         }
     }
 
@@ -412,7 +425,7 @@ pub fn ahead(a: &Tip, b: &Tip) -> bool {
 /// replicas, then takes the replicas (so no db_write runs) for the last few records and
 /// marks them in sync. Returns true when none is left behind.
 pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
-    let (work, source) = {
+    let (work, source, timeout) = {
         let r = lock(replicas);
         let work: Vec<(usize, String, Option<Shared>)> = r
             .slots
@@ -426,7 +439,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
             .iter()
             .filter(|s| s.state == State::InSync)
             .find_map(|s| s.dest.as_ref().and_then(|d| lock(d).writer()));
-        (work, source)
+        (work, source, r.reconnect_timeout)
     };
     if work.is_empty() {
         return true;
@@ -439,7 +452,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         let url = super::shown(&raw);
         let dest = match dest {
             Some(d) => d,
-            None => match super::open(&raw, base) {
+            None => match super::open(&raw, base, timeout) {
                 Ok((d, notes)) => {
                     notes.iter().for_each(|n| info!("{n}"));
                     let d: Shared = Arc::new(Mutex::new(d));
@@ -453,6 +466,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
                 }
             },
         };
+        lock(&dest).set_reconnect_timeout(timeout);
         // the bulk, while db_write goes on
         if let Err(e) = copy_missing(&source, &dest) {
             lock(replicas).slots[i].last_error = Some(e);

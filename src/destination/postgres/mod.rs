@@ -1030,6 +1030,7 @@ impl PgDestination {
             "synchronous_standby_names": r.standby_names,
             "sync_standbys_connected": r.sync_standbys,
             "reconnects": self.reconnects,
+            "reconnect_timeout_s": self.timeout.as_secs_f64(),
             "last_error": self.last_error,
             "sealed": self.is_sealed(),
             "key_fingerprint": self.key_fingerprint(),
