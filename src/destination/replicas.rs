@@ -468,13 +468,14 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         };
         lock(&dest).set_reconnect_timeout(timeout);
         // the bulk, while db_write goes on
-        if let Err(e) = copy_missing(&source, &dest) {
+        if let Err(e) = copy_missing(&source, &dest, true) {
             lock(replicas).slots[i].last_error = Some(e);
             continue;
         }
-        // the rest, with db_write held for as long as a few records take
+        // the rest, with db_write held for as long as a few records take (never a whole
+        // generation: a compaction in between leaves that to the next round)
         let mut r = lock(replicas);
-        match copy_missing(&source, &dest) {
+        match copy_missing(&source, &dest, false) {
             Ok(n) => {
                 let slot = &mut r.slots[i];
                 let lagged = slot.behind_since.map_or(0, |t| t.elapsed().as_secs());
@@ -496,8 +497,9 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
 
 /// Makes `dest` hold what the file destination `source` holds: the records it lacks when
 /// both are in the same generation and its end is one of the source's, else the source's
-/// whole generation. Returns how many records were appended.
-fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
+/// whole generation (unless `may_install` is false: then that is an error, to retry).
+/// Returns how many records were appended.
+fn copy_missing(source: &Mutex<Writer>, dest: &Shared, may_install: bool) -> Result<u64, String> {
     let (files, src_tip) = {
         let w = lock(source);
         (super::file::FileDestination::generation_files(&w), super::file::tip_of(&w))
@@ -508,8 +510,12 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
     if d.tip().same_end(&src_tip) && d.tip().generation == src_tip.generation {
         return Ok(0);
     }
+    let install = |d: &mut Box<dyn super::Destination>| match may_install {
+        true => d.install(&files).map_err(why),
+        false => Err(format!("bringing {url} up to date: it needs the source's whole generation now; retrying")),
+    };
     if d.tip().generation != src_tip.generation {
-        d.install(&files).map_err(why)?;
+        install(&mut d)?;
     }
     // Walk the source's journal to where the destination ends, then append the rest.
     let mut reader = JournalReader::open(&files.journal).map_err(why)?;
@@ -547,7 +553,7 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
     }
     if !found {
         // It ends with nothing the source has: take the source's generation whole.
-        d.install(&files).map_err(why)?;
+        install(&mut d)?;
     }
     Ok(appended)
 }
@@ -556,4 +562,37 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
 fn frame(buf: &mut Vec<u8>, rec: &journal::Record) {
     buf.clear();
     journal::frame_payload(buf, rec.data_version, rec.kind, &rec.payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::file::FileDestination;
+    use crate::destination::Destination;
+    use crate::keys::KeySource;
+
+    /// A copy that ends with a record the source does not hold needs the source's whole
+    /// generation: the bulk step installs it, the step that holds db_write never does.
+    #[test]
+    fn only_the_bulk_step_installs_a_whole_generation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.bkp"), tmp.path().join("b.bkp"));
+        crate::writer::create(&a, None, None, None).unwrap();
+        crate::writer::create(&b, None, None, None).unwrap();
+        let keys = KeySource::default();
+        let (src, _) = FileDestination::open("file://a", &a, &keys).unwrap();
+        let source = src.writer().unwrap();
+        let (mut lagging, _) = FileDestination::open("file://b", &b, &keys).unwrap();
+        let mut rec = Vec::new();
+        journal::encode_record(&mut rec, 1, Kind::Transaction, &["UPDATE vars SET intval = 1"]);
+        lagging.append(1, Kind::Transaction, false, &rec).unwrap();
+        let dest: Shared = Arc::new(Mutex::new(Box::new(lagging)));
+        let before = lock(&dest).tip();
+        let e = copy_missing(&source, &dest, false).unwrap_err();
+        assert!(e.contains("whole generation") && e.contains("retrying"), "{e}");
+        assert_eq!(lock(&dest).tip(), before, "the step under db_write changed the copy");
+        copy_missing(&source, &dest, true).unwrap();
+        assert!(lock(&dest).tip().same_end(&super::super::file::tip_of(&lock(&source))));
+        assert_eq!(copy_missing(&source, &dest, false), Ok(0));
+    }
 }
