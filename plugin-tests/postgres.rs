@@ -11,6 +11,8 @@ use cln_backup::sim::TraceRecord;
 use cln_backup::versions::{self, Decision};
 
 use crate::common::*;
+#[path = "pgcatchup.rs"]
+mod pgcatchup;
 #[path = "pgharness.rs"]
 mod pgharness;
 

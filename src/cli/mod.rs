@@ -494,7 +494,12 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
             println!("Created an empty backup at {url} for a new node.");
         }
         print_sealing(&meta, None);
-        let lf = destination::LockFile { urls: abs.clone(), min_destinations: min, extra: Default::default() };
+        let lf = destination::LockFile {
+            urls: abs.clone(),
+            min_destinations: min,
+            reconnect_timeout_s: None,
+            extra: Default::default(),
+        };
         println!(
             "Put {} into {LOCK_NAME} in the node's lightning dir, or run init with --lightning-dir.",
             lf.to_json()
@@ -529,7 +534,13 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         }
     }
     print_sealing(&meta, Some(ldir));
-    let body = destination::LockFile { urls: abs, min_destinations: min, extra: Default::default() }.to_json();
+    let body = destination::LockFile {
+        urls: abs,
+        min_destinations: min,
+        reconnect_timeout_s: None,
+        extra: Default::default(),
+    }
+    .to_json();
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
@@ -594,10 +605,11 @@ fn create_all(
             local
         }
     };
-    for p in pgs {
+    for (i, p) in pgs.iter().enumerate() {
         if let Err(e) = p.upload(&local) {
             undo(roots);
-            return Err(e);
+            // the databases uploaded before this one: their rows go too
+            return Err(pgs[..i].iter().fold(e, |e, done| done.undo(e)));
         }
     }
     Ok(())
@@ -683,26 +695,31 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
             // its generation as it is (same backup id, same seals), with its backup.json
             let p = postgres::NewPg::plan(Some(ldir), &u)?;
             p.upload(fsutil::parent_of(&best.files.journal))?;
-            let keys = KeySource::lightning_dir(ldir);
-            let (check, _) = crate::destination::postgres::transfer::verify_from(
-                &p.backend_url,
-                None,
-                &std::env::temp_dir(),
-                &keys,
-                &mut |_, _| {},
-                &mut |_, _| {},
-            )
-            .map_err(|e| anyhow!(e.explain()))?;
-            if check.version != best.tip.position.version {
-                bail!(
-                    "the copy at {} holds data_version {}, not {}: not added (drop its rows before trying again)",
-                    p.shown(),
-                    check.version,
-                    best.tip.position.version
-                );
-            }
-            lf.urls.push(p.backend_url.clone());
-            write_lock(ldir, &lf)?;
+            // a copy that does not check out is not kept: its rows go again
+            let checked = (|| -> Result<restore::Summary> {
+                let keys = KeySource::lightning_dir(ldir);
+                let (check, _) = crate::destination::postgres::transfer::verify_from(
+                    &p.backend_url,
+                    None,
+                    &std::env::temp_dir(),
+                    &keys,
+                    &mut |_, _| {},
+                    &mut |_, _| {},
+                )
+                .map_err(|e| anyhow!("the copy at {} does not verify: {}", p.shown(), e.explain()))?;
+                if check.version != best.tip.position.version {
+                    bail!(
+                        "the copy at {} holds data_version {}, not {}: not added",
+                        p.shown(),
+                        check.version,
+                        best.tip.position.version
+                    );
+                }
+                lf.urls.push(p.backend_url.clone());
+                write_lock(ldir, &lf)?;
+                Ok(check)
+            })();
+            let check = checked.map_err(|e| p.undo(e))?;
             println!(
                 "Added {} at data_version {} ({} destinations{}). Start lightningd: every write now goes to all of them.",
                 p.shown(),

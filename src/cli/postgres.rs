@@ -44,6 +44,25 @@ impl NewPg {
         transfer::create(&self.backend_url, &self.name, from, &mut |_, _| {}).map_err(explain)?;
         Ok(())
     }
+
+    /// Deletes what `upload` created (in one transaction), because of `why`: the error says
+    /// both, and what to do if the rows could not be deleted.
+    pub fn undo(&self, why: anyhow::Error) -> anyhow::Error {
+        match transfer::drop_backup(&self.backend_url, &self.name) {
+            Ok(_) => {
+                anyhow!("{why:#}. Undone: the backup '{}' uploaded to {} was deleted again", self.name, self.shown())
+            }
+            Err(e) => anyhow!(
+                "{why:#}. The backup '{}' uploaded to {} could not be deleted again ({}): delete its rows \
+                 (DELETE FROM cln_backup.T WHERE name = '{}' for T = snapshot_chunks, records, generations, \
+                 backups) before trying again",
+                self.name,
+                self.shown(),
+                e.explain(),
+                self.name
+            ),
+        }
+    }
 }
 
 /// Downloads (one consistent view) then restores with the local engine.

@@ -176,7 +176,12 @@ pub fn shown(url: &str) -> String {
 pub const DEFAULT_RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Opens a destination for writing (the one writer), with what opening repaired, in words.
-pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>), String> {
+/// A network destination gets `reconnect_timeout` to connect, and keeps it as its bound.
+pub fn open(
+    url: &str,
+    base: &Path,
+    reconnect_timeout: std::time::Duration,
+) -> Result<(Box<dyn Destination>, Vec<String>), String> {
     match parse(url, base)? {
         Target::File(root) => {
             let keys = crate::keys::KeySource::lightning_dir(base);
@@ -191,12 +196,12 @@ pub fn open(url: &str, base: &Path) -> Result<(Box<dyn Destination>, Vec<String>
         Target::Postgres(u) => {
             let name = postgres::url::default_name(base).unwrap_or_default();
             let keys = crate::keys::KeySource::lightning_dir(base);
-            let d = postgres::PgDestination::open_with(&u, &name, DEFAULT_RECONNECT_TIMEOUT, &keys)
+            let d = postgres::PgDestination::open_with(&u, &name, reconnect_timeout, &keys)
                 .map_err(|e| format!("Cannot open the backup at {}: {}", postgres::url::redact(&u), e.explain()))?;
             Ok((Box::new(d), vec![]))
         }
         Target::Socket(u) => {
-            let d = socket::node::connect_node(base, &u, DEFAULT_RECONNECT_TIMEOUT)
+            let d = socket::node::connect_node(base, &u, reconnect_timeout)
                 .map_err(|e| format!("Cannot open the backup at {u}: {e:#}"))?;
             let s = socket::seam::Socket::open(d, base)
                 .map_err(|e| format!("Cannot open the backup at {u}: {}", e.explain()))?;
@@ -214,6 +219,8 @@ pub struct LockFile {
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// `backup-min-destinations` as last seen, for the writes before the next init.
     pub min_destinations: Option<usize>,
+    /// `backup-reconnect-timeout` (seconds) as last seen, likewise.
+    pub reconnect_timeout_s: Option<u64>,
 }
 
 impl LockFile {
@@ -231,11 +238,12 @@ impl LockFile {
             }
         }
         let min_destinations = v.get("min_destinations").and_then(|m| m.as_u64()).map(|m| m as usize);
+        let reconnect_timeout_s = v.get("reconnect_timeout_s").and_then(|m| m.as_u64()).filter(|s| *s > 0);
         let mut extra = v.as_object().cloned().unwrap_or_default();
-        for k in ["backend_url", "destinations", "min_destinations"] {
+        for k in ["backend_url", "destinations", "min_destinations", "reconnect_timeout_s"] {
             extra.remove(k);
         }
-        Ok(LockFile { urls, min_destinations, extra })
+        Ok(LockFile { urls, min_destinations, reconnect_timeout_s, extra })
     }
 
     pub fn to_json(&self) -> String {
@@ -246,6 +254,9 @@ impl LockFile {
         }
         if let Some(m) = self.min_destinations {
             v["min_destinations"] = serde_json::json!(m);
+        }
+        if let Some(s) = self.reconnect_timeout_s {
+            v["reconnect_timeout_s"] = serde_json::json!(s);
         }
         v.to_string()
     }
@@ -291,7 +302,12 @@ mod tests {
         assert_eq!(one.to_json(), r#"{"backend_url":"file:///a"}"#);
         let mut extra = serde_json::Map::new();
         extra.insert("server_key".into(), serde_json::json!("ab"));
-        let two = LockFile { urls: vec!["file:///a".into(), "file:///b".into()], min_destinations: Some(1), extra };
+        let two = LockFile {
+            urls: vec!["file:///a".into(), "file:///b".into()],
+            min_destinations: Some(1),
+            reconnect_timeout_s: Some(5),
+            extra,
+        };
         let back = LockFile::parse(&two.to_json(), p).unwrap();
         assert_eq!(back, two);
         assert!(LockFile::parse(r#"{"backend": 1}"#, p).unwrap_err().contains("is not valid"));

@@ -69,6 +69,8 @@ pub struct Replicas {
     slots: Vec<Slot>,
     /// Destinations that must hold every write (0 = all of them).
     min: usize,
+    /// `backup-reconnect-timeout`: also for a destination the catch-up opens later.
+    reconnect_timeout: Duration,
     buf: Vec<u8>,
     sealed_buf: Vec<u8>,
     done_tx: Sender<Done>,
@@ -78,11 +80,11 @@ pub struct Replicas {
 impl Replicas {
     /// Opens every destination. One that cannot be opened is `behind` (and named in the
     /// log); whether that halts lightningd is the policy's to say at the first write.
-    pub fn open(urls: &[String], base: &std::path::Path, min: usize) -> Replicas {
+    pub fn open(urls: &[String], base: &std::path::Path, min: usize, reconnect_timeout: Duration) -> Replicas {
         let (done_tx, done_rx) = mpsc::channel();
         let mut slots = Vec::new();
         for url in urls {
-            let (dest, error) = match super::open(url, base) {
+            let (dest, error) = match super::open(url, base, reconnect_timeout) {
                 Ok((d, notes)) => {
                     notes.iter().for_each(|n| info!("{n}"));
                     (Some(Arc::new(Mutex::new(d))), None)
@@ -107,6 +109,7 @@ impl Replicas {
         let mut r = Replicas {
             slots,
             min,
+            reconnect_timeout,
             buf: Vec::with_capacity(1 << 16),
             sealed_buf: Vec::with_capacity(1 << 16),
             done_tx,
@@ -179,8 +182,18 @@ impl Replicas {
 
     /// `backup-reconnect-timeout` for every network destination.
     pub fn set_reconnect_timeout(&mut self, timeout: Duration) {
-        for d in self.slots.iter().filter_map(|s| s.dest.as_ref()) {
-            lock(d).set_reconnect_timeout(timeout);
+        self.reconnect_timeout = timeout;
+        for s in &self.slots {
+            let Some(d) = &s.dest else { continue };
+            match s.state {
+                State::InSync => lock(d).set_reconnect_timeout(timeout),
+                // busy with the catch-up, which gives it the bound before its next attempt
+                State::Behind => {
+                    if let Ok(mut d) = d.try_lock() {
+                        d.set_reconnect_timeout(timeout);
+                    }
+                }
+            }
         }
     }
 
@@ -370,8 +383,16 @@ impl Replicas {
                     "hook_p99_us": s.latency.quantile(0.99),
                     "last_error": s.last_error,
                 });
-                if let Some(d) = &s.dest {
-                    let d = lock(d);
+                // A lagging copy's lock is the catch-up's while it reconnects or installs (up to
+                // backup-reconnect-timeout, or a whole upload): status must not wait for it.
+                let held = s.dest.as_ref().and_then(|d| match s.state {
+                    State::InSync => Some(lock(d)),
+                    State::Behind => d.try_lock().ok(),
+                });
+                if s.dest.is_some() && held.is_none() {
+                    v["catching_up"] = json!(true);
+                }
+                if let Some(d) = held {
                     let tip = d.tip();
                     v["kind"] = json!(d.kind());
                     v["latest_version"] = json!(tip.position.version);
@@ -404,7 +425,7 @@ pub fn ahead(a: &Tip, b: &Tip) -> bool {
 /// replicas, then takes the replicas (so no db_write runs) for the last few records and
 /// marks them in sync. Returns true when none is left behind.
 pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
-    let (work, source) = {
+    let (work, source, timeout) = {
         let r = lock(replicas);
         let work: Vec<(usize, String, Option<Shared>)> = r
             .slots
@@ -418,7 +439,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
             .iter()
             .filter(|s| s.state == State::InSync)
             .find_map(|s| s.dest.as_ref().and_then(|d| lock(d).writer()));
-        (work, source)
+        (work, source, r.reconnect_timeout)
     };
     if work.is_empty() {
         return true;
@@ -431,7 +452,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         let url = super::shown(&raw);
         let dest = match dest {
             Some(d) => d,
-            None => match super::open(&raw, base) {
+            None => match super::open(&raw, base, timeout) {
                 Ok((d, notes)) => {
                     notes.iter().for_each(|n| info!("{n}"));
                     let d: Shared = Arc::new(Mutex::new(d));
@@ -445,14 +466,16 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
                 }
             },
         };
+        lock(&dest).set_reconnect_timeout(timeout);
         // the bulk, while db_write goes on
-        if let Err(e) = copy_missing(&source, &dest) {
+        if let Err(e) = copy_missing(&source, &dest, true) {
             lock(replicas).slots[i].last_error = Some(e);
             continue;
         }
-        // the rest, with db_write held for as long as a few records take
+        // the rest, with db_write held for as long as a few records take (never a whole
+        // generation: a compaction in between leaves that to the next round)
         let mut r = lock(replicas);
-        match copy_missing(&source, &dest) {
+        match copy_missing(&source, &dest, false) {
             Ok(n) => {
                 let slot = &mut r.slots[i];
                 let lagged = slot.behind_since.map_or(0, |t| t.elapsed().as_secs());
@@ -474,8 +497,9 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
 
 /// Makes `dest` hold what the file destination `source` holds: the records it lacks when
 /// both are in the same generation and its end is one of the source's, else the source's
-/// whole generation. Returns how many records were appended.
-fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
+/// whole generation (unless `may_install` is false: then that is an error, to retry).
+/// Returns how many records were appended.
+fn copy_missing(source: &Mutex<Writer>, dest: &Shared, may_install: bool) -> Result<u64, String> {
     let (files, src_tip) = {
         let w = lock(source);
         (super::file::FileDestination::generation_files(&w), super::file::tip_of(&w))
@@ -486,8 +510,12 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
     if d.tip().same_end(&src_tip) && d.tip().generation == src_tip.generation {
         return Ok(0);
     }
+    let install = |d: &mut Box<dyn super::Destination>| match may_install {
+        true => d.install(&files).map_err(why),
+        false => Err(format!("bringing {url} up to date: it needs the source's whole generation now; retrying")),
+    };
     if d.tip().generation != src_tip.generation {
-        d.install(&files).map_err(why)?;
+        install(&mut d)?;
     }
     // Walk the source's journal to where the destination ends, then append the rest.
     let mut reader = JournalReader::open(&files.journal).map_err(why)?;
@@ -525,7 +553,7 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
     }
     if !found {
         // It ends with nothing the source has: take the source's generation whole.
-        d.install(&files).map_err(why)?;
+        install(&mut d)?;
     }
     Ok(appended)
 }
@@ -534,4 +562,37 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared) -> Result<u64, String> {
 fn frame(buf: &mut Vec<u8>, rec: &journal::Record) {
     buf.clear();
     journal::frame_payload(buf, rec.data_version, rec.kind, &rec.payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::destination::file::FileDestination;
+    use crate::destination::Destination;
+    use crate::keys::KeySource;
+
+    /// A copy that ends with a record the source does not hold needs the source's whole
+    /// generation: the bulk step installs it, the step that holds db_write never does.
+    #[test]
+    fn only_the_bulk_step_installs_a_whole_generation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a.bkp"), tmp.path().join("b.bkp"));
+        crate::writer::create(&a, None, None, None).unwrap();
+        crate::writer::create(&b, None, None, None).unwrap();
+        let keys = KeySource::default();
+        let (src, _) = FileDestination::open("file://a", &a, &keys).unwrap();
+        let source = src.writer().unwrap();
+        let (mut lagging, _) = FileDestination::open("file://b", &b, &keys).unwrap();
+        let mut rec = Vec::new();
+        journal::encode_record(&mut rec, 1, Kind::Transaction, &["UPDATE vars SET intval = 1"]);
+        lagging.append(1, Kind::Transaction, false, &rec).unwrap();
+        let dest: Shared = Arc::new(Mutex::new(Box::new(lagging)));
+        let before = lock(&dest).tip();
+        let e = copy_missing(&source, &dest, false).unwrap_err();
+        assert!(e.contains("whole generation") && e.contains("retrying"), "{e}");
+        assert_eq!(lock(&dest).tip(), before, "the step under db_write changed the copy");
+        copy_missing(&source, &dest, true).unwrap();
+        assert!(lock(&dest).tip().same_end(&super::super::file::tip_of(&lock(&source))));
+        assert_eq!(copy_missing(&source, &dest, false), Ok(0));
+    }
 }

@@ -11,7 +11,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 use serde::Deserialize;
@@ -123,7 +123,8 @@ impl Core {
         // Before init the options are not known: the rule in force is the one recorded in
         // backup.lock at the last init (or by backup-cli).
         let min = lf.min_destinations.unwrap_or(0);
-        let replicas = Replicas::open(&lf.urls, &self.lightning_dir, min);
+        let timeout = lf.reconnect_timeout_s.map_or(crate::destination::DEFAULT_RECONNECT_TIMEOUT, Duration::from_secs);
+        let replicas = Replicas::open(&lf.urls, &self.lightning_dir, min, timeout);
         if lf.urls.len() == 1 {
             if let Some(e) = &replicas.slots()[0].last_error {
                 return Err(e.clone());
@@ -131,8 +132,14 @@ impl Core {
         }
         self.lock_file = Some(lf);
         let replicas = Arc::new(Mutex::new(replicas));
-        if lock(&replicas).any_behind() {
-            // Local copies usually catch up in moments: try before the first write is answered.
+        let (behind, unopened) = {
+            let r = lock(&replicas);
+            (r.any_behind(), r.status().iter().any(|d| d["state"] == "failed"))
+        };
+        // Local copies usually catch up in moments: try before the first write is answered.
+        // Not when one could not be opened just now: opening it again here would hold the
+        // first write for another whole reconnect bound; the background retries do it.
+        if behind && !unopened {
             replicas::catch_up(&replicas, &self.lightning_dir);
         }
         for d in lock(&replicas).status() {
@@ -179,18 +186,22 @@ impl Core {
             r.set_min(settings.min_destinations);
             r.set_reconnect_timeout(std::time::Duration::from_secs(settings.reconnect_timeout_s));
         }
-        self.record_min_destinations();
+        self.record_rules();
     }
 
-    /// Writes the rule in force into backup.lock, so that the writes of the next start,
-    /// which come before its init, go on under it too.
-    fn record_min_destinations(&mut self) {
+    /// Writes the rules in force (backup-min-destinations, backup-reconnect-timeout) into
+    /// backup.lock, so that the writes of the next start, which come before its init, go on
+    /// under them too.
+    fn record_rules(&mut self) {
         let Some(lf) = &mut self.lock_file else { return };
         let want = (self.settings.min_destinations != 0).then_some(self.settings.min_destinations);
-        if lf.min_destinations == want {
+        let default_s = crate::destination::DEFAULT_RECONNECT_TIMEOUT.as_secs();
+        let timeout = (self.settings.reconnect_timeout_s != default_s).then_some(self.settings.reconnect_timeout_s);
+        if lf.min_destinations == want && lf.reconnect_timeout_s == timeout {
             return;
         }
         lf.min_destinations = want;
+        lf.reconnect_timeout_s = timeout;
         let text = lf.to_json();
         let path = self.lightning_dir.join(LOCK_NAME);
         let r = crate::fsutil::write_atomic(&path, true, |f, tmp| {
@@ -198,14 +209,20 @@ impl Core {
         });
         match r {
             Ok(()) => info!(
-                "Recorded {}={} in {}",
+                "Recorded {}={} and {}={} in {}",
                 options::MIN_DESTINATIONS.name,
                 self.settings.min_destinations,
+                options::RECONNECT_TIMEOUT.name,
+                self.settings.reconnect_timeout_s,
                 path.display()
             ),
-            Err(e) => {
-                warn!("Could not record {} in {}: {}", options::MIN_DESTINATIONS.name, path.display(), e.explain())
-            }
+            Err(e) => warn!(
+                "Could not record {} and {} in {}: {}",
+                options::MIN_DESTINATIONS.name,
+                options::RECONNECT_TIMEOUT.name,
+                path.display(),
+                e.explain()
+            ),
         }
     }
 

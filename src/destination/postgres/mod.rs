@@ -44,8 +44,8 @@ use crate::seal::Sealer;
 use crate::versions::{self, Decision, Position};
 
 pub use transfer::{
-    build_generation, create, download, remove_old_generations, restore_from, verify_from, Downloaded, PgPlan,
-    PreparedGeneration,
+    build_generation, create, download, drop_backup, remove_old_generations, restore_from, verify_from, Downloaded,
+    PgPlan, PreparedGeneration,
 };
 pub use url::is_postgres_url;
 
@@ -1030,6 +1030,7 @@ impl PgDestination {
             "synchronous_standby_names": r.standby_names,
             "sync_standbys_connected": r.sync_standbys,
             "reconnects": self.reconnects,
+            "reconnect_timeout_s": self.timeout.as_secs_f64(),
             "last_error": self.last_error,
             "sealed": self.is_sealed(),
             "key_fingerprint": self.key_fingerprint(),

@@ -942,3 +942,47 @@ pub fn remove_old_generations(url_str: &str, name: &str, progress: &mut dyn FnMu
         Ok(removed)
     })
 }
+
+/// The SQL that deletes every row of one backup: the tables that hold its bytes first,
+/// its `backups` row last.
+const DROP_BACKUP: [&str; 4] = [
+    "DELETE FROM cln_backup.snapshot_chunks WHERE name = $1",
+    "DELETE FROM cln_backup.records WHERE name = $1",
+    "DELETE FROM cln_backup.generations WHERE name = $1",
+    "DELETE FROM cln_backup.backups WHERE name = $1",
+];
+
+/// Deletes every row of backup `name` (the URL's `backup=` wins) in one transaction: undoes
+/// a `create` whose copy is not kept (init or add-destination failing after it). Refuses
+/// while a writer holds the backup's advisory lock. Returns the rows deleted.
+pub fn drop_backup(url_str: &str, name: &str) -> Result<u64, PgError> {
+    let o = one_off(url_str)?;
+    let name = name_of(&o.pg, Some(name))?.unwrap_or_default();
+    let url = o.pg.display.as_str();
+    let client = &o.session.client;
+    o.rt.block_on(async {
+        check_schema(client, url).await?;
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&lock_key(&name)])
+            .await
+            .map_err(db_err(url, "take the backup's advisory lock"))?
+            .get(0);
+        if !locked {
+            return Err(PgError::Locked { url: url.into(), name: name.clone() });
+        }
+        client.batch_execute("BEGIN").await.map_err(db_err(url, "begin"))?;
+        let r = async {
+            let mut removed = 0u64;
+            for sql in DROP_BACKUP {
+                removed += client.execute(sql, &[&name]).await.map_err(db_err(url, "delete the backup's rows"))?;
+            }
+            client.batch_execute("COMMIT").await.map_err(db_err(url, "commit the removal"))?;
+            Ok(removed)
+        }
+        .await;
+        if r.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        r
+    })
+}
