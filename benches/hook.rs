@@ -418,7 +418,7 @@ fn fanout_in_process(trace: &[sim::TraceRecord], base: &Path, shm: &Path) {
         for r in roots {
             cln_backup::writer::create(r, None, None, None).unwrap();
         }
-        Replicas::open(&urls, &ldir, 0)
+        Replicas::open(&urls, &ldir, 0, cln_backup::destination::DEFAULT_RECONNECT_TIMEOUT)
     };
     let mut one = open("one", &[base.join("fanout-one.bkp")]);
     let mut two = open("two", &[base.join("fanout-two.bkp"), shm.join("fanout-two.bkp")]);
