@@ -204,6 +204,11 @@ fn fill_header(record: &mut [u8], data_version: u32, kind: Kind) {
     h[13..17].copy_from_slice(&header_crc.to_le_bytes());
 }
 
+/// The statements of a framed plaintext record (as `encode_record` makes it).
+pub fn statements_of(record: &[u8]) -> std::result::Result<Vec<&str>, String> {
+    decode_statements(record.get(RECORD_HEADER_LEN..).unwrap_or_default())
+}
+
 /// The payload CRC a framed record carries (bytes 9..13 of its header).
 pub fn payload_crc(record: &[u8]) -> u32 {
     record.get(9..13).map_or(0, u32le)

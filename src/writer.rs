@@ -551,8 +551,8 @@ impl Writer {
             self.check_poisoned()?;
             return self.write_record(data_version, kind, record);
         }
-        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
-            .map_err(|what| StoreError::Invalid { path: self.path.clone(), what })?;
+        let statements =
+            journal::statements_of(record).map_err(|what| StoreError::Invalid { path: self.path.clone(), what })?;
         self.append(data_version, kind, &statements)
     }
 
@@ -626,8 +626,7 @@ impl Writer {
         self.append_copy(data_version, kind, record).map_err(Refusal::Store)
     }
 
-    /// Seals a plaintext record framed by `journal::encode_record` for the place it takes
-    /// next here (where the last transaction starts, when it replaces it) into `out`, so that
+    /// Frames and seals a db_write's statements for the place they take next here (where the last transaction starts, when it replaces it) into `out`, so that
     /// every copy of the backup at the same place can store the same bytes. False for a
     /// plaintext backup (`out` untouched).
     pub fn seal_for_next(
@@ -635,7 +634,7 @@ impl Writer {
         data_version: u32,
         kind: Kind,
         replace_last: bool,
-        record: &[u8],
+        statements: &[&str],
         out: &mut Vec<u8>,
     ) -> Result<bool> {
         if !self.header.sealed {
@@ -649,11 +648,9 @@ impl Writer {
                 return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() })
             }
         };
-        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
-            .map_err(|what| StoreError::Invalid { path: self.path.clone(), what })?;
         out.clear();
         let payloads = Payloads::Sealed { sealer: &sealer, generation: self.header.generation };
-        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        journal::encode_record_as(out, offset, data_version, kind, statements, payloads);
         Ok(true)
     }
 

@@ -91,10 +91,10 @@ impl Destination for FileDestination {
         data_version: u32,
         kind: Kind,
         replace_last: bool,
-        record: &[u8],
+        statements: &[&str],
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
-        lock(&self.writer).seal_for_next(data_version, kind, replace_last, record, out)
+        lock(&self.writer).seal_for_next(data_version, kind, replace_last, statements, out)
     }
     fn append_copy(
         &mut self,

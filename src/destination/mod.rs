@@ -80,15 +80,15 @@ pub trait Destination: Send {
     /// committed by lightningd) first; then appends `record`, framed once for every
     /// destination. Returns only when the record is on stable storage.
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError>;
-    /// Seals a plaintext record for the place it takes next here, into `out`, when this copy
-    /// is sealed (false otherwise): the record is sealed once, and copies at the same place
-    /// store the same bytes.
+    /// Frames and seals a db_write's statements for the place they take next here, into
+    /// `out`, when this copy is sealed (false otherwise, `out` untouched): the record is
+    /// sealed once, and copies at the same place store the same bytes.
     fn seal_for_next(
         &mut self,
         _data_version: u32,
         _kind: Kind,
         _replace_last: bool,
-        _record: &[u8],
+        _statements: &[&str],
         _out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
         Ok(false)

@@ -223,10 +223,9 @@ impl Replicas {
                 return Err(Refusal::Versions(m));
             }
             let replace = decision == Decision::ReplaceLast;
-            self.buf.clear();
-            journal::encode_record(&mut self.buf, data_version, kind, writes);
+            let statements: Vec<&str> = writes.iter().map(AsRef::as_ref).collect();
             let sealed = d
-                .seal_for_next(data_version, kind, replace, &self.buf, &mut self.sealed_buf)
+                .seal_for_next(data_version, kind, replace, &statements, &mut self.sealed_buf)
                 .map_err(Refusal::Store)?;
             (tip, replace, sealed)
         };
@@ -238,9 +237,15 @@ impl Replicas {
                 sealed && (k == 0 || self.slots[i].dest.as_ref().is_some_and(|d| lock(d).tip().same_place(&tip)))
             })
             .collect();
+        // Framed in plaintext only for the copies that take it so (a plaintext backup, or
+        // a copy at another place, which seals it for its own).
+        self.buf.clear();
+        if copy.contains(&false) {
+            journal::encode_record(&mut self.buf, data_version, kind, writes);
+        }
         let many = targets.len() > 1;
-        let plain: Option<Arc<[u8]>> = many.then(|| Arc::from(&self.buf[..]));
-        let sealed_rec: Option<Arc<[u8]>> = (many && sealed).then(|| Arc::from(&self.sealed_buf[..]));
+        let plain: Option<Arc<[u8]>> = (many && copy[1..].contains(&false)).then(|| Arc::from(&self.buf[..]));
+        let sealed_rec: Option<Arc<[u8]>> = (many && copy[1..].contains(&true)).then(|| Arc::from(&self.sealed_buf[..]));
         let mut sent = 0;
         for (k, &i) in targets.iter().enumerate().skip(1) {
             let rec = if copy[k] { &sealed_rec } else { &plain };

@@ -608,7 +608,7 @@ impl PgDestination {
         data_version: u32,
         kind: Kind,
         replace_last: bool,
-        record: &[u8],
+        statements: &[&str],
         out: &mut Vec<u8>,
     ) -> Result<bool, PgError> {
         if !self.is_sealed() {
@@ -618,11 +618,9 @@ impl PgDestination {
         let chain =
             |what: &str| PgError::Chain { url: self.pg.display.clone(), name: self.name.clone(), what: what.into() };
         let offset = self.state.next_offset(replace_last).ok_or_else(|| chain("no transaction to replace"))?;
-        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
-            .map_err(|what| chain(&format!("a record to seal does not decode: {what}")))?;
         out.clear();
         let payloads = Payloads::Sealed { sealer: &sealer, generation: self.state.generation as u64 };
-        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        journal::encode_record_as(out, offset, data_version, kind, statements, payloads);
         Ok(true)
     }
 
@@ -701,8 +699,16 @@ impl PgDestination {
     /// cancelled and reported as an error.
     /// A sealed backup's record is sealed for its place here first.
     pub fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), PgError> {
+        if !self.is_sealed() {
+            return self.append_copy(data_version, kind, replace_last, record);
+        }
+        let statements = journal::statements_of(record).map_err(|what| PgError::Chain {
+            url: self.pg.display.clone(),
+            name: self.name.clone(),
+            what: format!("a record to seal does not decode: {what}"),
+        })?;
         let mut buf = std::mem::take(&mut self.seal_buf);
-        let r = match self.seal_for_next(data_version, kind, replace_last, record, &mut buf) {
+        let r = match self.seal_for_next(data_version, kind, replace_last, &statements, &mut buf) {
             Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
             Ok(false) => self.append_copy(data_version, kind, replace_last, record),
             Err(e) => Err(e),

@@ -42,10 +42,10 @@ impl Destination for PgDestination {
         data_version: u32,
         kind: Kind,
         replace_last: bool,
-        record: &[u8],
+        statements: &[&str],
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
-        Ok(PgDestination::seal_for_next(self, data_version, kind, replace_last, record, out)?)
+        Ok(PgDestination::seal_for_next(self, data_version, kind, replace_last, statements, out)?)
     }
     fn append_copy(
         &mut self,

@@ -147,8 +147,10 @@ impl Destination for Socket {
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
+        let statements = journal::statements_of(record)
+            .map_err(|what| StoreError::Invalid { path: self.dest.url().into(), what })?;
         let mut buf = std::mem::take(&mut self.buf);
-        let r = match self.seal_for_next(data_version, kind, replace_last, record, &mut buf) {
+        let r = match self.seal_for_next(data_version, kind, replace_last, &statements, &mut buf) {
             Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
             Ok(false) => self.append_copy(data_version, kind, replace_last, record),
             Err(e) => Err(e),
@@ -163,7 +165,7 @@ impl Destination for Socket {
         data_version: u32,
         kind: Kind,
         replace_last: bool,
-        record: &[u8],
+        statements: &[&str],
         out: &mut Vec<u8>,
     ) -> Result<bool, StoreError> {
         let Some(sealer) = self.sealer()? else { return Ok(false) };
@@ -175,11 +177,9 @@ impl Destination for Socket {
                 return Err(StoreError::Invalid { path: self.dest.url().into(), what: "no transaction to drop".into() })
             }
         };
-        let statements = journal::decode_statements(&record[journal::RECORD_HEADER_LEN.min(record.len())..])
-            .map_err(|what| StoreError::Invalid { path: self.dest.url().into(), what })?;
         out.clear();
         let payloads = Payloads::Sealed { sealer: &sealer, generation: st.generation };
-        journal::encode_record_as(out, offset, data_version, kind, &statements, payloads);
+        journal::encode_record_as(out, offset, data_version, kind, statements, payloads);
         Ok(true)
     }
     fn append_copy(
