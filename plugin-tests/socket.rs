@@ -1477,11 +1477,7 @@ fn restored_version(lb: &LeftBehind, u: &str, name: &str) -> (u32, PathBuf) {
     let out = restore_into(lb, name);
     let o = cli(&["restore", u, out.to_str().unwrap()]);
     assert!(o.status.success(), "restore failed: {}", stderr(&o));
-    let s = cln_backup::restore::verify_with(
-        &out,
-        &cln_backup::keys::KeySource::lightning_dir(&out),
-        &mut |_, _| {},
-    );
+    let s = cln_backup::restore::verify_with(&out, &cln_backup::keys::KeySource::lightning_dir(&out), &mut |_, _| {});
     drop(s);
     let text = stdout(&o);
     let v = text
@@ -1646,7 +1642,8 @@ fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
     // a server key that is not the pinned one: the copy is unreadable, said so
     let wrong = serde_json::json!({"backend_url": u, "server_key": identity::to_hex(&[7u8; 32])});
     std::fs::write(ldir.join("backup.lock"), wrong.to_string()).unwrap();
-    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), tmp.path().join("x.sqlite3").to_str().unwrap()]);
+    let o =
+        cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), tmp.path().join("x.sqlite3").to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stdout(&o).contains("unreadable"), "{}", stdout(&o));
     drop(server);

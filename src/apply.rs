@@ -121,4 +121,3 @@ pub fn finish_db(conn: &Connection, path: &Path, version: u32) -> Result<()> {
     }
     Ok(())
 }
-

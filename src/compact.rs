@@ -22,13 +22,13 @@ use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 
+use crate::apply::{finish_db, open_build_db, sql_err, Applier};
 use crate::error::{Result, StoreError};
 use crate::fsutil::{self, Stepped, Throttle};
 use crate::journal::{self, Base, Header, JournalReader, Kind, Payloads};
 use crate::keys::KeyError;
 use crate::layout::GenName;
 use crate::meta::key_err;
-use crate::apply::{finish_db, open_build_db, sql_err, Applier};
 use crate::seal::Sealer;
 use crate::snapshot;
 use crate::versions::Position;

@@ -460,7 +460,13 @@ impl JournalReader {
             });
         };
         self.pos = end;
-        Ok(Found::Whole(Record { offset: off, data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload }))
+        Ok(Found::Whole(Record {
+            offset: off,
+            data_version: rh.data_version,
+            kind,
+            payload_crc: rh.payload_crc,
+            payload,
+        }))
     }
 
     /// A read at `off` came up short. If the file shrank since it was opened, the writer

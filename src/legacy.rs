@@ -21,10 +21,10 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::apply::{finish_db, open_build_db, resolve_dest, sql_err, Applier, Summary};
 use crate::error::{Result, StoreError};
 use crate::fsutil;
 use crate::journal::{self, Kind};
-use crate::apply::{finish_db, open_build_db, resolve_dest, sql_err, Applier, Summary};
 use crate::versions::{self, Decision, Position};
 
 pub const HEADER_LEN: u64 = 512;

@@ -5,7 +5,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-
 use crate::error::{Result, StoreError};
 use crate::fsutil;
 use crate::journal::{self, Kind, Payloads};

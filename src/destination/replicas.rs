@@ -245,7 +245,8 @@ impl Replicas {
         }
         let many = targets.len() > 1;
         let plain: Option<Arc<[u8]>> = (many && copy[1..].contains(&false)).then(|| Arc::from(&self.buf[..]));
-        let sealed_rec: Option<Arc<[u8]>> = (many && copy[1..].contains(&true)).then(|| Arc::from(&self.sealed_buf[..]));
+        let sealed_rec: Option<Arc<[u8]>> =
+            (many && copy[1..].contains(&true)).then(|| Arc::from(&self.sealed_buf[..]));
         let mut sent = 0;
         for (k, &i) in targets.iter().enumerate().skip(1) {
             let rec = if copy[k] { &sealed_rec } else { &plain };

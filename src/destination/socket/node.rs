@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::SocketDestination;
-use crate::net::identity::{self, PublicKey};
 use crate::net::identity::SecretKey;
+use crate::net::identity::{self, PublicKey};
 use crate::net::url;
 use crate::plugin::LOCK_NAME;
 
@@ -122,4 +122,3 @@ pub fn connect_reader(url: &str, ldirs: &[PathBuf]) -> Result<SocketDestination>
     }
     Ok(dest)
 }
-
