@@ -158,3 +158,26 @@ pub fn journal_data(root: &Path) -> Vec<u8> {
     bytes.truncate(r.position() as usize);
     bytes
 }
+
+/// The plugin's `backup-status`.
+pub fn status(node: &mut cln_backup::sim::Node) -> serde_json::Value {
+    node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap()
+}
+
+/// Waits until destination `i` is in `state`; its status then.
+pub fn wait_state(
+    node: &mut cln_backup::sim::Node,
+    i: usize,
+    state: &str,
+    within: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let st = status(node);
+        if st["destinations"][i]["state"] == state {
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "destination {i} never became {state}: {st:#}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -39,22 +39,6 @@ fn node_of(ldir: &Path) -> Node {
     node
 }
 
-fn status(node: &mut Node) -> Value {
-    node.plugin().unwrap().cli("backup-status", json!({})).unwrap()
-}
-
-fn wait_state(node: &mut Node, i: usize, state: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(node);
-        if st["destinations"][i]["state"] == state {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "destination {i} never became {state}: {st:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Both copies restore to the trace's final database, and hold the same sealed bytes.
 fn both_restore_to_the_end(tmp: &Path, copy: &Path, backend: &str) {
     let fin = final_db("channels", tmp);

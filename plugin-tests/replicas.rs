@@ -2,7 +2,7 @@
 //! choosing the most advanced copy, adding one, and the operator's mistakes.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -27,22 +27,6 @@ fn restore_alone(root: &Path, dest: &Path) -> cln_backup::restore::Summary {
     assert!(o.status.success(), "restore of {} failed: {}", root.display(), stderr(&o));
     assert!(stdout(&o).contains("last written"), "{}", stdout(&o));
     cln_backup::restore::verify(root, &mut |_, _| {}).unwrap()
-}
-
-fn status(node: &mut Node) -> Value {
-    node.plugin().unwrap().cli("backup-status", json!({})).unwrap()
-}
-
-fn wait_state(node: &mut Node, i: usize, state: &str, within: Duration) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let st = status(node);
-        if st["destinations"][i]["state"] == state {
-            return st;
-        }
-        assert!(Instant::now() < deadline, "destination {i} never became {state}: {st:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

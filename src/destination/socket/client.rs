@@ -270,18 +270,7 @@ impl SocketDestination {
             snapshot,
             progress,
         ));
-        match r {
-            Ok(st) => {
-                self.link.state = st;
-                Ok(st)
-            }
-            Err(e) => {
-                if !matches!(e, SocketError::Refused { .. }) {
-                    self.link.conn = None; // may stop mid-stream
-                }
-                Err(e)
-            }
-        }
+        self.after_upload(r)
     }
 
     /// Uploads a snapshot for generation `from_generation + 1` and leaves it on the server
@@ -332,14 +321,21 @@ impl SocketDestination {
             journal_len: from.journal_len,
             meta: body,
         };
-        match self.rt.block_on(self.link.install(req, &from.journal, progress)) {
+        let r = self.rt.block_on(self.link.install(req, &from.journal, progress));
+        self.after_upload(r)
+    }
+
+    /// The server's answer to an upload: its new state, or an error; a connection that may
+    /// have stopped mid-stream is not used again (a refusal leaves it whole).
+    fn after_upload(&mut self, r: Result<State, SocketError>) -> Result<State, SocketError> {
+        match r {
             Ok(st) => {
                 self.link.state = st;
                 Ok(st)
             }
             Err(e) => {
                 if !matches!(e, SocketError::Refused { .. }) {
-                    self.link.conn = None; // may stop mid-stream
+                    self.link.conn = None;
                 }
                 Err(e)
             }
