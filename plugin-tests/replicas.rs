@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common::*;
-use cln_backup::sim::Node;
+use cln_backup::sim::{Answer, Node};
 
 /// A lightning dir whose backup has a destination at each of `roots`.
 fn init_multi(tmp: &Path, roots: &[PathBuf], extra: &[&str]) -> PathBuf {
@@ -264,4 +264,63 @@ fn operator_mistakes_get_clear_errors() {
     let s = Setup::new();
     let o = cli(&["add-destination", "--lightning-dir", s.ldir.to_str().unwrap(), &url(&other.root)]);
     assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+}
+
+/// backup.lock pins the sealed backup: a copy whose storage was rewritten as a plaintext
+/// backup, or replaced by another backup, gets nothing written, and the node halts rather
+/// than send it plaintext. A lock from before pins existed is pinned at the first start.
+#[test]
+fn a_copy_swapped_for_plaintext_or_another_backup_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roots: Vec<PathBuf> = (0..2).map(|i| tmp.path().join(format!("d{i}/node.bkp"))).collect();
+    roots.iter().for_each(|r| std::fs::create_dir_all(r.parent().unwrap()).unwrap());
+    let ldir = init_multi(tmp.path(), &roots, &[]);
+    let lockp = ldir.join("backup.lock");
+    let read_lock = || -> Value { serde_json::from_str(&std::fs::read_to_string(&lockp).unwrap()).unwrap() };
+    let meta: Value = serde_json::from_slice(&std::fs::read(roots[0].join("backup.json")).unwrap()).unwrap();
+    assert_eq!(read_lock()["sealed_backup_id"], meta["backup_id"], "init pins the sealed backup");
+    // an older lock without the pin: the plugin records it at its start
+    let mut old = read_lock();
+    old.as_object_mut().unwrap().remove("sealed_backup_id");
+    std::fs::write(&lockp, old.to_string()).unwrap();
+    let trace = trace("small");
+    let half = trace.len() / 2;
+    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    assert_eq!(read_lock()["sealed_backup_id"], meta["backup_id"], "the plugin pins an unpinned lock");
+    let kept = tmp.path().join("kept.bkp");
+    std::fs::rename(&roots[1], &kept).unwrap();
+    for swap in [&["--no-encryption"][..], &[][..]] {
+        // the second copy's storage now holds a plaintext backup, then another sealed one
+        let _ = std::fs::remove_dir_all(&roots[1]);
+        let mut args = vec!["init"];
+        args.extend_from_slice(swap);
+        let u = url(&roots[1]);
+        args.push(&u);
+        let o = cli(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        node.start_if_needed(trace, half).unwrap();
+        match node.step(&trace[half]).unwrap() {
+            Answer::Halt(_) => {}
+            a => panic!("went on with a swapped copy: {a:?}"),
+        }
+        let p = node.plugin().unwrap();
+        let what = if swap.is_empty() { "another sealed backup" } else { "a plaintext backup" };
+        assert!(p.has_log("pins this node's backup as sealed backup") && p.has_log(what), "{:?}", p.logs());
+        node.stop().unwrap();
+        let v = cln_backup::restore::verify(&roots[1], &mut |_, _| {}).unwrap().version;
+        assert_eq!(v, 0, "the swapped copy was written to");
+    }
+    // the real copy back: the node goes on, and both restore equal
+    std::fs::remove_dir_all(&roots[1]).unwrap();
+    std::fs::rename(&kept, &roots[1]).unwrap();
+    assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
+    node.stop().unwrap();
+    let fin = final_db("small", tmp.path());
+    for (i, r) in roots.iter().enumerate() {
+        let dest = tmp.path().join(format!("r{i}.sqlite3"));
+        restore_alone(r, &dest);
+        assert_same(&dest, &fin);
+    }
 }

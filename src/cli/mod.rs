@@ -498,6 +498,7 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
             urls: abs.clone(),
             min_destinations: min,
             reconnect_timeout_s: None,
+            sealed_backup_id: meta.sealed.then(|| meta.backup_id.clone()),
             extra: Default::default(),
         };
         println!(
@@ -538,6 +539,7 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         urls: abs,
         min_destinations: min,
         reconnect_timeout_s: None,
+        sealed_backup_id: meta.sealed.then(|| meta.backup_id.clone()),
         extra: Default::default(),
     }
     .to_json();

@@ -109,6 +109,9 @@ impl Destination for FileDestination {
         }
         w.append_copy(data_version, kind, record)
     }
+    fn backup_id(&self) -> Option<crate::seal::BackupId> {
+        crate::meta::Meta::load(&self.root).ok().flatten().filter(|m| m.sealed).and_then(|m| m.id())
+    }
     fn bytes(&self) -> u64 {
         let w = lock(&self.writer);
         w.journal_len() + w.snapshot_len()

@@ -104,6 +104,10 @@ pub trait Destination: Send {
     ) -> Result<(), StoreError> {
         self.append(data_version, kind, replace_last, record)
     }
+    /// The backup id of a sealed copy; None for a plaintext one.
+    fn backup_id(&self) -> Option<crate::seal::BackupId> {
+        None
+    }
     /// Bytes the destination holds for this backup.
     fn bytes(&self) -> u64;
     fn last_write(&self) -> Option<SystemTime>;
@@ -182,6 +186,40 @@ pub fn open(
     base: &Path,
     reconnect_timeout: std::time::Duration,
 ) -> Result<(Box<dyn Destination>, Vec<String>), String> {
+    let (d, notes) = open_unchecked(url, base, reconnect_timeout)?;
+    check_pin(d.as_ref(), base)?;
+    Ok((d, notes))
+}
+
+/// A copy that the node's `backup.lock` pins to a sealed backup must be that backup, sealed:
+/// whoever holds the storage could otherwise rewrite its metadata as plaintext (or put
+/// another backup there) and have the node write plaintext into it. The pin lives beside
+/// `hsm_secret`, on the node's own disk.
+fn check_pin(d: &dyn Destination, base: &Path) -> Result<(), String> {
+    let path = base.join(crate::plugin::LOCK_NAME);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let Some(pin) = LockFile::parse(&text, &path).ok().and_then(|l| l.sealed_backup_id) else { return Ok(()) };
+    match d.backup_id().map(|id| crate::keys::hex(&id)) {
+        Some(id) if id == pin => Ok(()),
+        found => Err(format!(
+            "{} holds {}, but {} pins this node's backup as sealed backup {pin}: nothing is written to it. \
+             Its storage was changed by someone else, or the copy was replaced. Check it (backup-cli verify), \
+             then remove it (backup-cli remove-destination) and add a fresh copy (backup-cli add-destination)",
+            shown(d.url()),
+            match found {
+                Some(other) => format!("another sealed backup ({other})"),
+                None => "a plaintext backup".into(),
+            },
+            path.display()
+        )),
+    }
+}
+
+fn open_unchecked(
+    url: &str,
+    base: &Path,
+    reconnect_timeout: std::time::Duration,
+) -> Result<(Box<dyn Destination>, Vec<String>), String> {
     match parse(url, base)? {
         Target::File(root) => {
             let keys = crate::keys::KeySource::lightning_dir(base);
@@ -221,6 +259,9 @@ pub struct LockFile {
     pub min_destinations: Option<usize>,
     /// `backup-reconnect-timeout` (seconds) as last seen, likewise.
     pub reconnect_timeout_s: Option<u64>,
+    /// The sealed backup's id (hex), recorded by the plugin at its first start: every copy
+    /// must hold this backup, sealed (`check_pin`). None for a plaintext backup.
+    pub sealed_backup_id: Option<String>,
 }
 
 impl LockFile {
@@ -240,10 +281,11 @@ impl LockFile {
         let min_destinations = v.get("min_destinations").and_then(|m| m.as_u64()).map(|m| m as usize);
         let reconnect_timeout_s = v.get("reconnect_timeout_s").and_then(|m| m.as_u64()).filter(|s| *s > 0);
         let mut extra = v.as_object().cloned().unwrap_or_default();
-        for k in ["backend_url", "destinations", "min_destinations", "reconnect_timeout_s"] {
+        let sealed_backup_id = v.get("sealed_backup_id").and_then(|m| m.as_str()).map(str::to_string);
+        for k in ["backend_url", "destinations", "min_destinations", "reconnect_timeout_s", "sealed_backup_id"] {
             extra.remove(k);
         }
-        Ok(LockFile { urls, min_destinations, reconnect_timeout_s, extra })
+        Ok(LockFile { urls, min_destinations, reconnect_timeout_s, sealed_backup_id, extra })
     }
 
     pub fn to_json(&self) -> String {
@@ -257,6 +299,9 @@ impl LockFile {
         }
         if let Some(s) = self.reconnect_timeout_s {
             v["reconnect_timeout_s"] = serde_json::json!(s);
+        }
+        if let Some(id) = &self.sealed_backup_id {
+            v["sealed_backup_id"] = serde_json::json!(id);
         }
         v.to_string()
     }
@@ -306,6 +351,7 @@ mod tests {
             urls: vec!["file:///a".into(), "file:///b".into()],
             min_destinations: Some(1),
             reconnect_timeout_s: Some(5),
+            sealed_backup_id: Some("00112233445566778899aabbccddeeff".into()),
             extra,
         };
         let back = LockFile::parse(&two.to_json(), p).unwrap();

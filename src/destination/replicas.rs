@@ -349,6 +349,15 @@ impl Replicas {
         }
     }
 
+    /// The backup id of the first in-sync copy, when it is sealed.
+    pub fn sealed_backup_id(&self) -> Option<crate::seal::BackupId> {
+        self.slots
+            .iter()
+            .filter(|s| s.state == State::InSync)
+            .find_map(|s| s.dest.as_ref())
+            .and_then(|d| lock(d).backup_id())
+    }
+
     pub fn any_behind(&self) -> bool {
         self.slots.iter().any(|s| s.state == State::Behind)
     }

@@ -193,15 +193,24 @@ impl Core {
     /// backup.lock, so that the writes of the next start, which come before its init, go on
     /// under them too.
     fn record_rules(&mut self) {
+        // A backup.lock from before pins existed gets the sealed backup's id now (trust on
+        // first use), so that no copy can be swapped for plaintext from here on.
+        let pin = match (&self.backend, self.lock_file.as_ref().map(|l| l.sealed_backup_id.is_none())) {
+            (Backend::Ready(r), Some(true)) => lock(r).sealed_backup_id().map(|id| crate::keys::hex(&id)),
+            _ => None,
+        };
         let Some(lf) = &mut self.lock_file else { return };
         let want = (self.settings.min_destinations != 0).then_some(self.settings.min_destinations);
         let default_s = crate::destination::DEFAULT_RECONNECT_TIMEOUT.as_secs();
         let timeout = (self.settings.reconnect_timeout_s != default_s).then_some(self.settings.reconnect_timeout_s);
-        if lf.min_destinations == want && lf.reconnect_timeout_s == timeout {
+        if lf.min_destinations == want && lf.reconnect_timeout_s == timeout && pin.is_none() {
             return;
         }
         lf.min_destinations = want;
         lf.reconnect_timeout_s = timeout;
+        if pin.is_some() {
+            lf.sealed_backup_id = pin;
+        }
         let text = lf.to_json();
         let path = self.lightning_dir.join(LOCK_NAME);
         let r = crate::fsutil::write_atomic(&path, true, |f, tmp| {

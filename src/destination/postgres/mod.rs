@@ -508,7 +508,8 @@ impl PgDestination {
         self.sealing = match meta {
             Some(m) if m.sealed && !header.sealed => {
                 return Err(damaged(
-                    "its metadata says sealed, but its current generation is plaintext: the rows were replaced;                      nothing is written into it",
+                    "its metadata says sealed, but its current generation is plaintext: the rows were replaced; \
+                     nothing is written into it",
                 ))
             }
             Some(m) if m.sealed => {
@@ -533,6 +534,11 @@ impl PgDestination {
     fn key_err(&self, e: crate::keys::KeyError) -> PgError {
         StoreError::Key { path: format!("{} (backup '{}')", self.pg.display, self.name).into(), what: e.to_string() }
             .into()
+    }
+
+    /// The backup id, when it is sealed.
+    pub fn sealed_backup_id(&self) -> Option<crate::seal::BackupId> {
+        self.backup_id.filter(|_| self.is_sealed())
     }
 
     /// Whether records are sealed.

@@ -56,6 +56,9 @@ impl Destination for PgDestination {
     ) -> Result<(), StoreError> {
         Ok(PgDestination::append_copy(self, data_version, kind, replace_last, record)?)
     }
+    fn backup_id(&self) -> Option<crate::seal::BackupId> {
+        PgDestination::sealed_backup_id(self)
+    }
     fn bytes(&self) -> u64 {
         0
     }

@@ -194,6 +194,13 @@ impl Destination for Socket {
         self.last_write = Some(SystemTime::now());
         Ok(())
     }
+    fn backup_id(&self) -> Option<crate::seal::BackupId> {
+        match &self.sealing {
+            Sealing::Plain => None,
+            Sealing::Ready { sealer, .. } => Some(*sealer.backup_id()),
+            Sealing::Pending { meta, .. } => meta.id(),
+        }
+    }
     fn bytes(&self) -> u64 {
         self.dest.server_state().journal_len
     }
