@@ -660,10 +660,11 @@ impl Writer {
         let Some(offset) = self.last_tx_offset else {
             return Err(StoreError::Invalid { path: self.path.clone(), what: "no transaction to drop".into() });
         };
-        self.file
-            .set_len(offset)
-            .and_then(|_| self.file.sync_all())
-            .map_err(StoreError::io("truncate journal", &self.path))?;
+        if let Err(e) = self.file.set_len(offset).and_then(|_| self.file.sync_all()) {
+            // The file's end is unknown now: no append may follow until it is reopened.
+            self.poisoned = true;
+            return Err(StoreError::io("truncate journal", &self.path)(e));
+        }
         self.records = self.records_before_last_tx;
         self.end = offset;
         self.alloc = offset;

@@ -109,6 +109,27 @@ impl Destination for FileDestination {
         }
         w.append_copy(data_version, kind, record)
     }
+    /// Under the writer's lock, which a compaction's `switch_to` takes too.
+    fn append_at(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        sealed: &[u8],
+        place: &Tip,
+        plain: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut w = lock(&self.writer);
+        let here = tip_of(&w).same_place(place);
+        if replace_last {
+            w.drop_last_transaction()?;
+        }
+        if here {
+            w.append_copy(data_version, kind, sealed)
+        } else {
+            w.append_framed(data_version, kind, plain)
+        }
+    }
     fn backup_id(&self) -> Option<crate::seal::BackupId> {
         crate::meta::Meta::load(&self.root).ok().flatten().filter(|m| m.sealed).and_then(|m| m.id())
     }
@@ -136,5 +157,61 @@ impl Destination for FileDestination {
         let mut w = lock(&self.writer);
         writer::install_generation(&self.root, from)?;
         w.reopen().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal;
+    use crate::meta::Meta;
+
+    fn tx(v: u32) -> Vec<String> {
+        vec![
+            format!("INSERT INTO t VALUES ({v})"),
+            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1),
+        ]
+    }
+
+    /// A record sealed for a place this copy no longer has next (a compaction switched it,
+    /// or another record went in first) is sealed again for where it goes, never stored as
+    /// it is: its seal would not open there.
+    #[test]
+    fn append_at_a_stale_place_seals_for_the_place_it_takes() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, ldir) = (d.path().join("b.bkp"), d.path().join("ln"));
+        std::fs::create_dir(&ldir).unwrap();
+        std::fs::write(ldir.join("hsm_secret"), [9u8; 32]).unwrap();
+        let meta = Meta::new_sealed(None, None, Some(ldir.clone())).unwrap();
+        writer::create(&root, None, Some(&meta), None).unwrap();
+        let keys = KeySource::lightning_dir(&ldir);
+        let (mut dest, _) = FileDestination::open(&crate::layout::url_for(&root), &root, &keys).unwrap();
+        let plain = |v: u32| {
+            let mut b = Vec::new();
+            journal::encode_record(&mut b, v, Kind::Transaction, &tx(v));
+            b
+        };
+        let stale_place = dest.tip();
+        // record 2 sealed for the place after the header...
+        let sealer = lock(&dest.writer).sealer().unwrap().unwrap();
+        let mut stale = Vec::new();
+        let payloads = journal::Payloads::Sealed { sealer: &sealer, generation: stale_place.generation };
+        journal::encode_record_as(&mut stale, stale_place.journal_len, 2, Kind::Transaction, &tx(2), payloads);
+        // ...which record 1 takes first
+        dest.append(1, Kind::Transaction, false, &plain(1)).unwrap();
+        dest.append_at(2, Kind::Transaction, false, &stale, &stale_place, &plain(2)).unwrap();
+        // at the place it was sealed for, sealed bytes are stored as they are
+        let here = dest.tip();
+        let mut fresh = Vec::new();
+        let tx3: Vec<String> = tx(3);
+        let stmts: Vec<&str> = tx3.iter().map(String::as_str).collect();
+        assert!(dest.seal_for_next(3, Kind::Transaction, false, &stmts, &mut fresh).unwrap());
+        dest.append_at(3, Kind::Transaction, false, &fresh, &here, &plain(3)).unwrap();
+        let end = dest.tip().journal_len;
+        drop(dest);
+        let s = crate::restore::verify_with(&root, &keys, &mut |_, _| {}).unwrap();
+        assert_eq!((s.version, s.records), (3, 3), "{s:?}");
+        let j = std::fs::read(crate::layout::Layout::new(&root).list().unwrap().journal).unwrap();
+        assert_eq!(&j[(end as usize - fresh.len())..end as usize], &fresh[..], "stored as it was sealed");
     }
 }

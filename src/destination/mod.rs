@@ -108,6 +108,26 @@ pub trait Destination: Send {
     fn backup_id(&self) -> Option<crate::seal::BackupId> {
         None
     }
+    /// Stores `sealed`, sealed for `place` (where this copy's next record went when it was
+    /// sealed), if the next record still goes there; else `plain` (framed, not sealed), sealed
+    /// for where it goes now. Checked and written under the lock a compaction's switch takes,
+    /// so no switch can come between: sealed bytes never land where they do not open.
+    fn append_at(
+        &mut self,
+        data_version: u32,
+        kind: Kind,
+        replace_last: bool,
+        sealed: &[u8],
+        place: &Tip,
+        plain: &[u8],
+    ) -> Result<(), StoreError> {
+        // Network kinds switch generations under the destination's own lock (`&mut self`).
+        if self.tip().same_place(place) {
+            self.append_copy(data_version, kind, replace_last, sealed)
+        } else {
+            self.append(data_version, kind, replace_last, plain)
+        }
+    }
     /// Bytes the destination holds for this backup.
     fn bytes(&self) -> u64;
     fn last_write(&self) -> Option<SystemTime>;

@@ -55,9 +55,12 @@ pub struct Slot {
 struct Job {
     slot: usize,
     dest: Shared,
-    record: Arc<[u8]>,
-    /// `record` is sealed for this copy's place already: store it as it is.
-    copy: bool,
+    /// The record framed in plaintext (sealed by the copy for its own place, if it is sealed
+    /// and `sealed` no longer fits it).
+    plain: Arc<[u8]>,
+    /// The record sealed once, for `place`.
+    sealed: Option<Arc<[u8]>>,
+    place: Tip,
     data_version: u32,
     kind: Kind,
     replace_last: bool,
@@ -150,14 +153,14 @@ impl Replicas {
                 for job in rx {
                     let t = Instant::now();
                     let mut d = lock(&job.dest);
-                    let r = if job.copy {
-                        d.append_copy(job.data_version, job.kind, job.replace_last, &job.record)
-                    } else {
-                        d.append(job.data_version, job.kind, job.replace_last, &job.record)
+                    let r = match &job.sealed {
+                        Some(s) => d.append_at(job.data_version, job.kind, job.replace_last, s, &job.place, &job.plain),
+                        None => d.append(job.data_version, job.kind, job.replace_last, &job.plain),
                     };
                     drop(d);
-                    drop(job.record);
-                    if done.send((job.slot, r, t.elapsed())).is_err() {
+                    let slot = job.slot;
+                    drop(job);
+                    if done.send((slot, r, t.elapsed())).is_err() {
                         return;
                     }
                 }
@@ -230,32 +233,25 @@ impl Replicas {
             (tip, replace, sealed)
         };
         let mut results: Vec<(usize, Result<(), StoreError>, Duration)> = Vec::with_capacity(targets.len());
-        let copy: Vec<bool> = targets
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                sealed && (k == 0 || self.slots[i].dest.as_ref().is_some_and(|d| lock(d).tip().same_place(&tip)))
-            })
-            .collect();
-        // Framed in plaintext only for the copies that take it so (a plaintext backup, or
-        // a copy at another place, which seals it for its own).
+        // Framed in plaintext too: for a plaintext backup, and for a copy whose next record
+        // goes elsewhere by the time it writes (a compaction switched it), which then seals
+        // it for its own place (`Destination::append_at` decides under the switch's lock).
         self.buf.clear();
-        if copy.contains(&false) {
-            journal::encode_record(&mut self.buf, data_version, kind, writes);
-        }
+        journal::encode_record(&mut self.buf, data_version, kind, writes);
         let many = targets.len() > 1;
-        let plain: Option<Arc<[u8]>> = (many && copy[1..].contains(&false)).then(|| Arc::from(&self.buf[..]));
-        let sealed_rec: Option<Arc<[u8]>> =
-            (many && copy[1..].contains(&true)).then(|| Arc::from(&self.sealed_buf[..]));
+        let plain: Option<Arc<[u8]>> = many.then(|| Arc::from(&self.buf[..]));
+        let sealed_rec: Option<Arc<[u8]>> = (many && sealed).then(|| Arc::from(&self.sealed_buf[..]));
         let mut sent = 0;
-        for (k, &i) in targets.iter().enumerate().skip(1) {
-            let rec = if copy[k] { &sealed_rec } else { &plain };
-            let (Some(rec), Some(w), Some(d)) = (rec, &self.slots[i].worker, &self.slots[i].dest) else { continue };
+        for &i in targets.iter().skip(1) {
+            let (Some(plain), Some(w), Some(d)) = (&plain, &self.slots[i].worker, &self.slots[i].dest) else {
+                continue;
+            };
             let job = Job {
                 slot: i,
                 dest: d.clone(),
-                record: rec.clone(),
-                copy: copy[k],
+                plain: plain.clone(),
+                sealed: sealed_rec.clone(),
+                place: tip,
                 data_version,
                 kind,
                 replace_last: replace,
@@ -271,8 +267,8 @@ impl Replicas {
             }
             if let Some(d) = &self.slots[i].dest {
                 let t = Instant::now();
-                let r = if copy[k] {
-                    lock(d).append_copy(data_version, kind, replace, &self.sealed_buf)
+                let r = if sealed {
+                    lock(d).append_at(data_version, kind, replace, &self.sealed_buf, &tip, &self.buf)
                 } else {
                     lock(d).append(data_version, kind, replace, &self.buf)
                 };
