@@ -402,6 +402,39 @@ impl SocketDestination {
         sealer: &Sealer,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Option<Staged>, SocketError> {
+        self.fold(work, keys, Some(sealer), progress, |c, from_generation, base_version, fold_end, snap, progress| {
+            c.stage(from_generation, base_version, snap, progress)?;
+            Ok(Staged { from_generation, base_version, fold_end })
+        })
+    }
+
+    /// Compaction by reading the remote back: downloads up to the last transaction, rebuilds
+    /// the database there, and installs it as a snapshot. None when there is nothing to fold.
+    /// `work`: a scratch directory (created, removed after).
+    pub fn compact(&mut self, work: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<State>, SocketError> {
+        self.fold(
+            work,
+            &KeySource::default(),
+            None,
+            progress,
+            |c, from_generation, base_version, fold_end, snap, progress| {
+                c.install_generation(from_generation, base_version, fold_end, snap, progress)
+            },
+        )
+    }
+
+    /// The long part of a compaction over the wire: downloads the server's backup up to its
+    /// last transaction into `work`, folds it into a snapshot of the next generation (sealed
+    /// with `sealer`), and hands that to `then` (from_generation, base_version, fold_end,
+    /// snapshot). None when there is nothing to fold. `work` is removed after.
+    fn fold<T>(
+        &mut self,
+        work: &Path,
+        keys: &KeySource,
+        sealer: Option<&Sealer>,
+        progress: &mut dyn FnMut(u64, u64),
+        then: impl FnOnce(&mut Self, u64, u32, u64, &Path, &mut dyn FnMut(u64, u64)) -> Result<T, SocketError>,
+    ) -> Result<Option<T>, SocketError> {
         let st = self.rt.block_on(self.link.call(&Request::GetState))?;
         let st = self.link.expect_state(st)?;
         let fold_end = st.last_tx_offset;
@@ -419,37 +452,9 @@ impl SocketDestination {
                 crate::restore::restore_with(&dl, &db, keys, &mut |_, _| {}).map_err(|e| local(e.explain()))?;
             let snap = work.join("folded.snapshot");
             let g = m.generation + 1;
-            crate::snapshot::write(&snap, g, sum.version, &db, &mut fsutil::Throttle::unlimited(), Some(sealer))
+            crate::snapshot::write(&snap, g, sum.version, &db, &mut fsutil::Throttle::unlimited(), sealer)
                 .map_err(|e| local(e.explain()))?;
-            self.stage(m.generation, sum.version, &snap, progress)?;
-            Ok(Some(Staged { from_generation: m.generation, base_version: sum.version, fold_end }))
-        })();
-        let _ = std::fs::remove_dir_all(work);
-        r
-    }
-
-    /// Compaction by reading the remote back: downloads up to the last transaction, rebuilds
-    /// the database there, and installs it as a snapshot. None when there is nothing to fold.
-    /// `work`: a scratch directory (created, removed after).
-    pub fn compact(&mut self, work: &Path, progress: &mut dyn FnMut(u64, u64)) -> Result<Option<State>, SocketError> {
-        let st = self.rt.block_on(self.link.call(&Request::GetState))?;
-        let st = self.link.expect_state(st)?;
-        let fold_end = st.last_tx_offset;
-        if fold_end <= journal::HEADER_LEN {
-            return Ok(None);
-        }
-        let url = self.link.url.clone();
-        let local = |what: String| SocketError::Local { url: url.clone(), what };
-        std::fs::create_dir_all(work).map_err(|e| local(format!("create {}: {e}", work.display())))?;
-        let r = (|| {
-            let dl = work.join("copy");
-            let m = self.download(&dl, fold_end, progress)?;
-            let db = work.join("folded.sqlite3");
-            let (db, sum) = crate::restore::restore(&dl, &db, &mut |_, _| {}).map_err(|e| local(e.explain()))?;
-            let snap = work.join("folded.snapshot");
-            crate::snapshot::write(&snap, m.generation + 1, sum.version, &db, &mut fsutil::Throttle::unlimited(), None)
-                .map_err(|e| local(e.explain()))?;
-            self.install_generation(m.generation, sum.version, fold_end, &snap, progress).map(Some)
+            then(self, m.generation, sum.version, fold_end, &snap, progress).map(Some)
         })();
         let _ = std::fs::remove_dir_all(work);
         r
