@@ -66,7 +66,7 @@ fn backup_destination_is_accepted_with_the_python_warning() {
     let v = p.init_with(&s.ldir, json!({"backup-destination": "file:///elsewhere/backup.dbak"})).unwrap();
     assert!(v["result"].get("disable").is_none(), "{v}");
     wait_for_log(
-        &p,
+        &mut p,
         "warn",
         "The `--backup-destination` option is deprecated and will be removed in future versions of the backup plugin.",
     );
@@ -124,7 +124,7 @@ fn init_and_db_write_in_one_read_then_calls_through_cln_plugin() {
     // setconfig on the dynamic option, and a refusal for a static one
     let v = p.request("cli", "setconfig", json!({"config": "backup-compact-io-rate", "val": 2000000})).unwrap();
     assert_eq!(v["result"], json!({}), "{v}");
-    wait_for_log(&p, "info", "backup-compact-io-rate is now 2000000 bytes a second");
+    wait_for_log(&mut p, "info", "backup-compact-io-rate is now 2000000 bytes a second");
     let v = p.request("cli", "setconfig", json!({"config": "backup-autocompact", "val": false})).unwrap();
     assert!(v["error"]["message"].as_str().unwrap_or("").contains("cannot change"), "{v}");
     // a later db_write still goes the direct way, and status still answers

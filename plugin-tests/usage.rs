@@ -214,7 +214,7 @@ fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     let t = std::time::Duration::from_secs(10);
     assert_eq!(calls.recv_timeout(t).unwrap(), "listconfigs");
     assert_eq!(calls.recv_timeout(t).unwrap(), "stop");
-    wait_for_log(&p, "warn", "not SQLite");
+    wait_for_log(&mut p, "warn", "not SQLite");
     p.close().unwrap();
 
     let s = Setup::new();
@@ -223,7 +223,7 @@ fn postgres_wallet_stops_lightningd_and_plain_plugin_warns() {
     p.getmanifest().unwrap();
     p.init(&s.ldir).unwrap();
     assert_eq!(calls.recv_timeout(t).unwrap(), "listconfigs");
-    wait_for_log(&p, "warn", "not loaded as an important plugin");
+    wait_for_log(&mut p, "warn", "not loaded as an important plugin");
     p.close().unwrap();
 
     // loaded as important: no warning
