@@ -150,6 +150,7 @@ impl Replicas {
             let (tx, rx) = mpsc::channel::<Job>();
             let done = self.done_tx.clone();
             let spawned = std::thread::Builder::new().name("cln-backup-replica".into()).spawn(move || {
+                crate::fsutil::no_wakeup_preemption();
                 for job in rx {
                     let t = Instant::now();
                     let mut d = lock(&job.dest);
