@@ -32,7 +32,18 @@ pub const LOCK_NAME: &str = "backup.lock";
 struct DbWrite<'a> {
     data_version: u32,
     #[serde(borrow)]
-    writes: Vec<Cow<'a, str>>,
+    writes: Vec<Statement<'a>>,
+}
+
+/// A statement borrowed from the message (copied only if it has JSON escapes): serde
+/// borrows a `Cow` only where it is a field of its own, never as a `Vec`'s item.
+#[derive(Deserialize)]
+struct Statement<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl AsRef<str> for Statement<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
 }
 
 enum Backend {
@@ -353,10 +364,9 @@ impl Core {
             return;
         }
         let Backend::Ready(r) = &self.backend else { return };
-        let writers = lock(r).in_sync_writers();
-        let Some((_, writer)) = writers.first() else { return };
+        let Some(writer) = lock(r).first_in_sync_writer() else { return };
         let (journal, snapshot) = {
-            let w = lock(writer);
+            let w = lock(&writer);
             (w.journal_len(), w.snapshot_len())
         };
         if journal < self.auto_backoff {
@@ -364,7 +374,10 @@ impl Core {
         }
         if let Some(reason) = self.settings.reason_to_compact(journal, snapshot) {
             self.auto_backoff = journal + self.settings.min_journal.max(1 << 20);
-            let remote = lock(r).background_compactions();
+            let (writers, remote) = {
+                let r = lock(r);
+                (r.in_sync_writers(), r.background_compactions())
+            };
             self.start_compaction(writers, remote, reason);
         }
     }
@@ -494,4 +507,23 @@ fn parse_db_write(params: &str) -> Result<DbWrite<'_>, String> {
         return Err(format!("Malformed db_write call from lightningd: params are {params}, not an object"));
     }
     serde_json::from_str(params).map_err(malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_are_borrowed_unless_escaped() {
+        let params = r#"{"data_version": 7, "writes": ["INSERT INTO t VALUES ('a')", "UPDATE t SET s = 'say \"hi\"\\n'"]}"#;
+        let call = parse_db_write(params).unwrap();
+        assert_eq!(call.data_version, 7);
+        assert!(matches!(call.writes[0].0, Cow::Borrowed(_)));
+        assert_eq!(call.writes[1].as_ref(), r#"UPDATE t SET s = 'say "hi"\n'"#);
+        // the same from a parsed value (cln-plugin's hook callback)
+        let v: Value = serde_json::from_str(params).unwrap();
+        let call = DbWrite::deserialize(&v).unwrap();
+        assert_eq!(call.writes[1].as_ref(), r#"UPDATE t SET s = 'say "hi"\n'"#);
+        assert!(parse_db_write("[1]").is_err());
+    }
 }
