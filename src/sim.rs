@@ -6,8 +6,8 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -191,8 +191,9 @@ impl PluginProc {
                 return Ok(false);
             }
             let msg = match self.stdout.next_value() {
-                Some(Ok(bytes)) => serde_json::from_slice::<Value>(bytes)
-                    .map_err(|e| anyhow!("the plugin wrote what is not JSON ({e}): {}", String::from_utf8_lossy(bytes))),
+                Some(Ok(bytes)) => serde_json::from_slice::<Value>(bytes).map_err(|e| {
+                    anyhow!("the plugin wrote what is not JSON ({e}): {}", String::from_utf8_lossy(bytes))
+                }),
                 Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if !wait_ready(self.stdout_fd, libc::POLLIN, deadline)? {
                         return Ok(false);

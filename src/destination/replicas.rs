@@ -643,4 +643,39 @@ mod tests {
         assert!(lock(&dest).tip().same_end(&super::super::file::tip_of(&lock(&source))));
         assert_eq!(copy_missing(&source, &dest, false), Ok(0));
     }
+
+    /// Three copies, written on workers and then (quicker than a hand-off) on the caller's
+    /// thread: every copy holds every write either way, and a replaced last transaction too.
+    #[test]
+    fn copies_written_here_or_on_workers_hold_the_same() {
+        let tmp = tempfile::tempdir().unwrap();
+        let roots: Vec<_> = (0..3).map(|i| tmp.path().join(format!("{i}.bkp"))).collect();
+        let urls: Vec<String> = roots.iter().map(|r| format!("file://{}", r.display())).collect();
+        for r in &roots {
+            crate::writer::create(r, None, None, None).unwrap();
+        }
+        let mut r = Replicas::open(&urls, tmp.path(), 0, Duration::from_secs(1));
+        let bump =
+            |v: u32| format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1);
+        let mut v = 1;
+        for handoff in [0.0, 1e12, 0.0] {
+            r.handoff_us = handoff;
+            for _ in 0..5 {
+                r.apply(v, &[format!("INSERT INTO t VALUES ({v})"), bump(v)]).unwrap();
+                v += 1;
+            }
+            let here = r.slots.iter().skip(1).all(|s| s.recent_us.is_some_and(|us| us < r.handoff_us));
+            assert_eq!(here, handoff > 0.0, "handoff {handoff}: written on the caller's thread: {here}");
+        }
+        // lightningd sends the last version again: it never committed it
+        let (applied, _) = r.apply(v - 1, &["INSERT INTO t VALUES (0)".to_string(), bump(v - 1)]).unwrap();
+        assert_eq!(applied, Applied::Replaced);
+        drop(r);
+        let tips: Vec<Tip> = roots
+            .iter()
+            .map(|root| FileDestination::open("file://x", root, &KeySource::default()).unwrap().0.tip())
+            .collect();
+        assert_eq!(tips[0].position.version, v - 1);
+        assert!(tips.iter().all(|t| t.same_end(&tips[0])), "{tips:?}");
+    }
 }

@@ -515,7 +515,8 @@ mod tests {
 
     #[test]
     fn statements_are_borrowed_unless_escaped() {
-        let params = r#"{"data_version": 7, "writes": ["INSERT INTO t VALUES ('a')", "UPDATE t SET s = 'say \"hi\"\\n'"]}"#;
+        let params =
+            r#"{"data_version": 7, "writes": ["INSERT INTO t VALUES ('a')", "UPDATE t SET s = 'say \"hi\"\\n'"]}"#;
         let call = parse_db_write(params).unwrap();
         assert_eq!(call.data_version, 7);
         assert!(matches!(call.writes[0].0, Cow::Borrowed(_)));
