@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cln_backup::compact::{self, Outcome};
+use cln_backup::destination::Destination;
 use cln_backup::fsutil::Throttle;
 use cln_backup::journal::{self, Kind};
 use cln_backup::layout::Layout;

@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cln_backup::destination::postgres::{self as pg, PgDestination, PgError};
+use cln_backup::destination::postgres::{self as pg, PgDestination};
+use cln_backup::destination::Destination;
+use cln_backup::error::StoreError;
 use cln_backup::journal::{encode_record, Kind};
 use cln_backup::sim::TraceRecord;
 use cln_backup::versions::{self, Decision};
@@ -33,7 +35,7 @@ fn new_backup(url: &str, name: &str) {
 }
 
 /// What the plugin does per call: the version decision, then the destination.
-fn feed_one(d: &mut PgDestination, r: &TraceRecord) -> Result<(), PgError> {
+fn feed_one(d: &mut PgDestination, r: &TraceRecord) -> Result<(), StoreError> {
     let kind = r.kind();
     let replace = match versions::decide(d.position(), r.data_version, kind) {
         Decision::Append => false,
@@ -59,10 +61,10 @@ fn restore(url: &str, name: &str, dir: &Path, file: &str) -> (std::path::PathBuf
     (p, d)
 }
 
-fn err_of<T>(r: Result<T, PgError>) -> String {
+fn err_of<T>(r: Result<T, impl Into<StoreError>>) -> String {
     match r {
         Ok(_) => panic!("expected an error"),
-        Err(e) => e.explain(),
+        Err(e) => e.into().explain(),
     }
 }
 

@@ -157,6 +157,29 @@ pub trait Destination: Send {
 }
 
 /// A destination as the replicas hold it: shared with its worker thread and the catch-up.
+/// `append` for a kind that seals for itself (socket, postgres): seals the framed
+/// plaintext `record`'s statements for where this copy's next record goes and stores that
+/// with `append_copy`; a plaintext copy stores `record` as it is. `buf`: scratch space the
+/// caller keeps between calls.
+pub(crate) fn seal_and_append<D: Destination + ?Sized>(
+    d: &mut D,
+    buf: &mut Vec<u8>,
+    data_version: u32,
+    kind: Kind,
+    replace_last: bool,
+    record: &[u8],
+) -> Result<(), StoreError> {
+    let statements = crate::journal::statements_of(record).map_err(|what| StoreError::Invalid {
+        path: d.url().into(),
+        what: format!("a record to seal does not decode: {what}"),
+    })?;
+    if d.seal_for_next(data_version, kind, replace_last, &statements, buf)? {
+        d.append_copy(data_version, kind, replace_last, buf)
+    } else {
+        d.append_copy(data_version, kind, replace_last, record)
+    }
+}
+
 pub type Shared = Arc<Mutex<Box<dyn Destination>>>;
 
 /// A compaction job for a network destination (see `Destination::background_compaction`).

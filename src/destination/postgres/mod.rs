@@ -697,34 +697,11 @@ impl PgDestination {
         self.ensure_connected(deadline, false)?;
         Ok(self.position())
     }
-
-    /// Durably applies one db_write: when `replace_last`, drops the last transaction first,
-    /// then stores `record` (framed once by `journal::encode_record`), in one PostgreSQL
-    /// transaction, committed before this returns. Retries a lost connection within the
-    /// reconnect timeout, exactly once; a commit that does not return in that time is
-    /// cancelled and reported as an error.
-    /// A sealed backup's record is sealed for its place here first.
-    pub fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), PgError> {
-        if !self.is_sealed() {
-            return self.append_copy(data_version, kind, replace_last, record);
-        }
-        let statements = journal::statements_of(record).map_err(|what| PgError::Chain {
-            url: self.pg.display.clone(),
-            name: self.name.clone(),
-            what: format!("a record to seal does not decode: {what}"),
-        })?;
-        let mut buf = std::mem::take(&mut self.seal_buf);
-        let r = match self.seal_for_next(data_version, kind, replace_last, &statements, &mut buf) {
-            Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
-            Ok(false) => self.append_copy(data_version, kind, replace_last, record),
-            Err(e) => Err(e),
-        };
-        self.seal_buf = buf;
-        r
-    }
-
-    /// As `append`, for a record stored as it is: sealed for this place already (by the
-    /// copy that decided), or plaintext in a plaintext backup.
+    /// Durably stores one record as it is (sealed for this place already, or plaintext in a
+    /// plaintext backup; `Destination::append` seals one first): when `replace_last`, drops
+    /// the last transaction first, in one PostgreSQL transaction, committed before this
+    /// returns. Retries a lost connection within the reconnect timeout, exactly once; a
+    /// commit that does not return in that time is cancelled and reported as an error.
     pub fn append_copy(
         &mut self,
         data_version: u32,

@@ -35,7 +35,10 @@ impl Destination for PgDestination {
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
-        Ok(PgDestination::append(self, data_version, kind, replace_last, record)?)
+        let mut buf = std::mem::take(&mut self.seal_buf);
+        let r = super::super::seal_and_append(self, &mut buf, data_version, kind, replace_last, record);
+        self.seal_buf = buf;
+        r
     }
     fn seal_for_next(
         &mut self,

@@ -147,14 +147,8 @@ impl Destination for Socket {
         }
     }
     fn append(&mut self, data_version: u32, kind: Kind, replace_last: bool, record: &[u8]) -> Result<(), StoreError> {
-        let statements = journal::statements_of(record)
-            .map_err(|what| StoreError::Invalid { path: self.dest.url().into(), what })?;
         let mut buf = std::mem::take(&mut self.buf);
-        let r = match self.seal_for_next(data_version, kind, replace_last, &statements, &mut buf) {
-            Ok(true) => self.append_copy(data_version, kind, replace_last, &buf),
-            Ok(false) => self.append_copy(data_version, kind, replace_last, record),
-            Err(e) => Err(e),
-        };
+        let r = super::super::seal_and_append(self, &mut buf, data_version, kind, replace_last, record);
         self.buf = buf;
         r
     }
