@@ -214,6 +214,67 @@ pub fn payload_crc(record: &[u8]) -> u32 {
     record.get(9..13).map_or(0, u32le)
 }
 
+/// The header CRC a framed record carries (bytes 13..17): what the socket protocol names
+/// a journal's last record by.
+pub fn header_crc(record: &[u8]) -> u32 {
+    record.get(13..17).map_or(0, u32le)
+}
+
+/// A whole record's length by its header's length field, unchecked: for walking records
+/// already checked when they were stored.
+pub fn framed_len(header: &[u8]) -> u64 {
+    RECORD_HEADER_LEN as u64 + header.get(0..4).map_or(0, u32le) as u64
+}
+
+/// A framed record checked whole (`check_framed`).
+#[derive(Debug)]
+pub struct Framed<'a> {
+    pub data_version: u32,
+    pub kind: Kind,
+    pub payload_crc: u32,
+    pub payload: &'a [u8],
+}
+
+impl Framed<'_> {
+    /// Its length, header included.
+    pub fn record_len(&self) -> usize {
+        RECORD_HEADER_LEN + self.payload.len()
+    }
+}
+
+/// Why bytes are not a whole valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotFramed {
+    Cut,
+    HeaderChecksum,
+    PayloadChecksum,
+    UnknownKind(u8),
+}
+
+impl std::fmt::Display for NotFramed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotFramed::Cut => write!(f, "record cut short"),
+            NotFramed::HeaderChecksum => write!(f, "record header checksum mismatch"),
+            NotFramed::PayloadChecksum => write!(f, "record payload checksum mismatch"),
+            NotFramed::UnknownKind(k) => write!(f, "unknown record kind {k}"),
+        }
+    }
+}
+
+/// Checks the record at the start of `buf` (more may follow): its header's checksum, its
+/// payload within `buf`, the payload's checksum and its kind.
+pub fn check_framed(buf: &[u8]) -> std::result::Result<Framed<'_>, NotFramed> {
+    let h = buf.get(..RECORD_HEADER_LEN).ok_or(NotFramed::Cut)?;
+    let rh = parse_record_header(h).ok_or(NotFramed::HeaderChecksum)?;
+    let payload = buf.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + rh.len as usize).ok_or(NotFramed::Cut)?;
+    if crc32c::crc32c(payload) != rh.payload_crc {
+        return Err(NotFramed::PayloadChecksum);
+    }
+    let kind = Kind::from_byte(rh.kind).ok_or(NotFramed::UnknownKind(rh.kind))?;
+    Ok(Framed { data_version: rh.data_version, kind, payload_crc: rh.payload_crc, payload })
+}
+
 /// The fields of a record header whose own checksum holds.
 struct RecordHeader {
     len: u32,
@@ -302,30 +363,24 @@ pub fn transcode(path: &Path, src: &[u8], src_at: u64, from: Payloads, dst_at: u
     let mut p = 0usize;
     while p < src.len() {
         let off = src_at + p as u64;
-        let damaged = |what: &str| StoreError::Damaged { path: path.into(), offset: off, what: what.into() };
-        let rh = src
-            .get(p..p + RECORD_HEADER_LEN)
-            .and_then(parse_record_header)
-            .ok_or_else(|| damaged("record header checksum mismatch"))?;
-        let body = src
-            .get(p + RECORD_HEADER_LEN..p + RECORD_HEADER_LEN + rh.len as usize)
-            .ok_or_else(|| damaged("record runs past the copied range"))?;
-        if crc32c::crc32c(body) != rh.payload_crc {
-            return Err(damaged("record payload checksum mismatch"));
-        }
-        let kind = Kind::from_byte(rh.kind).ok_or_else(|| damaged("unknown record kind"))?;
+        let damaged = |what: String| StoreError::Damaged { path: path.into(), offset: off, what };
+        let f = check_framed(&src[p..]).map_err(|e| match e {
+            NotFramed::Cut => damaged("record runs past the copied range".into()),
+            e => damaged(e.to_string()),
+        })?;
+        let (n, data_version, kind) = (f.record_len(), f.data_version, f.kind);
         let mut rec = Record {
             offset: off,
-            data_version: rh.data_version,
-            kind,
-            payload_crc: rh.payload_crc,
-            payload: body.to_vec(),
+            data_version: f.data_version,
+            kind: f.kind,
+            payload_crc: f.payload_crc,
+            payload: f.payload.to_vec(),
         };
         let plain = rec.plaintext(path, from)?;
-        let stmts = decode_statements(plain).map_err(|what| damaged(&what))?;
+        let stmts = decode_statements(plain).map_err(damaged)?;
         let at = dst_at + out.len() as u64;
-        encode_record_as(&mut out, at, rh.data_version, kind, &stmts, to);
-        p += RECORD_HEADER_LEN + rh.len as usize;
+        encode_record_as(&mut out, at, data_version, kind, &stmts, to);
+        p += n;
     }
     Ok(out)
 }
@@ -335,7 +390,7 @@ pub fn transcode(path: &Path, src: &[u8], src_at: u64, from: Payloads, dst_at: u
 pub fn whole_records_len(buf: &[u8]) -> usize {
     let mut p = 0usize;
     while let Some(h) = buf.get(p..p + RECORD_HEADER_LEN) {
-        let n = RECORD_HEADER_LEN + u32le(&h[0..4]) as usize;
+        let n = framed_len(h) as usize;
         if p + n > buf.len() {
             break;
         }
@@ -565,6 +620,30 @@ pub fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_framed_tells_each_fault() {
+        let mut r = Vec::new();
+        encode_record(&mut r, 9, Kind::Transaction, &["INSERT INTO t VALUES (1)"]);
+        let more = [r.clone(), b"next".to_vec()].concat();
+        let f = check_framed(&more).unwrap();
+        assert_eq!((f.data_version, f.kind, f.record_len()), (9, Kind::Transaction, r.len()));
+        assert_eq!(header_crc(&r), u32le(&r[13..17]));
+        assert_eq!(framed_len(&r) as usize, r.len());
+        assert_eq!(check_framed(&r[..10]).unwrap_err(), NotFramed::Cut);
+        assert_eq!(check_framed(&r[..r.len() - 1]).unwrap_err(), NotFramed::Cut);
+        let mut bad = r.clone();
+        bad[5] ^= 1;
+        assert_eq!(check_framed(&bad).unwrap_err(), NotFramed::HeaderChecksum);
+        let mut bad = r.clone();
+        *bad.last_mut().unwrap() ^= 1;
+        assert_eq!(check_framed(&bad).unwrap_err(), NotFramed::PayloadChecksum);
+        let mut bad = r.clone();
+        bad[8] = 7;
+        let crc = crc32c::crc32c(&bad[0..13]);
+        bad[13..17].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(check_framed(&bad).unwrap_err().to_string(), "unknown record kind 7");
+    }
     use std::fs::OpenOptions;
     use std::io::Write;
 

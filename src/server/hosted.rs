@@ -64,9 +64,8 @@ fn scan(file: &File, path: &Path, from: u64, end: u64) -> Result<(u64, u32, u64)
     let mut h = [0u8; journal::RECORD_HEADER_LEN];
     while off < end {
         file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", path))?;
-        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as u64;
-        tail = u32::from_le_bytes([h[13], h[14], h[15], h[16]]);
-        off += journal::RECORD_HEADER_LEN as u64 + len;
+        tail = journal::header_crc(&h);
+        off += journal::framed_len(&h);
         n += 1;
     }
     Ok((n, tail, off))
@@ -214,7 +213,7 @@ impl Hosted {
                 Refusal::Versions(m) => (Code::Versions, m),
                 Refusal::Store(e) => store(e),
             })?;
-            s.tail = u32::from_le_bytes([record[13], record[14], record[15], record[16]]);
+            s.tail = journal::header_crc(record);
             Ok(state_of(w, s.tail))
         })
     }
@@ -636,24 +635,13 @@ fn check_tail(jpath: &Path, fold_end: u64, end: u64, tail: &[u8]) -> Result<(), 
     let mut old = [0u8; journal::RECORD_HEADER_LEN];
     let mut p = 0usize;
     while p < tail.len() {
-        let r = &tail[p..];
-        if r.len() < journal::RECORD_HEADER_LEN {
-            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
-        }
-        let len = u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize;
-        let n = journal::RECORD_HEADER_LEN + len;
-        if r.len() < n {
-            return Err((Code::Protocol, "the resealed tail ends in a cut record".into()));
-        }
-        let dv = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
-        let kind = match r[8] {
-            1 => Kind::Transaction,
-            2 => Kind::Outside,
-            k => return Err((Code::Protocol, format!("unknown record kind {k}"))),
-        };
-        check_record(dv, kind, &r[..n])?;
-        f.read_exact_at(&mut old, fold_end + p as u64).map_err(|e| store(StoreError::io("read journal", jpath)(e)))?;
-        if old[0..9] != r[0..9] {
+        let at = fold_end + p as u64;
+        let r = journal::check_framed(&tail[p..])
+            .map_err(|e| (Code::Protocol, format!("the resealed tail's record at {at}: {e}")))?;
+        let n = r.record_len();
+        f.read_exact_at(&mut old, at).map_err(|e| store(StoreError::io("read journal", jpath)(e)))?;
+        // the same length, data_version and kind: sealed again, not changed
+        if old[0..9] != tail[p..p + 9] {
             return Err((
                 Code::Refused,
                 format!("the resealed tail's record at {} is not the journal's: plan again", fold_end + p as u64),
@@ -698,25 +686,19 @@ fn write_pairing(path: &Path, key: &PublicKey) -> anyhow::Result<()> {
 
 /// The record's own header and checksums must hold and agree with the request. Its payload
 /// may be sealed: the server never reads it.
+/// One whole valid record for `dv` and `kind`. The CRCs cover the stored bytes, sealed or
+/// not: a record the writer would cut as damaged at its next open is never acknowledged.
 fn check_record(dv: u32, kind: Kind, r: &[u8]) -> Result<(), Failure> {
-    let bad = |m: &str| Err((Code::Protocol, format!("record for data_version {dv}: {m}")));
-    if r.len() < journal::RECORD_HEADER_LEN {
-        return bad("shorter than a record header");
+    let bad = |m: String| Err((Code::Protocol, format!("record for data_version {dv}: {m}")));
+    let f = match journal::check_framed(r) {
+        Ok(f) => f,
+        Err(e) => return bad(e.to_string()),
+    };
+    if f.record_len() != r.len() {
+        return bad("length does not match its header".into());
     }
-    let u = |i: usize| u32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
-    if u(13) != crc32c::crc32c(&r[0..13]) {
-        return bad("header checksum mismatch");
-    }
-    if u(0) as usize != r.len() - journal::RECORD_HEADER_LEN {
-        return bad("length does not match its header");
-    }
-    // The CRC covers the stored bytes, sealed or not: a record the writer would cut as
-    // damaged at its next open must never be acknowledged.
-    if u(9) != crc32c::crc32c(&r[journal::RECORD_HEADER_LEN..]) {
-        return bad("payload checksum mismatch");
-    }
-    if u(4) != dv || r[8] != kind as u8 {
-        return bad("header names another version or kind");
+    if f.data_version != dv || f.kind != kind {
+        return bad("header names another version or kind".into());
     }
     Ok(())
 }

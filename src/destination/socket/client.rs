@@ -469,13 +469,6 @@ pub struct Staged {
     pub fold_end: u64,
 }
 
-fn record_tail(record: &[u8]) -> u32 {
-    if record.len() < journal::RECORD_HEADER_LEN {
-        return 0;
-    }
-    u32::from_le_bytes([record[13], record[14], record[15], record[16]])
-}
-
 /// TCP to the server, directly or through the SOCKS5 proxy (which then resolves the name).
 async fn dial(target: &SocketUrl) -> Result<Box<dyn Stream>, String> {
     let server = &target.server;
@@ -686,7 +679,7 @@ impl Link {
         let deadline = Instant::now() + self.reconnect_timeout;
         let known = self.state;
         let expected_len = if replace_last { known.last_tx_offset } else { known.journal_len } + record.len() as u64;
-        let tail = record_tail(record);
+        let tail = journal::header_crc(record);
         // Where the record leaves the backup: its version rules, and (same generation) its length.
         let expected_pos = match (kind, replace_last) {
             (Kind::Transaction, _) => (dv, true),
