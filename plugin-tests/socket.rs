@@ -1658,3 +1658,47 @@ fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
     assert!(stdout(&o).contains("unreadable"), "{}", stdout(&o));
     drop(server);
 }
+
+/// A node whose backup.lock pins its sealed backup, and the server's copy replaced by an
+/// empty plaintext one: the plugin refuses it as it is (lightningd halts, nothing is
+/// written), and does not make it a new sealed backup of its own.
+#[test]
+fn an_empty_plaintext_copy_put_in_place_of_a_pinned_one_is_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let o = Command::new(CLI)
+        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(ldir.join("hsm_secret"), [31u8; 32]).unwrap();
+    let trace = trace("small");
+    let half = trace.len() / 2;
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    drop(node);
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    let pin = lock["sealed_backup_id"].as_str().expect("the first start pins the sealed backup").to_string();
+    // the server's copy swapped for an empty plaintext backup (same server key, same pairing)
+    server.kill();
+    std::fs::remove_dir_all(&root).unwrap();
+    server_backup(tmp.path(), "node.bkp");
+    let before = std::fs::read(root.join("backup.json")).ok();
+    server.spawn();
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    let (at, halt) = node.replay(trace, half..trace.len()).unwrap().expect("lightningd is halted");
+    assert_eq!(at, half);
+    let why = halt.to_string();
+    assert!(why.contains("a plaintext backup") && why.contains(&pin), "{why}");
+    drop(node);
+    assert_eq!(std::fs::read(root.join("backup.json")).ok(), before, "the copy was stamped");
+    let st = cln_backup::layout::Layout::new(&root).list().unwrap();
+    assert_eq!(std::fs::metadata(st.journal).unwrap().len(), cln_backup::journal::HEADER_LEN);
+}

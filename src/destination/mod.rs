@@ -240,8 +240,7 @@ pub fn open(
 /// `hsm_secret`, on the node's own disk.
 fn check_pin(d: &dyn Destination, base: &Path) -> Result<(), String> {
     let path = base.join(crate::plugin::LOCK_NAME);
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let Some(pin) = LockFile::parse(&text, &path).ok().and_then(|l| l.sealed_backup_id) else { return Ok(()) };
+    let Some(pin) = pinned_backup_id(base) else { return Ok(()) };
     match d.backup_id().map(|id| crate::keys::hex(&id)) {
         Some(id) if id == pin => Ok(()),
         found => Err(format!(
@@ -256,6 +255,13 @@ fn check_pin(d: &dyn Destination, base: &Path) -> Result<(), String> {
             path.display()
         )),
     }
+}
+
+/// The sealed backup id (hex) the lightning dir's backup.lock pins its copies to, if any.
+pub(crate) fn pinned_backup_id(base: &Path) -> Option<String> {
+    let path = base.join(crate::plugin::LOCK_NAME);
+    let text = std::fs::read_to_string(&path).ok()?;
+    LockFile::parse(&text, &path).ok()?.sealed_backup_id
 }
 
 fn open_unchecked(

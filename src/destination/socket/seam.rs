@@ -74,9 +74,16 @@ impl Socket {
         let mut meta = self.dest.meta()?;
         let st = self.dest.server_state();
         let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
-        if empty && !meta.as_ref().is_some_and(|m| m.sealed) && !super::node::plaintext_chosen(&self.ldir) {
+        if empty
+            && !meta.as_ref().is_some_and(|m| m.sealed)
+            && !super::node::plaintext_chosen(&self.ldir)
+            && super::super::pinned_backup_id(&self.ldir).is_none()
+        {
             // A new node's first connection to a server backup made plaintext: the node
             // did not choose that (init could not send its backup.json without a key).
+            // Not for a node whose backup.lock pins a sealed backup already: an empty
+            // plaintext copy in its place was put there by someone else, and is refused
+            // as it is (`check_pin`), not made a new backup of its own.
             let ldir = std::path::absolute(&self.ldir).unwrap_or_else(|_| self.ldir.clone());
             let m = Meta::new_sealed(None, None, Some(ldir))?;
             self.dest.put_meta(&m)?;
