@@ -386,7 +386,6 @@ impl Replicas {
         self.slots.iter().any(|s| s.state == State::Behind)
     }
 
-    /// The file writers of the in-sync destinations (compaction runs on each).
     /// The first in-sync file copy's writer (what automatic compaction looks at after
     /// every write: no allocation).
     pub fn first_in_sync_writer(&self) -> Option<Arc<Mutex<Writer>>> {
@@ -396,6 +395,7 @@ impl Replicas {
             .find_map(|s| s.dest.as_ref().and_then(|d| lock(d).writer()))
     }
 
+    /// The file writers of the in-sync destinations (compaction runs on each).
     pub fn in_sync_writers(&self) -> Vec<(String, Arc<Mutex<Writer>>)> {
         self.slots
             .iter()
