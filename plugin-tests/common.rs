@@ -108,9 +108,12 @@ pub fn assert_no_tmp_left(dir: &Path) {
 }
 
 /// Logs arrive on the plugin's stdout asynchronously: wait for one (10 s at most).
-pub fn wait_for_log(p: &mut cln_backup::sim::PluginProc, level: &str, needle: &str) {
+pub fn wait_for_log(p: &mut cln_backup::sim::PluginProc, level: &str, needle: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !p.logs().iter().any(|(l, m)| l == level && m.contains(needle)) {
+    loop {
+        if let Some((_, m)) = p.logs().iter().find(|(l, m)| l == level && m.contains(needle)) {
+            return m.clone();
+        }
         assert!(std::time::Instant::now() < deadline, "no {level} log with '{needle}': {:?}", p.logs());
         std::thread::sleep(std::time::Duration::from_millis(5));
     }

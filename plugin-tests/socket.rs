@@ -1702,3 +1702,70 @@ fn an_empty_plaintext_copy_put_in_place_of_a_pinned_one_is_refused_untouched() {
     let st = cln_backup::layout::Layout::new(&root).list().unwrap();
     assert_eq!(std::fs::metadata(st.journal).unwrap().len(), cln_backup::journal::HEADER_LEN);
 }
+
+/// Records in a backup's current journal.
+fn records_in(root: &Path) -> u64 {
+    let path = cln_backup::layout::Layout::new(root).list().unwrap().journal;
+    let mut r = journal::JournalReader::open(&path).unwrap();
+    let mut n = 0;
+    while r.next_record().unwrap().is_some() {
+        n += 1;
+    }
+    n
+}
+
+/// A socket copy left behind while its server was down (`backup-min-destinations=1`) is
+/// brought up to date at the node's next start with exactly the records it lacks: the
+/// server names its last record, so nothing it holds goes over again, not even its last
+/// transaction (which a catch-up that could not tell would replace). Then both copies hold
+/// the same bytes, take the rest of the trace, and the server's restores equal.
+#[test]
+fn a_socket_copy_behind_at_a_restart_gets_only_what_it_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ldir, _) = node_dir(tmp.path(), "regtest", 47);
+    let file = tmp.path().join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = tmp.path().join("server.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let state_home = tmp.path().join("state");
+    let o = Command::new(CLI)
+        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", &state_home)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trace = trace("channels");
+    let (a, b) = (trace.len() / 3, trace.len() / 2);
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    node.options = serde_json::json!({"backup-min-destinations": 1, "backup-reconnect-timeout": 1});
+    assert_eq!(node.replay(trace, 0..a).unwrap(), None);
+    assert_eq!(status(&mut node)["destinations"][1]["state"], "in-sync");
+    server.kill();
+    assert_eq!(node.replay(trace, a..b).unwrap(), None, "min 1: lightningd goes on");
+    // behind, or failed when the trace restarted lightningd meanwhile (it could not be opened)
+    assert_ne!(status(&mut node)["destinations"][1]["state"], "in-sync");
+    node.stop().unwrap();
+    let lacking = records_in(&file) - records_in(&root);
+    assert!(lacking > 10, "{lacking}");
+    server.spawn();
+    node.start().unwrap();
+    let line = wait_for_log(node.plugin().unwrap(), "info", "is up to date again");
+    assert!(line.contains(&format!("; {lacking} record(s) copied")), "{lacking} expected: {line}");
+    assert_eq!(journal_data(&file), journal_data(&root), "the copies differ");
+    assert_eq!(node.replay(trace, b..trace.len()).unwrap(), None);
+    let st = status(&mut node);
+    for d in st["destinations"].as_array().unwrap() {
+        assert_eq!(d["state"], "in-sync", "{st:#}");
+    }
+    node.stop().unwrap();
+    let out = tmp.path().join("restored");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::copy(ldir.join("hsm_secret"), out.join("hsm_secret")).unwrap();
+    std::fs::copy(ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
+    let db = restore_cli(&u, &out);
+    assert_same(&db, &final_db("channels", tmp.path()));
+}

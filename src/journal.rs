@@ -209,13 +209,8 @@ pub fn statements_of(record: &[u8]) -> std::result::Result<Vec<&str>, String> {
     decode_statements(record.get(RECORD_HEADER_LEN..).unwrap_or_default())
 }
 
-/// The payload CRC a framed record carries (bytes 9..13 of its header).
-pub fn payload_crc(record: &[u8]) -> u32 {
-    record.get(9..13).map_or(0, u32le)
-}
-
-/// The header CRC a framed record carries (bytes 13..17): what the socket protocol names
-/// a journal's last record by.
+/// The header CRC a framed record carries (bytes 13..17). It covers the length, version,
+/// kind and payload CRC, so it names a record: a copy's end is named by its last record's.
 pub fn header_crc(record: &[u8]) -> u32 {
     record.get(13..17).map_or(0, u32le)
 }
@@ -328,6 +323,17 @@ pub struct Record {
 impl Record {
     pub fn end(&self) -> u64 {
         self.offset + RECORD_HEADER_LEN as u64 + self.payload.len() as u64
+    }
+
+    /// The CRC its header carries (bytes 13..17), from the fields it covers: what a copy's
+    /// end is named by (`header_crc`).
+    pub fn header_crc(&self) -> u32 {
+        let mut h = [0u8; 13];
+        h[0..4].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        h[4..8].copy_from_slice(&self.data_version.to_le_bytes());
+        h[8] = self.kind as u8;
+        h[9..13].copy_from_slice(&self.payload_crc.to_le_bytes());
+        crc32c::crc32c(&h)
     }
 
     /// The plaintext payload: as stored, or opened when `payloads` is sealed. A seal that

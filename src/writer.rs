@@ -93,9 +93,9 @@ pub struct Writer {
     snapshot_bytes: u64,
     /// Records before the last transaction: the count once it is dropped.
     records_before_last_tx: u64,
-    /// The payload CRC of the journal's last record (0 when it has none): with the
+    /// The header CRC of the journal's last record (0 when it has none): with the
     /// position, what tells two copies of a backup apart.
-    last_crc: u32,
+    tail: u32,
     /// The same for the record before the last transaction: the last one once it is dropped.
     crc_before_last_tx: u32,
     /// Where the key is looked for, kept for `reopen`.
@@ -406,17 +406,17 @@ impl Writer {
         let mut last_tx_offset = None;
         let mut records = 0;
         let mut records_before_last_tx = 0;
-        let (mut last_crc, mut crc_before_last_tx) = (0, 0);
+        let (mut tail, mut crc_before_last_tx) = (0, 0);
         while let Some(rec) = reader.next_record()? {
             check_chain(&path, position, &rec)?;
             if rec.kind == Kind::Transaction {
                 position = Position { version: rec.data_version, droppable: true };
                 last_tx_offset = Some(rec.offset);
                 records_before_last_tx = records;
-                crc_before_last_tx = last_crc;
+                crc_before_last_tx = tail;
             }
             records += 1;
-            last_crc = rec.payload_crc;
+            tail = rec.header_crc();
         }
         let end = reader.position();
         if let Some(t) = reader.torn_tail {
@@ -442,7 +442,7 @@ impl Writer {
             poisoned: false,
             truncations: 0,
             records_before_last_tx,
-            last_crc,
+            tail,
             crc_before_last_tx,
             keys: keys.clone(),
             keyless,
@@ -575,9 +575,9 @@ impl Writer {
         self.end += record.len() as u64;
         self.records += 1;
         if kind == Kind::Transaction {
-            self.crc_before_last_tx = self.last_crc;
+            self.crc_before_last_tx = self.tail;
         }
-        self.last_crc = journal::payload_crc(record);
+        self.tail = journal::header_crc(record);
         self.last_write = Some(SystemTime::now());
         if kind == Kind::Transaction {
             self.position = Position { version: data_version, droppable: true };
@@ -587,9 +587,9 @@ impl Writer {
         Ok(())
     }
 
-    /// The payload CRC of the last record (0 for none).
-    pub fn last_crc(&self) -> u32 {
-        self.last_crc
+    /// The header CRC of the last record (0 for none).
+    pub fn tail(&self) -> u32 {
+        self.tail
     }
 
     /// Where the last transaction starts, while it can still be dropped.
@@ -671,7 +671,7 @@ impl Writer {
         self.position = Position { version: self.position.version.wrapping_sub(1), droppable: false };
         self.last_tx_offset = None;
         self.truncations += 1;
-        self.last_crc = self.crc_before_last_tx;
+        self.tail = self.crc_before_last_tx;
         Ok(())
     }
 
@@ -768,8 +768,39 @@ impl Writer {
         self.last_tx_offset = self.last_tx_offset.map(shift);
         self.records -= next.records_folded;
         self.records_before_last_tx -= next.records_folded;
+        // resealed records carry new checksums: the end is named by the new ones
+        match self.read_tail() {
+            Ok((tail, before)) => (self.tail, self.crc_before_last_tx) = (tail, before),
+            Err(e) => {
+                self.poisoned = true;
+                return Err(e);
+            }
+        }
         self.snapshot_bytes = self.snapshot_path().and_then(|p| fs::metadata(p).ok()).map_or(0, |m| m.len());
         Ok(())
+    }
+
+    /// The header CRCs of the last record and of the one before the last transaction,
+    /// read back from the journal's record headers.
+    fn read_tail(&self) -> Result<(u32, u32)> {
+        let (mut off, mut tail, mut before) = (journal::HEADER_LEN, 0, 0);
+        let mut h = [0u8; journal::RECORD_HEADER_LEN];
+        while off < self.end {
+            if Some(off) == self.last_tx_offset {
+                before = tail;
+            }
+            self.file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", &self.path))?;
+            tail = journal::header_crc(&h);
+            off += journal::framed_len(&h);
+        }
+        if off != self.end {
+            return Err(StoreError::Damaged {
+                path: self.path.clone(),
+                offset: off,
+                what: format!("records run past the journal's end ({})", self.end),
+            });
+        }
+        Ok((tail, before))
     }
 
     /// A sealed journal and no key in hand: nothing may be written, least of all plaintext.

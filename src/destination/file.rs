@@ -64,7 +64,7 @@ pub fn tip_of(w: &Writer) -> Tip {
         position: w.position(),
         generation: w.header().generation,
         journal_len: w.journal_len(),
-        last_crc: w.last_crc(),
+        tail: w.tail(),
         last_tx_offset: w.last_tx_offset(),
     }
 }

@@ -73,7 +73,7 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
     let mut view = View::open(root).map_err(why)?;
     let journal: PathBuf = view.journal.path().to_path_buf();
     let mut position = Position { version: view.header.base.version(), droppable: false };
-    let mut last_crc = 0;
+    let mut tail = 0;
     let mut last_tx_offset = None;
     let mut end = crate::journal::HEADER_LEN;
     while let Some(rec) = view.journal.next_record().map_err(why)? {
@@ -81,7 +81,7 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
             position = Position { version: rec.data_version, droppable: true };
             last_tx_offset = Some(rec.offset);
         }
-        last_crc = rec.payload_crc;
+        tail = rec.header_crc();
         end = rec.end();
     }
     let last_write = std::fs::metadata(&journal).and_then(|m| m.modified()).ok();
@@ -89,7 +89,7 @@ fn inspect_dir(url: &str, root: &Path) -> Result<Copy, String> {
     Ok(Copy {
         url: url.to_string(),
         scratch: None,
-        tip: Tip { position, generation, journal_len: end, last_crc, last_tx_offset },
+        tip: Tip { position, generation, journal_len: end, tail, last_tx_offset },
         last_write,
         files: GenerationFiles {
             generation,
@@ -112,7 +112,7 @@ fn inspect_v1(url: &str, path: &Path) -> Result<Copy, String> {
             position: Position { version: s.version, droppable: false },
             generation: 0,
             journal_len: len,
-            last_crc: 0,
+            tail: 0,
             last_tx_offset: None,
         },
         last_write: std::fs::metadata(path).and_then(|m| m.modified()).ok(),

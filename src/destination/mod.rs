@@ -34,8 +34,10 @@ pub struct Tip {
     pub generation: u64,
     /// Bytes of its current journal (header included).
     pub journal_len: u64,
-    /// Payload CRC of its last record (0 when the journal has none).
-    pub last_crc: u32,
+    /// Header CRC of its last record (0 when the journal has none): it covers the record's
+    /// length, version, kind and payload CRC, and a server reports it, so it is known after
+    /// a restart for every kind of destination.
+    pub tail: u32,
     /// Where its last transaction starts, while it can be dropped.
     pub last_tx_offset: Option<u64>,
 }
@@ -50,12 +52,12 @@ impl Tip {
 
     /// Both end with the same record at the same version.
     pub fn same_end(&self, other: &Tip) -> bool {
-        let crc_known = self.last_crc != 0 && other.last_crc != 0;
+        let crc_known = self.tail != 0 && other.tail != 0;
         self.position.version == other.position.version
             && if crc_known {
-                self.last_crc == other.last_crc
+                self.tail == other.tail
             } else {
-                // a remote copy right after a start: its place must match
+                // an empty journal, or a v1 file: its place must match
                 self.generation == other.generation && self.journal_len == other.journal_len
             }
     }

@@ -32,8 +32,6 @@ struct Slot {
     /// None only after a failed reopen: every request then fails until the server restarts.
     writer: Option<Writer>,
     writer_session: Option<u64>,
-    /// Header CRC of the journal's last record (0: none): resuming clients compare it.
-    tail: u32,
 }
 
 pub struct Hosted {
@@ -56,36 +54,29 @@ pub fn beside(root: &Path, suffix: &str) -> PathBuf {
     root.with_file_name(name)
 }
 
-/// Walks record headers from `from` to `end`: (records, header CRC of the last one, where it stopped).
-fn scan(file: &File, path: &Path, from: u64, end: u64) -> Result<(u64, u32, u64), StoreError> {
+/// Walks record headers from `from` to `end`: (records, where it stopped).
+fn scan(file: &File, path: &Path, from: u64, end: u64) -> Result<(u64, u64), StoreError> {
     let mut off = from;
     let mut n = 0;
-    let mut tail = 0;
     let mut h = [0u8; journal::RECORD_HEADER_LEN];
     while off < end {
         file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", path))?;
-        tail = journal::header_crc(&h);
         off += journal::framed_len(&h);
         n += 1;
     }
-    Ok((n, tail, off))
+    Ok((n, off))
 }
 
-fn tail_of(w: &Writer) -> Result<u32, StoreError> {
-    let path = w.journal_path();
-    let f = File::open(path).map_err(StoreError::io("open journal", path))?;
-    let from = w.last_tx_offset().unwrap_or(journal::HEADER_LEN);
-    Ok(scan(&f, path, from, w.journal_len())?.1)
-}
-
-fn state_of(w: &Writer, tail: u32) -> State {
+/// What a client is told of the backup; `tail` names its last record, which a resuming
+/// client compares.
+fn state_of(w: &Writer) -> State {
     State {
         generation: w.header().generation,
         journal_len: w.journal_len(),
         version: w.position().version,
         droppable: w.position().droppable,
         last_tx_offset: w.last_tx_offset().unwrap_or(0),
-        tail,
+        tail: w.tail(),
     }
 }
 
@@ -137,13 +128,12 @@ impl Hosted {
             }
             (None, None) => None,
         };
-        let tail = tail_of(&writer).map_err(|e| anyhow::anyhow!(e.explain()))?;
         Ok(Hosted {
             root: root.into(),
             url: crate::layout::url_for(root),
             pairing_path,
             client: Mutex::new(client),
-            slot: Mutex::new(Slot { writer: Some(writer), writer_session: None, tail }),
+            slot: Mutex::new(Slot { writer: Some(writer), writer_session: None }),
         })
     }
 
@@ -173,7 +163,7 @@ impl Hosted {
     }
 
     pub fn state(&self) -> Result<State, Failure> {
-        self.with_writer(|s| Ok(state_of(s.writer.as_ref().ok_or_else(gone)?, s.tail)))
+        self.with_writer(|s| Ok(state_of(s.writer.as_ref().ok_or_else(gone)?)))
     }
 
     /// Makes `session` the writer, unless another session is.
@@ -186,7 +176,7 @@ impl Hosted {
                 ));
             }
             s.writer_session = Some(session);
-            Ok(state_of(s.writer.as_ref().ok_or_else(gone)?, s.tail))
+            Ok(state_of(s.writer.as_ref().ok_or_else(gone)?))
         })
     }
 
@@ -213,8 +203,7 @@ impl Hosted {
                 Refusal::Versions(m) => (Code::Versions, m),
                 Refusal::Store(e) => store(e),
             })?;
-            s.tail = journal::header_crc(record);
-            Ok(state_of(w, s.tail))
+            Ok(state_of(w))
         })
     }
 
@@ -294,7 +283,7 @@ impl Hosted {
         // the prefix before fold_end never changes: count its records outside the lock
         let jpath = self.with_writer(|s| Ok(s.writer.as_ref().ok_or_else(gone)?.journal_path().to_path_buf()))?;
         let jf = File::open(&jpath).map_err(|e| store(StoreError::io("open journal", &jpath)(e)))?;
-        let (folded, _, stop) = scan(&jf, &jpath, journal::HEADER_LEN, fold_end).map_err(store)?;
+        let (folded, stop) = scan(&jf, &jpath, journal::HEADER_LEN, fold_end).map_err(store)?;
         if stop != fold_end {
             return refused(format!("{fold_end} is not a record boundary of {}", jpath.display()));
         }
@@ -374,15 +363,10 @@ impl Hosted {
         };
         let old_snapshot = w.snapshot_path();
         w.switch_to(next).map_err(store)?;
-        if !tail.is_empty() {
-            // resealed records carry new checksums: resuming clients compare the last one's
-            slot.tail = tail_of(slot.writer.as_ref().ok_or_else(gone)?).map_err(store)?;
-        }
         if fold_end > journal::HEADER_LEN {
             // A compaction: the writer went on in the new generation. Free the old files
             // outside the lock, paced, as the file destination does.
-            let tail = slot.tail;
-            let st = state_of(slot.writer.as_ref().ok_or_else(gone)?, tail);
+            let st = state_of(slot.writer.as_ref().ok_or_else(gone)?);
             drop(slot);
             // In the background: removal waits for downloads still reading the old files.
             let url = self.url.clone();
@@ -400,8 +384,7 @@ impl Hosted {
         // A first upload: reopen, so the position comes from the new snapshot.
         slot.writer = None;
         let (w, _) = Writer::open_keyless(&self.root).map_err(store)?;
-        slot.tail = tail_of(&w).map_err(store)?;
-        let st = state_of(&w, slot.tail);
+        let st = state_of(&w);
         slot.writer = Some(w);
         Ok(st)
     }
@@ -539,9 +522,7 @@ impl Hosted {
             slot.writer = None; // it may still name the replaced journal: nothing goes there
             return Err(store(e));
         }
-        let w = slot.writer.as_ref().ok_or_else(gone)?;
-        slot.tail = tail_of(w).map_err(store)?;
-        Ok(state_of(slot.writer.as_ref().ok_or_else(gone)?, slot.tail))
+        Ok(state_of(slot.writer.as_ref().ok_or_else(gone)?))
     }
 
     /// The journal's bytes from `from` to its end, as they are now (a compaction's tail,
@@ -596,7 +577,7 @@ impl Hosted {
         }
         if w.header().sealed == new.sealed {
             new.store(&self.root).map_err(store)?;
-            let st = state_of(w, slot.tail);
+            let st = state_of(w);
             return Ok(st);
         }
         // An empty journal made with the other sealing: rewritten with the node's, then the
@@ -611,8 +592,7 @@ impl Hosted {
         .and_then(|_| new.store(&self.root))
         .and_then(|_| Writer::open_keyless(&self.root));
         let (w, _) = r.map_err(store)?;
-        slot.tail = tail_of(&w).map_err(store)?;
-        let st = state_of(&w, slot.tail);
+        let st = state_of(&w);
         slot.writer = Some(w);
         Ok(st)
     }

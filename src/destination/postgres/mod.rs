@@ -403,7 +403,7 @@ pub struct PgDestination {
     replication: Replication,
     last_error: Option<String>,
     /// Payload CRC of the last record (0 when unknown): what tells copies apart, with the position.
-    last_crc: u32,
+    tail: u32,
     last_write: Option<std::time::SystemTime>,
     /// The URL as given (with its password), for the connections compaction opens.
     raw_url: String,
@@ -469,7 +469,7 @@ impl PgDestination {
             reconnects: 0,
             replication: Replication::default(),
             last_error: None,
-            last_crc: 0,
+            tail: 0,
             last_write: None,
             raw_url: url.to_string(),
             sealing: Sealing::Plain,
@@ -479,7 +479,7 @@ impl PgDestination {
         };
         let deadline = Instant::now() + reconnect_timeout;
         d.ensure_connected(deadline, true)?;
-        d.last_crc = d.read_last_crc()?;
+        d.tail = d.read_tail()?;
         d.read_sealing()?;
         Ok(d)
     }
@@ -640,16 +640,16 @@ impl PgDestination {
         self.state.droppable.then_some(self.state.last_tx_offset as u64)
     }
 
-    pub fn last_crc(&self) -> u32 {
-        self.last_crc
+    pub fn tail(&self) -> u32 {
+        self.tail
     }
 
     pub fn last_write(&self) -> Option<std::time::SystemTime> {
         self.last_write
     }
 
-    /// The payload CRC of the current generation's last record (0 when it has none).
-    fn read_last_crc(&self) -> Result<u32, PgError> {
+    /// The header CRC of the current generation's last record (0 when it has none).
+    fn read_tail(&self) -> Result<u32, PgError> {
         let Some(conn) = self.conn.as_ref() else { return Ok(0) };
         let row = block_on(
             &self.rt,
@@ -659,7 +659,7 @@ impl PgDestination {
             ),
         )
         .map_err(db_err(&self.pg.display, "read the last record"))?;
-        Ok(row.map_or(0, |r| crate::journal::payload_crc(r.get::<_, &[u8]>(0))))
+        Ok(row.map_or(0, |r| crate::journal::header_crc(r.get::<_, &[u8]>(0))))
     }
 
     pub fn url(&self) -> &str {
@@ -710,7 +710,7 @@ impl PgDestination {
         record: &[u8],
     ) -> Result<(), PgError> {
         self.store(data_version, kind, replace_last, record)?;
-        self.last_crc = journal::payload_crc(record);
+        self.tail = journal::header_crc(record);
         self.last_write = Some(std::time::SystemTime::now());
         Ok(())
     }
@@ -1120,7 +1120,7 @@ impl PgDestination {
                 return Err(e);
             }
         }
-        self.last_crc = self.read_last_crc()?;
+        self.tail = self.read_tail()?;
         self.last_write = Some(std::time::SystemTime::now());
         if let Err(e) = transfer::remove_old_generations(&self.raw_url, &self.name, &mut |_| {}) {
             log::warn!("{}: old generations stay until the next compaction: {}", self.pg.display, e.explain());

@@ -30,7 +30,7 @@ impl Destination for PgDestination {
             position: self.position(),
             generation: self.generation(),
             journal_len: self.journal_len(),
-            last_crc: self.last_crc(),
+            tail: self.tail(),
             last_tx_offset: self.last_tx_offset(),
         }
     }

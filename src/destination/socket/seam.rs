@@ -41,11 +41,9 @@ enum Sealing {
     },
 }
 
-/// A socket destination and what the plugin knows of its last record.
+/// A socket destination and how the node seals for it.
 pub struct Socket {
     pub dest: SocketDestination,
-    /// Payload CRC of the last record this process sent (0: unknown, as after a start).
-    last_crc: u32,
     last_write: Option<SystemTime>,
     sealing: Sealing,
     buf: Vec<u8>,
@@ -59,7 +57,6 @@ impl Socket {
     pub fn open(dest: SocketDestination, ldir: &Path) -> Result<Socket, StoreError> {
         let mut s = Socket {
             dest,
-            last_crc: 0,
             last_write: None,
             sealing: Sealing::Plain,
             buf: Vec::with_capacity(1 << 16),
@@ -149,7 +146,7 @@ impl Destination for Socket {
             position: Position { version: st.version, droppable: st.droppable },
             generation: st.generation,
             journal_len: st.journal_len,
-            last_crc: self.last_crc,
+            tail: st.tail,
             last_tx_offset: st.droppable.then_some(st.last_tx_offset),
         }
     }
@@ -191,7 +188,6 @@ impl Destination for Socket {
         record: &[u8],
     ) -> Result<(), StoreError> {
         self.dest.append(data_version, kind, replace_last, record)?;
-        self.last_crc = crate::journal::payload_crc(record);
         self.last_write = Some(SystemTime::now());
         Ok(())
     }
@@ -282,12 +278,10 @@ impl Destination for Socket {
         let mut reader = journal::JournalReader::open(&from.journal)?;
         reader.limit(from.journal_len);
         let mut version = reader.header.base.version();
-        let mut last_crc = 0;
         while let Some(rec) = reader.next_record()? {
             if rec.kind == Kind::Transaction {
                 version = rec.data_version;
             }
-            last_crc = rec.payload_crc;
         }
         if reader.position() != from.journal_len {
             return Err(StoreError::Invalid {
@@ -332,7 +326,6 @@ impl Destination for Socket {
             }
         }
         self.dest.reseed(from, meta.as_ref(), &mut |_, _| {})?;
-        self.last_crc = last_crc;
         self.load_sealing()
     }
 }
