@@ -1324,14 +1324,21 @@ fn server_sigkilled_during_sealed_compactions_keeps_every_write() {
     assert_same(&db, &final_db("channels", tmp.path()));
 }
 
-/// A new node (no hsm_secret at init) with a server backup made `--no-encryption`: the
-/// plugin's first connection sends a sealed backup.json before the first write, unless the
-/// node's init said `--no-encryption` too.
+/// A new node (no hsm_secret at init) with an empty server backup, made with or without
+/// `--no-encryption`: the plugin's first connection sends a backup.json before the first
+/// write, sealed unless the node's init said `--no-encryption`. The node's choice rules the
+/// empty backup, whatever the server's init chose.
 #[test]
 fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
-    for plain in [false, true] {
+    for (server_plain, plain) in [(true, false), (true, true), (false, false), (false, true)] {
         let tmp = tempfile::tempdir().unwrap();
-        let root = server_backup(tmp.path(), "node.bkp");
+        let root = if server_plain {
+            server_backup(tmp.path(), "node.bkp")
+        } else {
+            let root = tmp.path().join("node.bkp");
+            assert!(cli(&["init", &url(&root)]).status.success());
+            root
+        };
         let port = free_port();
         let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
         let u = format!("socket:127.0.0.1:{port}");
@@ -1351,9 +1358,9 @@ fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
         drop(node);
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
-        assert_eq!(meta["sealed"], !plain, "{meta}");
+        assert_eq!(meta["sealed"], !plain, "server_plain={server_plain}: {meta}");
         let j = std::fs::read(cln_backup::layout::Layout::new(&root).list().unwrap().journal).unwrap();
-        assert_eq!(j.windows(11).any(|w| w == b"INSERT INTO"), plain, "plain={plain}");
+        assert_eq!(j.windows(11).any(|w| w == b"INSERT INTO"), plain, "server_plain={server_plain} plain={plain}");
         let out = tmp.path().join("out.sqlite3");
         let o = Command::new(CLI)
             .args(["restore", &u, out.to_str().unwrap()])
@@ -1768,4 +1775,58 @@ fn a_socket_copy_behind_at_a_restart_gets_only_what_it_lacks() {
     std::fs::copy(ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
     let db = restore_cli(&u, &out);
     assert_same(&db, &final_db("channels", tmp.path()));
+}
+
+/// A server stopped between the two steps of storing a node's backup.json in an empty
+/// backup (the journal's header first, then backup.json) finds the header disagreeing with
+/// backup.json over an empty journal. At its next start it puts the backup back as it was
+/// and says so; the node's backup.json then goes in, and the trace through the server
+/// restores equal. Both cuts: a plaintext backup's header already sealed, and a sealed one's
+/// already plaintext.
+#[test]
+fn a_sealing_change_cut_between_its_two_steps_is_undone_at_the_next_start() {
+    for server_plain in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("node.bkp");
+        let ru = url(&root);
+        let o = cli(&if server_plain { vec!["init", "--no-encryption", &ru] } else { vec!["init", &ru] });
+        assert!(o.status.success(), "{}", stderr(&o));
+        let meta_before = std::fs::read(root.join("backup.json")).ok();
+        // the cut: the header rewritten with the other sealing, backup.json not yet
+        let journal = cln_backup::layout::Layout::new(&root).list().unwrap().journal;
+        let h = journal::JournalReader::open(&journal).unwrap().header;
+        assert_eq!(h.sealed, !server_plain);
+        cln_backup::writer::replace_empty_journal(&journal, journal::Header { sealed: !h.sealed, ..h }).unwrap();
+        let port = free_port();
+        let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+        server.wait_log("the empty backup is back as it was");
+        assert_eq!(journal::JournalReader::open(&journal).unwrap().header, h, "server_plain={server_plain}");
+        assert_eq!(std::fs::read(root.join("backup.json")).ok(), meta_before);
+        let u = format!("socket:127.0.0.1:{port}");
+        let ldir = tmp.path().join("regtest");
+        std::fs::create_dir_all(&ldir).unwrap();
+        let o = Command::new(CLI)
+            .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
+            .env("XDG_STATE_HOME", tmp.path().join("state"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::write(ldir.join("hsm_secret"), [32u8; 32]).unwrap();
+        let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+        let trace = trace("small");
+        assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
+        node.stop().unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
+        assert_eq!(meta["sealed"], true, "{meta}");
+        let out = tmp.path().join("out.sqlite3");
+        let o = Command::new(CLI)
+            .args(["restore", &u, out.to_str().unwrap()])
+            .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_same(&out, &final_db("small", tmp.path()));
+        drop(server);
+    }
 }

@@ -29,6 +29,8 @@ pub struct OpenReport {
     pub torn_tail: Option<(u64, u64)>,
     /// Files of interrupted compactions that were removed.
     pub removed: Vec<PathBuf>,
+    /// An interrupted change of an empty backup's sealing was undone (`open_keyless`).
+    pub sealing_change_undone: bool,
 }
 
 /// What one db_write call did to the backup.
@@ -318,7 +320,10 @@ impl Writer {
         let layout = Layout::new(root);
         layout.list()?;
         let lock = lock(&layout)?;
-        Writer::open_locked(layout, lock, &KeySource::default(), false, true)
+        let undone = undo_cut_sealing_change(&layout)?;
+        let (w, mut report) = Writer::open_locked(layout, lock, &KeySource::default(), false, true)?;
+        report.sealing_change_undone = undone;
+        Ok((w, report))
     }
 
     /// Opens the backup again, keeping the writer's lock: after another generation was
@@ -820,6 +825,32 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Makes an empty journal one with only `header`, as one step (tmp, write, fsync, rename,
+/// fsync dir): how a server's empty backup takes the sealing of the node's backup.json,
+/// written after it (`Hosted::put_meta`).
+pub fn replace_empty_journal(path: &Path, header: Header) -> Result<()> {
+    let bytes = header.encode();
+    fsutil::write_atomic(path, true, |f, tmp| f.write_all_at(&bytes, 0).map_err(StoreError::io("write", tmp)))
+}
+
+/// A cut sealing change (`replace_empty_journal`, then backup.json, with a crash between)
+/// leaves the journal's header disagreeing with backup.json over a journal that holds
+/// nothing. The header is put back as backup.json says: the backup as it was before the
+/// change, which was never acknowledged. True if it was.
+fn undo_cut_sealing_change(layout: &Layout) -> Result<bool> {
+    let listing = layout.list()?;
+    let mut r = JournalReader::open(&listing.journal)?;
+    if listing.snapshot.is_some() || r.header.base != Base::Empty || r.next_record()?.is_some() {
+        return Ok(false);
+    }
+    let sealed = Meta::load(&layout.root)?.is_some_and(|m| m.sealed);
+    if r.header.sealed == sealed {
+        return Ok(false);
+    }
+    replace_empty_journal(&listing.journal, Header { sealed, ..r.header })?;
+    Ok(true)
 }
 
 /// The first time a sealed backup's key is read (a backup made before the node had an

@@ -104,6 +104,13 @@ impl Hosted {
         if let Some((off, len)) = report.torn_tail {
             log::warn!("{}: cut a torn record of {len} bytes at offset {off}", root.display());
         }
+        if report.sealing_change_undone {
+            log::warn!(
+                "{}: a node's backup.json was being stored when the server stopped; the empty backup is back as it \
+                 was, and the node sends it again when it next connects",
+                root.display()
+            );
+        }
         let pairing_path = beside(root, ".paired-client");
         let recorded = match std::fs::read_to_string(&pairing_path) {
             Ok(t) => Some(
@@ -581,16 +588,13 @@ impl Hosted {
             return Ok(st);
         }
         // An empty journal made with the other sealing: rewritten with the node's, then the
-        // metadata (a crash between leaves an empty backup that init can be run on again).
+        // metadata (a crash between is undone at the next open: `open_keyless`).
         let h = w.header();
         let path = w.journal_path().to_path_buf();
         slot.writer = None;
-        let header = Header { sealed: new.sealed, ..h }.encode();
-        let r = fsutil::write_atomic(&path, true, |f, tmp| {
-            f.write_all_at(&header, 0).map_err(StoreError::io("write", tmp))
-        })
-        .and_then(|_| new.store(&self.root))
-        .and_then(|_| Writer::open_keyless(&self.root));
+        let r = crate::writer::replace_empty_journal(&path, Header { sealed: new.sealed, ..h })
+            .and_then(|_| new.store(&self.root))
+            .and_then(|_| Writer::open_keyless(&self.root));
         let (w, _) = r.map_err(store)?;
         let st = state_of(&w);
         slot.writer = Some(w);

@@ -71,18 +71,19 @@ impl Socket {
         let mut meta = self.dest.meta()?;
         let st = self.dest.server_state();
         let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
-        if empty
-            && !meta.as_ref().is_some_and(|m| m.sealed)
-            && !super::node::plaintext_chosen(&self.ldir)
-            && super::super::pinned_backup_id(&self.ldir).is_none()
-        {
-            // A new node's first connection to a server backup made plaintext: the node
-            // did not choose that (init could not send its backup.json without a key).
-            // Not for a node whose backup.lock pins a sealed backup already: an empty
-            // plaintext copy in its place was put there by someone else, and is refused
-            // as it is (`check_pin`), not made a new backup of its own.
+        let sealed = meta.as_ref().is_some_and(|m| m.sealed);
+        let wants_sealed = !super::node::plaintext_chosen(&self.ldir);
+        if empty && sealed != wants_sealed && super::super::pinned_backup_id(&self.ldir).is_none() {
+            // A new node's first connection to an empty server backup made with the other
+            // sealing: the node's choice (recorded in backup.lock by init, which could not
+            // send its backup.json without a key) goes in. Not for a node whose backup.lock
+            // pins a sealed backup already: an empty copy in its place was put there by
+            // someone else, and is refused as it is (`check_pin`), not made a new backup.
             let ldir = std::path::absolute(&self.ldir).unwrap_or_else(|_| self.ldir.clone());
-            let m = Meta::new_sealed(None, None, Some(ldir))?;
+            let m = match wants_sealed {
+                true => Meta::new_sealed(None, None, Some(ldir))?,
+                false => Meta::new_plain(Some(ldir)),
+            };
             self.dest.put_meta(&m)?;
             meta = Some(m);
         }
