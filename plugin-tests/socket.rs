@@ -1166,14 +1166,7 @@ fn no_encryption_through_the_server_is_readable_there() {
     assert!(found.iter().any(|f| f.contains("INSERT INTO")), "{found:?}");
     assert!(found.len() > 10, "{found:?}");
     let _server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let dest = tmp.path().join("plain.sqlite3");
-    let o = Command::new(CLI)
-        .args(["restore", &u, dest.to_str().unwrap()])
-        .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_same(&dest, &final_db("channels", tmp.path()));
+    assert_restores_equal(&u, &ldir, tmp.path(), "channels");
 }
 
 /// add-destination of a `socket:` URL next to a sealed file backup: the server's empty
@@ -1183,10 +1176,7 @@ fn no_encryption_through_the_server_is_readable_there() {
 #[test]
 fn add_destination_socket_next_to_a_sealed_file_backup() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ldir, _) = node_dir(tmp.path(), "regtest", 12);
-    let file = tmp.path().join("file.bkp");
-    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (ldir, file) = node_with_file_copy(tmp.path(), 12);
     let trace = trace("channels");
     let half = trace.len() / 2;
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
@@ -1324,6 +1314,33 @@ fn server_sigkilled_during_sealed_compactions_keeps_every_write() {
     assert_same(&db, &final_db("channels", tmp.path()));
 }
 
+/// A new node's `init` against `u` (no hsm_secret yet, so the server's key is only
+/// pinned), then the hsm_secret lightningd's first start makes: its lightning dir.
+fn new_node(tmp: &Path, u: &str, plain: bool, seed: u8) -> PathBuf {
+    let ldir = tmp.join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    let mut args = vec!["init", "--lightning-dir", ldir.to_str().unwrap(), u];
+    if plain {
+        args.insert(1, "--no-encryption");
+    }
+    let o = Command::new(CLI).args(&args).env("XDG_STATE_HOME", tmp.join("state")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(ldir.join("hsm_secret"), [seed; 32]).unwrap();
+    ldir
+}
+
+/// The server's copy restored with the node's key, equal to `fixture`'s final database.
+fn assert_restores_equal(u: &str, ldir: &Path, tmp: &Path, fixture: &str) {
+    let out = tmp.join("out.sqlite3");
+    let o = Command::new(CLI)
+        .args(["restore", u, out.to_str().unwrap()])
+        .env("CLN_BACKUP_LIGHTNING_DIR", ldir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&out, &final_db(fixture, tmp));
+}
+
 /// A new node (no hsm_secret at init) with an empty server backup, made with or without
 /// `--no-encryption`: the plugin's first connection sends a backup.json before the first
 /// write, sealed unless the node's init said `--no-encryption`. The node's choice rules the
@@ -1342,15 +1359,7 @@ fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
         let port = free_port();
         let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
         let u = format!("socket:127.0.0.1:{port}");
-        let ldir = tmp.path().join("regtest");
-        std::fs::create_dir_all(&ldir).unwrap();
-        let mut args = vec!["init", "--lightning-dir", ldir.to_str().unwrap(), &u];
-        if plain {
-            args.insert(1, "--no-encryption");
-        }
-        let o = Command::new(CLI).args(&args).env("XDG_STATE_HOME", tmp.path().join("state")).output().unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::write(ldir.join("hsm_secret"), [31u8; 32]).unwrap();
+        let ldir = new_node(tmp.path(), &u, plain, 31);
         let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
         let trace = trace("small");
         assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
@@ -1361,14 +1370,7 @@ fn a_new_nodes_first_connection_seals_unless_it_chose_plaintext() {
         assert_eq!(meta["sealed"], !plain, "server_plain={server_plain}: {meta}");
         let j = std::fs::read(cln_backup::layout::Layout::new(&root).list().unwrap().journal).unwrap();
         assert_eq!(j.windows(11).any(|w| w == b"INSERT INTO"), plain, "server_plain={server_plain} plain={plain}");
-        let out = tmp.path().join("out.sqlite3");
-        let o = Command::new(CLI)
-            .args(["restore", &u, out.to_str().unwrap()])
-            .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert_same(&out, &final_db("small", tmp.path()));
+        assert_restores_equal(&u, &ldir, tmp.path(), "small");
         drop(server);
     }
 }
@@ -1388,6 +1390,32 @@ struct LeftBehind {
     /// The file copy as it was when the socket copy was added, and halfway before that.
     at_add: PathBuf,
     older: PathBuf,
+}
+
+/// A node's lightning dir with a file copy made by `init`: (the dir, the copy's root).
+fn node_with_file_copy(tmp: &Path, seed: u8) -> (PathBuf, PathBuf) {
+    let (ldir, _) = node_dir(tmp, "regtest", seed);
+    let file = tmp.join("file.bkp");
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (ldir, file)
+}
+
+/// A server's empty backup, served, and added to the node's destinations by
+/// `add-destination` (seeded from its file copy): (its root, the server, its URL).
+fn add_socket_copy(tmp: &Path, ldir: &Path) -> (PathBuf, Server, String) {
+    let root = tmp.join("server.bkp");
+    assert!(cli(&["init", &url(&root)]).status.success());
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let o = Command::new(CLI)
+        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
+        .env("XDG_STATE_HOME", tmp.join("state"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    (root, server, u)
 }
 
 fn left_behind(seed: u8, upto: usize) -> LeftBehind {
@@ -1410,17 +1438,7 @@ fn left_behind(seed: u8, upto: usize) -> LeftBehind {
     drop(node);
     let at_add = tmp.path().join("at-add.bkp");
     assert!(Command::new("cp").arg("-a").arg(&file).arg(&at_add).status().unwrap().success());
-    let root = tmp.path().join("server.bkp");
-    assert!(cli(&["init", &url(&root)]).status.success());
-    let port = free_port();
-    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
-    let o = Command::new(CLI)
-        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
-        .env("XDG_STATE_HOME", tmp.path().join("state"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (root, mut server, u) = add_socket_copy(tmp.path(), &ldir);
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
     node.options = serde_json::json!({"backup-min-destinations": 1, "backup-reconnect-timeout": 1});
     let third = half + (trace.len() - half) / 3;
@@ -1603,10 +1621,7 @@ fn a_reseed_cut_by_sigkill_leaves_the_old_or_the_new_copy() {
 #[test]
 fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ldir, _) = node_dir(tmp.path(), "regtest", 45);
-    let file = tmp.path().join("file.bkp");
-    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (ldir, file) = node_with_file_copy(tmp.path(), 45);
     let trace = trace("small");
     let half = trace.len() / 2;
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
@@ -1615,17 +1630,7 @@ fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
     drop(node);
     let stale = tmp.path().join("stale.bkp");
     assert!(Command::new("cp").arg("-a").arg(&file).arg(&stale).status().unwrap().success());
-    let root = tmp.path().join("server.bkp");
-    assert!(cli(&["init", &url(&root)]).status.success());
-    let port = free_port();
-    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
-    let o = Command::new(CLI)
-        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
-        .env("XDG_STATE_HOME", tmp.path().join("state"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (_root, server, u) = add_socket_copy(tmp.path(), &ldir);
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
     assert_eq!(node.replay(trace, half..trace.len()).unwrap(), None);
     node.stop().unwrap();
@@ -1676,15 +1681,7 @@ fn an_empty_plaintext_copy_put_in_place_of_a_pinned_one_is_refused_untouched() {
     let port = free_port();
     let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
     let u = format!("socket:127.0.0.1:{port}");
-    let ldir = tmp.path().join("regtest");
-    std::fs::create_dir_all(&ldir).unwrap();
-    let o = Command::new(CLI)
-        .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
-        .env("XDG_STATE_HOME", tmp.path().join("state"))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    std::fs::write(ldir.join("hsm_secret"), [31u8; 32]).unwrap();
+    let ldir = new_node(tmp.path(), &u, false, 31);
     let trace = trace("small");
     let half = trace.len() / 2;
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
@@ -1729,22 +1726,8 @@ fn records_in(root: &Path) -> u64 {
 #[test]
 fn a_socket_copy_behind_at_a_restart_gets_only_what_it_lacks() {
     let tmp = tempfile::tempdir().unwrap();
-    let (ldir, _) = node_dir(tmp.path(), "regtest", 47);
-    let file = tmp.path().join("file.bkp");
-    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url(&file)]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let root = tmp.path().join("server.bkp");
-    assert!(cli(&["init", &url(&root)]).status.success());
-    let port = free_port();
-    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
-    let state_home = tmp.path().join("state");
-    let o = Command::new(CLI)
-        .args(["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &u])
-        .env("XDG_STATE_HOME", &state_home)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (ldir, file) = node_with_file_copy(tmp.path(), 47);
+    let (root, mut server, u) = add_socket_copy(tmp.path(), &ldir);
     let trace = trace("channels");
     let (a, b) = (trace.len() / 3, trace.len() / 2);
     let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
@@ -1769,12 +1752,7 @@ fn a_socket_copy_behind_at_a_restart_gets_only_what_it_lacks() {
         assert_eq!(d["state"], "in-sync", "{st:#}");
     }
     node.stop().unwrap();
-    let out = tmp.path().join("restored");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::copy(ldir.join("hsm_secret"), out.join("hsm_secret")).unwrap();
-    std::fs::copy(ldir.join("backup.lock"), out.join("backup.lock")).unwrap();
-    let db = restore_cli(&u, &out);
-    assert_same(&db, &final_db("channels", tmp.path()));
+    assert_restores_equal(&u, &ldir, tmp.path(), "channels");
 }
 
 /// A server stopped between the two steps of storing a node's backup.json in an empty
@@ -1803,15 +1781,7 @@ fn a_sealing_change_cut_between_its_two_steps_is_undone_at_the_next_start() {
         assert_eq!(journal::JournalReader::open(&journal).unwrap().header, h, "server_plain={server_plain}");
         assert_eq!(std::fs::read(root.join("backup.json")).ok(), meta_before);
         let u = format!("socket:127.0.0.1:{port}");
-        let ldir = tmp.path().join("regtest");
-        std::fs::create_dir_all(&ldir).unwrap();
-        let o = Command::new(CLI)
-            .args(["init", "--lightning-dir", ldir.to_str().unwrap(), &u])
-            .env("XDG_STATE_HOME", tmp.path().join("state"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        std::fs::write(ldir.join("hsm_secret"), [32u8; 32]).unwrap();
+        let ldir = new_node(tmp.path(), &u, false, 32);
         let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
         let trace = trace("small");
         assert_eq!(node.replay(trace, 0..trace.len()).unwrap(), None);
@@ -1819,14 +1789,7 @@ fn a_sealing_change_cut_between_its_two_steps_is_undone_at_the_next_start() {
         let meta: serde_json::Value =
             serde_json::from_slice(&std::fs::read(root.join("backup.json")).unwrap()).unwrap();
         assert_eq!(meta["sealed"], true, "{meta}");
-        let out = tmp.path().join("out.sqlite3");
-        let o = Command::new(CLI)
-            .args(["restore", &u, out.to_str().unwrap()])
-            .env("CLN_BACKUP_LIGHTNING_DIR", &ldir)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        assert_same(&out, &final_db("small", tmp.path()));
+        assert_restores_equal(&u, &ldir, tmp.path(), "small");
         drop(server);
     }
 }
