@@ -845,7 +845,9 @@ fn undo_cut_sealing_change(layout: &Layout) -> Result<bool> {
     if listing.snapshot.is_some() || r.header.base != Base::Empty || r.next_record()?.is_some() {
         return Ok(false);
     }
-    let sealed = Meta::load(&layout.root)?.is_some_and(|m| m.sealed);
+    // Without backup.json there is nothing to follow: the open says what to put back.
+    let Some(meta) = Meta::load(&layout.root)? else { return Ok(false) };
+    let sealed = meta.sealed;
     if r.header.sealed == sealed {
         return Ok(false);
     }

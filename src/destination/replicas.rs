@@ -578,42 +578,30 @@ fn copy_missing(source: &Mutex<Writer>, dest: &Shared, may_install: bool) -> Res
     let tip = d.tip();
     let mut version = reader.header.base.version();
     let mut found = tip.journal_len == journal::HEADER_LEN && tip.position.version == version;
-    // From the record that could replace its last transaction on, held until the walk is
-    // past its end: ending exactly as the source does there, it needs nothing replaced.
-    let mut pending: Vec<journal::Record> = Vec::new();
     let mut appended = 0u64;
     let mut buf = Vec::new();
     while let Some(rec) = reader.next_record().map_err(why)? {
         if rec.kind == Kind::Transaction {
             version = rec.data_version;
         }
-        let end = rec.end();
         if found {
             put(&mut d, &mut buf, &rec, false).map_err(why)?;
             appended += 1;
-        } else if end == tip.journal_len && version == tip.position.version && rec.header_crc() == tip.tail {
+        } else if rec.end() == tip.journal_len && version == tip.position.version && rec.header_crc() == tip.tail {
             found = true; // the destination holds exactly the records up to here
-            pending.clear();
-        } else if !pending.is_empty()
-            || (rec.kind == Kind::Transaction
-                && tip.position.droppable
-                && rec.data_version == tip.position.version
-                && tip.last_tx_offset == Some(rec.offset))
+        } else if rec.kind == Kind::Transaction
+            && tip.position.droppable
+            && rec.data_version == tip.position.version
+            && tip.last_tx_offset == Some(rec.offset)
         {
             // Its last transaction is this version's, or one lightningd replaced with this
-            // one, at the same place: unless its end turns up, replace it (and whatever
-            // followed it) with the source's.
-            pending.push(rec);
-            if end >= tip.journal_len {
-                appended += replace_with(&mut d, &mut buf, &pending).map_err(why)?;
-                pending.clear();
-                found = true;
-            }
+            // one, at the same place: replace it (and whatever followed it) with the source's.
+            // Also when the source ends as it does further on: its end names only its last
+            // record, which cannot vouch for the transaction before it.
+            put(&mut d, &mut buf, &rec, true).map_err(why)?;
+            appended += 1;
+            found = true;
         }
-    }
-    if !pending.is_empty() {
-        appended += replace_with(&mut d, &mut buf, &pending).map_err(why)?;
-        found = true;
     }
     if !found {
         // It ends with nothing the source has: take the source's generation whole.
@@ -632,18 +620,6 @@ fn put(
     buf.clear();
     journal::frame_payload(buf, rec.data_version, rec.kind, &rec.payload);
     d.append_copy(rec.data_version, rec.kind, replace_last, buf)
-}
-
-/// Replaces the destination's last transaction (and what followed it) with `recs`.
-fn replace_with(
-    d: &mut Box<dyn super::Destination>,
-    buf: &mut Vec<u8>,
-    recs: &[journal::Record],
-) -> Result<u64, StoreError> {
-    for (i, rec) in recs.iter().enumerate() {
-        put(d, buf, rec, i == 0)?;
-    }
-    Ok(recs.len() as u64)
 }
 
 #[cfg(test)]
@@ -713,49 +689,58 @@ mod tests {
         assert!(tips.iter().all(|t| t.same_end(&tips[0])), "{tips:?}");
     }
 
-    /// A copy that ends exactly where the source has more is given only what follows, even
-    /// when its last transaction could be replaced: it ends [transaction, PRAGMA], as
-    /// lightningd's migrations leave it. A copy whose last transaction lightningd replaced
-    /// gets it replaced, and what follows.
+    /// A copy is given what follows its end when it ends exactly as the source does there.
+    /// Else its last transaction is replaced, with what follows: also when it ends
+    /// [transaction, PRAGMA] as the source does, since the end names only the last record
+    /// and the transaction before it may be one lightningd replaced (here by one of the same
+    /// length, so every offset matches).
     #[test]
-    fn a_copy_ending_where_the_source_goes_on_gets_only_what_follows() {
+    fn a_copy_gets_what_follows_its_end_else_its_last_transaction_again() {
         let tmp = tempfile::tempdir().unwrap();
         let keys = KeySource::default();
-        let open = |name: &str| {
-            let root = tmp.path().join(name);
-            crate::writer::create(&root, None, None, None).unwrap();
-            FileDestination::open(&format!("file://{name}"), &root, &keys).unwrap().0
-        };
         let rec = |v: u32, kind: Kind, sql: &str| {
             let mut r = Vec::new();
             journal::encode_record(&mut r, v, kind, &[sql]);
-            r
+            (v, kind, r)
         };
-        let (tx1, tx2) = (rec(1, Kind::Transaction, "INSERT 1"), rec(2, Kind::Transaction, "INSERT 2"));
-        let pragma = rec(2, Kind::Outside, "PRAGMA foreign_keys = ON");
-        let (tx3, tx4) = (rec(3, Kind::Transaction, "INSERT 3"), rec(4, Kind::Transaction, "INSERT 4"));
-        let mut src = open("src.bkp");
-        for (v, k, r) in [(1, Kind::Transaction, &tx1), (2, Kind::Transaction, &tx2), (2, Kind::Outside, &pragma)] {
-            src.append(v, k, false, r).unwrap();
+        let (tx1, a, b) = (
+            rec(1, Kind::Transaction, "INSERT 1"),
+            rec(2, Kind::Transaction, "INSERT A"),
+            rec(2, Kind::Transaction, "INSERT B"),
+        );
+        let (pragma, tx3) = (rec(2, Kind::Outside, "PRAGMA foreign_keys = ON"), rec(3, Kind::Transaction, "INSERT 3"));
+        let copy = |name: &str, recs: &[&(u32, Kind, Vec<u8>)]| {
+            let root = tmp.path().join(name);
+            crate::writer::create(&root, None, None, None).unwrap();
+            let mut d = FileDestination::open(name, &root, &keys).unwrap().0;
+            for (v, k, r) in recs {
+                d.append(*v, *k, false, r).unwrap();
+            }
+            (root, d)
+        };
+        let records = |root: &std::path::Path| {
+            let mut r = JournalReader::open(&crate::layout::Layout::new(root).list().unwrap().journal).unwrap();
+            std::iter::from_fn(|| r.next_record().unwrap().map(|x| (x.data_version, x.kind, x.payload)))
+                .collect::<Vec<_>>()
+        };
+        // lightningd sent A, replaced it by B (never committing A), then the PRAGMA and tx3
+        let (src_root, mut src) = copy("src.bkp", &[&tx1, &a]);
+        src.append(2, Kind::Transaction, true, &b.2).unwrap();
+        for (v, k, r) in [&pragma, &tx3] {
+            src.append(*v, *k, false, r).unwrap();
         }
-        let mut copy = open("copy.bkp");
-        let mut replaced = open("replaced.bkp");
-        for (v, k, r) in [(1, Kind::Transaction, &tx1), (2, Kind::Transaction, &tx2), (2, Kind::Outside, &pragma)] {
-            copy.append(v, k, false, r).unwrap();
-        }
-        replaced.append(1, Kind::Transaction, false, &tx1).unwrap();
-        replaced.append(2, Kind::Transaction, false, &rec(2, Kind::Transaction, "INSERT never committed")).unwrap();
-        src.append(3, Kind::Transaction, false, &tx3).unwrap();
-        src.append(4, Kind::Transaction, false, &tx4).unwrap();
         let source = src.writer().unwrap();
-        let copy: Shared = Arc::new(Mutex::new(Box::new(copy)));
-        assert_eq!(copy_missing(&source, &copy, false), Ok(2), "tx3 and tx4, nothing again");
-        let replaced: Shared = Arc::new(Mutex::new(Box::new(replaced)));
-        assert_eq!(copy_missing(&source, &replaced, false), Ok(4), "tx2 replaced, then the PRAGMA, tx3, tx4");
-        let src_tip = super::super::file::tip_of(&lock(&source));
-        for d in [&copy, &replaced] {
-            assert!(lock(d).tip().same_end(&src_tip), "{:?} vs {src_tip:?}", lock(d).tip());
-            assert_eq!(lock(d).tip().journal_len, src_tip.journal_len);
+        for (name, held, copied) in [
+            ("exact.bkp", vec![&tx1, &b], 2),
+            ("a.bkp", vec![&tx1, &a], 3),
+            ("a-pragma.bkp", vec![&tx1, &a, &pragma], 3),
+            ("b-pragma.bkp", vec![&tx1, &b, &pragma], 3),
+        ] {
+            let (root, d) = copy(name, &held);
+            let d: Shared = Arc::new(Mutex::new(Box::new(d)));
+            assert_eq!(copy_missing(&source, &d, false), Ok(copied), "{name}");
+            drop(d);
+            assert_eq!(records(&root), records(&src_root), "{name}");
         }
     }
 }

@@ -402,7 +402,7 @@ pub struct PgDestination {
     reconnects: u64,
     replication: Replication,
     last_error: Option<String>,
-    /// Payload CRC of the last record (0 when unknown): what tells copies apart, with the position.
+    /// Header CRC of the last record (0 when unknown): what tells copies apart, with the position.
     tail: u32,
     last_write: Option<std::time::SystemTime>,
     /// The URL as given (with its password), for the connections compaction opens.
@@ -940,8 +940,13 @@ impl PgDestination {
                     }
                     self.conn = Some(conn);
                     self.state = state;
-                    self.uncertain = false;
                     self.replication = repl;
+                    if self.uncertain {
+                        // a commit that may have landed: the end is read back, as the state
+                        self.tail = 0;
+                        self.tail = self.read_tail()?;
+                    }
+                    self.uncertain = false;
                     return Ok(());
                 }
                 // Our own old session may still hold the lock on a half-open connection.
@@ -1070,6 +1075,9 @@ impl PgDestination {
         match r {
             Ok(Ok(state)) => {
                 self.state = state;
+                // the records after the fold point were resealed: the end has a new name
+                self.tail = 0;
+                self.tail = self.read_tail()?;
                 Ok(())
             }
             Ok(Err(e)) => {
