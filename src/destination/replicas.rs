@@ -149,10 +149,18 @@ impl Replicas {
                 slot.behind_since = Some(Instant::now());
                 if slot.last_error.is_none() {
                     if let (Some(t), Some(b)) = (tip, &best) {
-                        slot.last_error = Some(format!(
-                            "holds up to data_version {}, the most advanced copy {}",
-                            t.position.version, b.position.version
-                        ));
+                        slot.last_error = Some(if t.position.version == b.position.version {
+                            format!(
+                                "holds data_version {} as the most advanced copy does, but ends with another \
+                                 record (one sealed for another place, or a transaction lightningd replaced)",
+                                t.position.version
+                            )
+                        } else {
+                            format!(
+                                "holds up to data_version {}, the most advanced copy {}",
+                                t.position.version, b.position.version
+                            )
+                        });
                     }
                 }
             }
@@ -338,8 +346,15 @@ impl Replicas {
             }
         }
         if held < self.required() {
-            let (i, why) = failures.first().cloned().unwrap_or((0, "not written".into()));
-            return Err(Refusal::Versions(self.not_enough(&format!("{} failed: {why}", self.slots[i].url), held)));
+            let what = match failures.first() {
+                Some((i, why)) => format!("{} failed: {why}", self.slots[*i].url),
+                // none failed now: some were not written, being behind already
+                None => self.slots.iter().find(|s| s.state != State::InSync).map_or_else(
+                    || "not written".to_string(),
+                    |s| format!("{} is behind: {}", s.url, s.last_error.as_deref().unwrap_or("not written")),
+                ),
+            };
+            return Err(Refusal::Versions(self.not_enough(&what, held)));
         }
         Ok((if replace { Applied::Replaced } else { Applied::Appended }, tip.position.version))
     }
@@ -468,6 +483,11 @@ pub fn ahead(a: &Tip, b: &Tip) -> bool {
     }
 }
 
+/// Why a lagging copy stays behind when only copies of other kinds are in sync.
+const NO_SOURCE: &str = "only a file copy in sync can bring it up to date, and none is: check each copy with \
+    `backup-cli verify`, then remove this one (`backup-cli remove-destination`) and add it again \
+    (`backup-cli add-destination`), lightningd stopped";
+
 /// One round of bringing lagging destinations up to date: reopens those that could not be
 /// opened, copies what they lack from an in-sync file destination without holding the
 /// replicas, then takes the replicas (so no db_write runs) for the last few records and
@@ -493,8 +513,14 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         return true;
     }
     let Some(source) = source else {
-        lock(replicas).warn_lagging();
-        return false; // nothing in sync to copy from: the db_write path halts meanwhile
+        // nothing in sync to copy from: the db_write path halts meanwhile (by default)
+        let mut r = lock(replicas);
+        for s in r.slots.iter_mut().filter(|s| s.state == State::Behind && s.dest.is_some()) {
+            let why = s.last_error.take().unwrap_or_default();
+            s.last_error = Some(if why.contains(NO_SOURCE) { why } else { format!("{why}; {NO_SOURCE}") });
+        }
+        r.warn_lagging();
+        return false;
     };
     for (i, raw, dest) in work {
         let url = super::shown(&raw);
@@ -741,6 +767,44 @@ mod tests {
             assert_eq!(copy_missing(&source, &d, false), Ok(copied), "{name}");
             drop(d);
             assert_eq!(records(&root), records(&src_root), "{name}");
+        }
+    }
+
+    /// A copy found behind at open, by default, halts the first write with its name and
+    /// why: fewer versions, or the same version ending with another record.
+    #[test]
+    fn a_copy_behind_at_open_is_named_with_why_when_the_write_halts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let keys = KeySource::default();
+        let bump =
+            |v: u32| format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1);
+        let tx = |v: u32, x: &str| {
+            let mut r = Vec::new();
+            journal::encode_record(&mut r, v, Kind::Transaction, &[format!("INSERT INTO t VALUES ('{x}')"), bump(v)]);
+            r
+        };
+        for (second, says) in [
+            (vec![tx(1, "a")], "holds up to data_version 1, the most advanced copy 2"),
+            (
+                vec![tx(1, "a"), tx(2, "c")],
+                "holds data_version 2 as the most advanced copy does, but ends with another",
+            ),
+        ] {
+            let roots: Vec<_> = (0..2).map(|i| tmp.path().join(format!("{}-{i}.bkp", says.len()))).collect();
+            let urls: Vec<String> = roots.iter().map(|r| format!("file://{}", r.display())).collect();
+            for (root, recs) in roots.iter().zip([vec![tx(1, "a"), tx(2, "b")], second]) {
+                crate::writer::create(root, None, None, None).unwrap();
+                let mut d = FileDestination::open("file://x", root, &keys).unwrap().0;
+                for (v, r) in recs.iter().enumerate() {
+                    d.append(v as u32 + 1, Kind::Transaction, false, r).unwrap();
+                }
+            }
+            let mut r = Replicas::open(&urls, tmp.path(), 0, Duration::from_secs(1));
+            let Err(Refusal::Versions(m)) = r.apply(3, &["INSERT INTO t VALUES ('d')".to_string(), bump(3)]) else {
+                panic!("a write went on with a copy behind")
+            };
+            assert!(m.contains(&format!("{} is behind: {says}", urls[1])), "{m}");
+            assert!(m.contains("1 of 2 destinations hold every write"), "{m}");
         }
     }
 }
