@@ -1795,3 +1795,41 @@ fn a_sealing_change_cut_between_its_two_steps_is_undone_at_the_next_start() {
         drop(server);
     }
 }
+
+/// A new node that chose encryption at init, before its first start has pinned its sealed
+/// backup, and a server whose copy is swapped for a plaintext one that is not empty (here
+/// one PRAGMA record at version 0, which the node's first transaction would follow): the
+/// plugin refuses it at the first start (lightningd halts, nothing is written there)
+/// instead of following it and writing the node's records in plaintext.
+#[test]
+fn a_node_that_chose_encryption_never_writes_into_a_plaintext_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = server_backup(tmp.path(), "node.bkp");
+    let port = free_port();
+    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    let u = format!("socket:127.0.0.1:{port}");
+    let ldir = new_node(tmp.path(), &u, false, 51);
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
+    assert_eq!(lock["no_encryption"], false, "{lock}");
+    server.kill();
+    {
+        let keys = cln_backup::keys::KeySource::default();
+        let (mut w, _) = cln_backup::writer::Writer::open(&root, &keys).unwrap();
+        w.apply(0, &["PRAGMA foreign_keys = ON".to_string()]).unwrap();
+    }
+    let before = journal_data(&root);
+    server.spawn();
+    let trace = trace("small");
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
+    let (i, answer) = node.replay(trace, 0..trace.len()).unwrap().expect("lightningd went on");
+    assert_eq!(i, 0, "{answer}");
+    let logs = node.plugin().unwrap().logs();
+    assert!(
+        logs.iter().any(|(_, m)| m.contains("holds a plaintext backup, but this node chose an encrypted one")),
+        "{logs:?}"
+    );
+    drop(node);
+    let after = journal_data(&root);
+    assert!(!after.windows(11).any(|w| w == b"INSERT INTO"), "plaintext written to the server");
+    assert_eq!(after, before, "written into the plaintext copy");
+}

@@ -57,10 +57,9 @@ pub fn init(lightning_dir: Option<&Path>, url: &str, sealing: &super::Sealing) -
     }
     super::print_sealing(&meta, Some(ldir));
     let mut body = lock_body(url, &server_key);
-    if !meta.sealed {
-        // the plugin's first connection to an empty server backup keeps it plaintext
-        body["no_encryption"] = serde_json::json!(true);
-    }
+    // The node's choice, for the plugin's connections: an empty server backup takes it,
+    // and an encrypted node never writes into a plaintext one.
+    body["no_encryption"] = serde_json::json!(!meta.sealed);
     let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);
@@ -89,10 +88,11 @@ fn init_new_node(ldir: &Path, url: &str, lock: &Path, sealing: &super::Sealing) 
         ldir.display()
     );
     let mut body = lock_body(url, &server_key);
-    if let super::Sealing::None = sealing {
+    let plain = matches!(sealing, super::Sealing::None);
+    if plain {
         sealing.prepare(Some(ldir), false)?; // says what plaintext means
-        body["no_encryption"] = serde_json::json!(true);
     }
+    body["no_encryption"] = serde_json::json!(plain);
     let body = serde_json::to_vec(&body)?;
     fsutil::write_atomic(lock, false, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))?;
     remember_lightning_dir(url, ldir);

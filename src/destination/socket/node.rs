@@ -33,13 +33,15 @@ pub fn pinned_server_key(ldir: &Path, url: &str) -> Result<Option<PublicKey>> {
     }
 }
 
-/// Whether `ldir`'s backup.lock says the node chose a plaintext backup (`init
-/// --no-encryption` before its first start).
-pub fn plaintext_chosen(ldir: &Path) -> bool {
+/// The node's choice of sealing, as `init` of a socket URL records it in `ldir`'s
+/// backup.lock (`"no_encryption"`): Some(true) for an encrypted backup, Some(false) for
+/// `--no-encryption`, None where backup.lock does not say (written before it was recorded).
+pub fn chosen_sealing(ldir: &Path) -> Option<bool> {
     std::fs::read(ldir.join(LOCK_NAME))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["no_encryption"] == serde_json::json!(true))
+        .and_then(|v| v["no_encryption"].as_bool())
+        .map(|plain| !plain)
 }
 
 /// The plugin's writer connection for `url` from `ldir`: the node's key from its

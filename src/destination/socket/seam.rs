@@ -72,7 +72,23 @@ impl Socket {
         let st = self.dest.server_state();
         let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
         let sealed = meta.as_ref().is_some_and(|m| m.sealed);
-        let wants_sealed = !super::node::plaintext_chosen(&self.ldir);
+        let chosen = super::node::chosen_sealing(&self.ldir);
+        let wants_sealed = chosen != Some(false);
+        if !empty && !sealed && chosen == Some(true) {
+            // Never plaintext where the node chose encryption: the copy was replaced, or its
+            // storage changed, by someone else (a node pinned to its sealed backup refuses
+            // it too, `check_pin`; this holds before the first start has pinned it).
+            return Err(StoreError::Remote {
+                what: format!(
+                    "{} holds a plaintext backup, but this node chose an encrypted one at init (backup.lock): \
+                     nothing is written to it",
+                    self.dest.url()
+                ),
+                hint: "the server's copy was replaced or changed by someone else: check it with its operator, \
+                       then make a fresh backup there (`backup-cli init`) and add it (`backup-cli add-destination`)",
+                retryable: false,
+            });
+        }
         if empty && sealed != wants_sealed && super::super::pinned_backup_id(&self.ldir).is_none() {
             // A new node's first connection to an empty server backup made with the other
             // sealing: the node's choice (recorded in backup.lock by init, which could not
