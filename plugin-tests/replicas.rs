@@ -324,3 +324,47 @@ fn a_copy_swapped_for_plaintext_or_another_backup_is_refused() {
         assert_same(&dest, &fin);
     }
 }
+
+/// A copy replaced by a plaintext backup holding more versions (a forged database, say) is
+/// never the most advanced one for a node whose backup.lock pins its sealed backup: `restore
+/// --lightning-dir` lists it as not used, says why, and restores from the sealed copy; nor
+/// does `add-destination` seed from it.
+#[test]
+fn a_plaintext_copy_ahead_is_not_restored_from_for_an_encrypted_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roots = vec![tmp.path().join("a.bkp"), tmp.path().join("b.bkp")];
+    let ldir = init_multi(tmp.path(), &roots, &[]);
+    let trace = trace("channels");
+    let half = trace.len() / 2;
+    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    assert_eq!(node.replay(trace, 0..half).unwrap(), None);
+    node.stop().unwrap();
+    let at_half = tmp.path().join("at-half");
+    std::fs::create_dir(&at_half).unwrap();
+    assert!(cli(&["restore", &url(&roots[0]), at_half.to_str().unwrap()]).status.success());
+    // another node's plaintext backup, further on, in place of the second copy
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let forged = tmp.path().join("forged.bkp");
+    let o = cli(&["init", "--no-encryption", "--lightning-dir", other.to_str().unwrap(), &url(&forged)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut o_node = Node::new(Path::new(BIN), &other).unwrap();
+    assert_eq!(o_node.replay(trace, 0..trace.len()).unwrap(), None);
+    o_node.stop().unwrap();
+    std::fs::remove_dir_all(&roots[1]).unwrap();
+    std::fs::rename(&forged, &roots[1]).unwrap();
+    let dest = tmp.path().join("out");
+    std::fs::create_dir(&dest).unwrap();
+    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("Restoring from {}", url(&roots[0]))), "{out}");
+    assert!(out.contains(&format!("{} holds a plaintext backup, but", url(&roots[1]))), "{out}");
+    assert_same(&dest.join("lightningd.sqlite3"), &at_half.join("lightningd.sqlite3"));
+    let third = tmp.path().join("c.bkp");
+    let o = cli(&["add-destination", "--lightning-dir", ldir.to_str().unwrap(), &url(&third)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = cln_backup::destination::inspect::inspect(&url(&third), &ldir).unwrap();
+    let a = cln_backup::destination::inspect::inspect(&url(&roots[0]), &ldir).unwrap();
+    assert_eq!(c.tip.position.version, a.tip.position.version, "seeded from the sealed copy");
+}

@@ -1825,7 +1825,7 @@ fn a_node_that_chose_encryption_never_writes_into_a_plaintext_copy() {
     assert_eq!(i, 0, "{answer}");
     let logs = node.plugin().unwrap().logs();
     assert!(
-        logs.iter().any(|(_, m)| m.contains("holds a plaintext backup, but this node chose an encrypted one")),
+        logs.iter().any(|(_, m)| m.contains("holds a plaintext backup, but this node's backup is encrypted")),
         "{logs:?}"
     );
     drop(node);

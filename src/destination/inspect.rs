@@ -41,8 +41,51 @@ impl Drop for Scratch {
     }
 }
 
-/// Reads a copy's current generation to its end (checksums included).
+/// Reads a copy's current generation to its end (checksums included). A copy that cannot
+/// be the node's backup as `base`'s backup.lock records it is an error (`check_sealing`).
 pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
+    let c = inspect_unchecked(url, base)?;
+    let meta_dir = match &c.scratch {
+        Some(s) => Some(s.0.clone()),
+        None if c.tip.generation == 0 => None, // a v1 file: plaintext, no backup.json
+        None => Some(crate::fsutil::parent_of(&c.files.journal).to_path_buf()),
+    };
+    check_sealing(url, meta_dir.as_deref(), base)?;
+    Ok(c)
+}
+
+/// Another sealed backup than the one backup.lock pins, or a plaintext one where the node
+/// chose encryption: never restored nor seeded from. Its storage was changed by someone
+/// else, or the copy replaced; a server could otherwise hand a forged plaintext database
+/// at a higher version to `restore --lightning-dir`.
+fn check_sealing(url: &str, meta_dir: Option<&Path>, base: &Path) -> Result<(), String> {
+    let pin = super::pinned_backup_id(base);
+    let chose_sealed = super::socket::node::chosen_sealing(base) == Some(true);
+    if pin.is_none() && !chose_sealed {
+        return Ok(());
+    }
+    let meta = match meta_dir {
+        Some(d) => crate::meta::Meta::load(d).map_err(|e| format!("{url}: {}", e.explain()))?,
+        None => None,
+    };
+    let lock = base.join(crate::plugin::LOCK_NAME);
+    let shown = super::shown(url);
+    match (meta.filter(|m| m.sealed).and_then(|m| m.id()).map(|id| crate::keys::hex(&id)), pin) {
+        (None, _) => Err(format!(
+            "{shown} holds a plaintext backup, but {} says this node's backup is encrypted: not used. Its storage \
+             was changed by someone else, or the copy was replaced",
+            lock.display()
+        )),
+        (Some(id), Some(pin)) if id != pin => Err(format!(
+            "{shown} holds another sealed backup ({id}) than the one {} pins ({pin}): not used. Its storage was \
+             changed by someone else, or the copy was replaced",
+            lock.display()
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn inspect_unchecked(url: &str, base: &Path) -> Result<Copy, String> {
     match super::parse(url, base)? {
         Target::File(root) => inspect_dir(url, &root),
         Target::Legacy(path) => inspect_v1(url, &path),

@@ -152,8 +152,13 @@ impl Replicas {
                         slot.last_error = Some(if t.position.version == b.position.version {
                             format!(
                                 "holds data_version {} as the most advanced copy does, but ends with another \
-                                 record (one sealed for another place, or a transaction lightningd replaced)",
-                                t.position.version
+                                 record (one sealed for another place, or a transaction lightningd replaced){}",
+                                t.position.version,
+                                match t.generation == b.generation {
+                                    true => String::new(),
+                                    false =>
+                                        format!("; it is at generation {}, that copy at {}", t.generation, b.generation),
+                                }
                             )
                         } else {
                             format!(
@@ -351,7 +356,7 @@ impl Replicas {
                 // none failed now: some were not written, being behind already
                 None => self.slots.iter().find(|s| s.state != State::InSync).map_or_else(
                     || "not written".to_string(),
-                    |s| format!("{} is behind: {}", s.url, s.last_error.as_deref().unwrap_or("not written")),
+                    |s| format!("{} is not in sync: {}", s.url, s.last_error.as_deref().unwrap_or("not written")),
                 ),
             };
             return Err(Refusal::Versions(self.not_enough(&what, held)));
@@ -517,7 +522,11 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         let mut r = lock(replicas);
         for s in r.slots.iter_mut().filter(|s| s.state == State::Behind && s.dest.is_some()) {
             let why = s.last_error.take().unwrap_or_default();
-            s.last_error = Some(if why.contains(NO_SOURCE) { why } else { format!("{why}; {NO_SOURCE}") });
+            s.last_error = Some(match why.as_str() {
+                "" => NO_SOURCE.to_string(),
+                w if w.contains(NO_SOURCE) => why,
+                _ => format!("{why}; {NO_SOURCE}"),
+            });
         }
         r.warn_lagging();
         return false;
@@ -803,7 +812,7 @@ mod tests {
             let Err(Refusal::Versions(m)) = r.apply(3, &["INSERT INTO t VALUES ('d')".to_string(), bump(3)]) else {
                 panic!("a write went on with a copy behind")
             };
-            assert!(m.contains(&format!("{} is behind: {says}", urls[1])), "{m}");
+            assert!(m.contains(&format!("{} is not in sync: {says}", urls[1])), "{m}");
             assert!(m.contains("1 of 2 destinations hold every write"), "{m}");
         }
     }

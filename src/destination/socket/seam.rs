@@ -73,14 +73,15 @@ impl Socket {
         let empty = st.journal_len == journal::HEADER_LEN && st.version == 0;
         let sealed = meta.as_ref().is_some_and(|m| m.sealed);
         let chosen = super::node::chosen_sealing(&self.ldir);
+        let pinned = super::super::pinned_backup_id(&self.ldir);
         let wants_sealed = chosen != Some(false);
-        if !empty && !sealed && chosen == Some(true) {
-            // Never plaintext where the node chose encryption: the copy was replaced, or its
-            // storage changed, by someone else (a node pinned to its sealed backup refuses
-            // it too, `check_pin`; this holds before the first start has pinned it).
+        if !empty && !sealed && (chosen == Some(true) || pinned.is_some()) {
+            // Never plaintext where the node chose encryption or pins its sealed backup: the
+            // copy was replaced, or its storage changed, by someone else. Checked here, not
+            // only at open (`check_pin`): a re-seed reads backup.json back from the server.
             return Err(StoreError::Remote {
                 what: format!(
-                    "{} holds a plaintext backup, but this node chose an encrypted one at init (backup.lock): \
+                    "{} holds a plaintext backup, but this node's backup is encrypted (its backup.lock says so): \
                      nothing is written to it",
                     self.dest.url()
                 ),
@@ -89,7 +90,7 @@ impl Socket {
                 retryable: false,
             });
         }
-        if empty && sealed != wants_sealed && super::super::pinned_backup_id(&self.ldir).is_none() {
+        if empty && sealed != wants_sealed && pinned.is_none() {
             // A new node's first connection to an empty server backup made with the other
             // sealing: the node's choice (recorded in backup.lock by init, which could not
             // send its backup.json without a key) goes in. Not for a node whose backup.lock
