@@ -111,6 +111,15 @@ fn server_backup(dir: &Path, name: &str) -> PathBuf {
     root
 }
 
+/// A server's empty `--no-encryption` backup, served on a free port: (its root, the
+/// server, its URL, the port).
+fn serve_plaintext_backup(dir: &Path) -> (PathBuf, Server, String, u16) {
+    let root = server_backup(dir, "node.bkp");
+    let port = free_port();
+    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
+    (root, server, format!("socket:127.0.0.1:{port}"), port)
+}
+
 /// A lightning dir with an hsm_secret; the node's transport key derives from it.
 fn node_dir(dir: &Path, name: &str, seed: u8) -> (PathBuf, SecretKey) {
     let ldir = dir.join(name);
@@ -149,10 +158,7 @@ const BOUND: Duration = Duration::from_secs(20);
 #[test]
 fn replay_through_the_server_and_restore_row_for_row() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = server_backup(tmp.path(), "node.bkp");
-    let port = free_port();
-    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
+    let (root, server, u, _port) = serve_plaintext_backup(tmp.path());
     let (ldir, key) = node_dir(tmp.path(), "node", 1);
     let mut d = connect(&u, &key, Some(server.public_key()), BOUND, true);
     server.wait_log("paired");
@@ -886,10 +892,7 @@ fn server_sigkilled_during_compactions_over_the_wire_keeps_every_write() {
 #[test]
 fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connection() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = server_backup(tmp.path(), "node.bkp");
-    let port = free_port();
-    let server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
+    let (_root, server, u, _port) = serve_plaintext_backup(tmp.path());
     // a new node: no hsm_secret, no database yet
     let ldir = tmp.path().join("regtest");
     std::fs::create_dir_all(&ldir).unwrap();
@@ -924,10 +927,7 @@ fn init_before_the_nodes_first_start_pins_the_server_and_pairs_at_first_connecti
 #[test]
 fn the_plugin_writes_through_the_server() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = server_backup(tmp.path(), "node.bkp");
-    let port = free_port();
-    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
+    let (root, mut server, u, port) = serve_plaintext_backup(tmp.path());
     let (ldir, _) = node_dir(tmp.path(), "regtest", 5);
     let state_home = tmp.path().join("state");
     let o = Command::new(CLI)
@@ -1679,10 +1679,7 @@ fn restore_from_the_lightning_dir_takes_the_socket_copy_when_it_is_ahead() {
 #[test]
 fn an_empty_plaintext_copy_put_in_place_of_a_pinned_one_is_refused_untouched() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = server_backup(tmp.path(), "node.bkp");
-    let port = free_port();
-    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
+    let (root, mut server, u, _port) = serve_plaintext_backup(tmp.path());
     let ldir = new_node(tmp.path(), &u, false, 31);
     let trace = trace("small");
     let half = trace.len() / 2;
@@ -1804,10 +1801,7 @@ fn a_sealing_change_cut_between_its_two_steps_is_undone_at_the_next_start() {
 #[test]
 fn a_node_that_chose_encryption_never_writes_into_a_plaintext_copy() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = server_backup(tmp.path(), "node.bkp");
-    let port = free_port();
-    let mut server = Server::start(&[&root], &format!("127.0.0.1:{port}"), &[]);
-    let u = format!("socket:127.0.0.1:{port}");
+    let (root, mut server, u, _port) = serve_plaintext_backup(tmp.path());
     let ldir = new_node(tmp.path(), &u, false, 51);
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
     assert_eq!(lock["no_encryption"], false, "{lock}");
