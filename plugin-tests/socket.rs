@@ -1478,7 +1478,7 @@ fn a_socket_copy_left_behind_by_a_compaction_is_reseeded() {
     assert_eq!(st["destinations"][0]["generation"], 2, "{st:#}");
     assert_eq!(st["destinations"][1]["generation"], 1, "{st:#}");
     lb.server.spawn();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let st = loop {
         let st = lb.node.plugin().unwrap().cli("backup-status", serde_json::json!({})).unwrap();
         if st["destinations"][1]["state"] == "in-sync" {
