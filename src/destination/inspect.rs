@@ -54,35 +54,14 @@ pub fn inspect(url: &str, base: &Path) -> Result<Copy, String> {
     Ok(c)
 }
 
-/// Another sealed backup than the one backup.lock pins, or a plaintext one where the node
-/// chose encryption: never restored nor seeded from. Its storage was changed by someone
-/// else, or the copy replaced; a server could otherwise hand a forged plaintext database
-/// at a higher version to `restore --lightning-dir`.
+/// Never restored nor seeded from: a copy that cannot be this node's backup (`check_copy`),
+/// e.g. a forged plaintext database at a higher version, for `restore --lightning-dir`.
 fn check_sealing(url: &str, meta_dir: Option<&Path>, base: &Path) -> Result<(), String> {
-    let pin = super::pinned_backup_id(base);
-    let chose_sealed = super::socket::node::chosen_sealing(base) == Some(true);
-    if pin.is_none() && !chose_sealed {
-        return Ok(());
-    }
     let meta = match meta_dir {
         Some(d) => crate::meta::Meta::load(d).map_err(|e| format!("{url}: {}", e.explain()))?,
         None => None,
     };
-    let lock = base.join(crate::plugin::LOCK_NAME);
-    let shown = super::shown(url);
-    match (meta.filter(|m| m.sealed).and_then(|m| m.id()).map(|id| crate::keys::hex(&id)), pin) {
-        (None, _) => Err(format!(
-            "{shown} holds a plaintext backup, but {} says this node's backup is encrypted: not used. Its storage \
-             was changed by someone else, or the copy was replaced",
-            lock.display()
-        )),
-        (Some(id), Some(pin)) if id != pin => Err(format!(
-            "{shown} holds another sealed backup ({id}) than the one {} pins ({pin}): not used. Its storage was \
-             changed by someone else, or the copy was replaced",
-            lock.display()
-        )),
-        _ => Ok(()),
-    }
+    super::check_copy(base, url, meta.filter(|m| m.sealed).and_then(|m| m.id()).map(|id| crate::keys::hex(&id)))
 }
 
 fn inspect_unchecked(url: &str, base: &Path) -> Result<Copy, String> {

@@ -236,27 +236,38 @@ pub fn open(
     Ok((d, notes))
 }
 
-/// A copy that the node's `backup.lock` pins to a sealed backup must be that backup, sealed:
-/// whoever holds the storage could otherwise rewrite its metadata as plaintext (or put
-/// another backup there) and have the node write plaintext into it. The pin lives beside
-/// `hsm_secret`, on the node's own disk.
 fn check_pin(d: &dyn Destination, base: &Path) -> Result<(), String> {
+    check_copy(base, d.url(), d.backup_id().map(|id| crate::keys::hex(&id)))
+}
+
+/// Whether a copy holding `found` (its sealed backup id in hex, None for plaintext) may be
+/// this node's backup, as `base`'s backup.lock records it: the pinned sealed backup, or
+/// (before the first start pinned it) a sealed one where init recorded that the node chose
+/// encryption. Whoever holds a copy's storage could otherwise rewrite its metadata as
+/// plaintext, or put another backup there, and have the node write plaintext into it or
+/// restore a forged database from it. The pin lives beside `hsm_secret`, on the node's disk.
+pub(crate) fn check_copy(base: &Path, url: &str, found: Option<String>) -> Result<(), String> {
     let path = base.join(crate::plugin::LOCK_NAME);
-    let Some(pin) = pinned_backup_id(base) else { return Ok(()) };
-    match d.backup_id().map(|id| crate::keys::hex(&id)) {
-        Some(id) if id == pin => Ok(()),
-        found => Err(format!(
-            "{} holds {}, but {} pins this node's backup as sealed backup {pin}: nothing is written to it. \
-             Its storage was changed by someone else, or the copy was replaced. Check it (backup-cli verify), \
-             then remove it (backup-cli remove-destination) and add a fresh copy (backup-cli add-destination)",
-            shown(d.url()),
-            match found {
-                Some(other) => format!("another sealed backup ({other})"),
-                None => "a plaintext backup".into(),
-            },
-            path.display()
-        )),
-    }
+    let pin = pinned_backup_id(base);
+    let why = match (&found, &pin) {
+        (Some(id), Some(pin)) if id == pin => return Ok(()),
+        (Some(_), None) => return Ok(()),
+        (_, Some(pin)) => format!("{} pins this node's backup as sealed backup {pin}", path.display()),
+        (None, None) if socket::node::chosen_sealing(base) == Some(true) => {
+            format!("this node's backup is encrypted ({} says so)", path.display())
+        }
+        (None, None) => return Ok(()),
+    };
+    Err(format!(
+        "{} holds {}, but {why}: nothing is written to it or taken from it. Its storage was changed by someone \
+         else, or the copy was replaced. Check it (backup-cli verify), then remove it (backup-cli \
+         remove-destination) and add a fresh copy (backup-cli add-destination)",
+        shown(url),
+        match found {
+            Some(other) => format!("another sealed backup ({other})"),
+            None => "a plaintext backup".into(),
+        },
+    ))
 }
 
 /// The sealed backup id (hex) the lightning dir's backup.lock pins its copies to, if any.

@@ -75,20 +75,15 @@ impl Socket {
         let chosen = super::node::chosen_sealing(&self.ldir);
         let pinned = super::super::pinned_backup_id(&self.ldir);
         let wants_sealed = chosen != Some(false);
-        if !empty && !sealed && (chosen == Some(true) || pinned.is_some()) {
-            // Never plaintext where the node chose encryption or pins its sealed backup: the
-            // copy was replaced, or its storage changed, by someone else. Checked here, not
-            // only at open (`check_pin`): a re-seed reads backup.json back from the server.
-            return Err(StoreError::Remote {
-                what: format!(
-                    "{} holds a plaintext backup, but this node's backup is encrypted (its backup.lock says so): \
-                     nothing is written to it",
-                    self.dest.url()
-                ),
-                hint: "the server's copy was replaced or changed by someone else: check it with its operator, \
-                       then make a fresh backup there (`backup-cli init`) and add it (`backup-cli add-destination`)",
+        if !empty {
+            // Checked here, not only at open (`check_pin`): a re-seed reads backup.json back
+            // from the server, and a plaintext one would have the node write plaintext.
+            let found = meta.as_ref().filter(|m| m.sealed).and_then(|m| m.id()).map(|id| crate::keys::hex(&id));
+            super::super::check_copy(&self.ldir, self.dest.url(), found).map_err(|what| StoreError::Remote {
+                what,
+                hint: "check the server's copy with its operator; the message says what to do",
                 retryable: false,
-            });
+            })?;
         }
         if empty && sealed != wants_sealed && pinned.is_none() {
             // A new node's first connection to an empty server backup made with the other
