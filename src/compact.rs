@@ -304,8 +304,7 @@ pub fn compact(
                     // One record longer than the buffer: read it whole.
                     let mut h = [0u8; journal::RECORD_HEADER_LEN];
                     src.read_exact_at(&mut h, copied_to).map_err(StoreError::io("read journal", &plan.journal))?;
-                    let len = journal::RECORD_HEADER_LEN + u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-                    buf.resize(len, 0);
+                    buf.resize(journal::framed_len(&h) as usize, 0);
                     continue;
                 }
                 let from = Payloads::Sealed { sealer: s, generation: plan.generation };

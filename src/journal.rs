@@ -221,6 +221,20 @@ pub fn framed_len(header: &[u8]) -> u64 {
     RECORD_HEADER_LEN as u64 + header.get(0..4).map_or(0, u32le) as u64
 }
 
+/// Walks the headers of records already checked when they were stored, from `from` to
+/// `end`, handing each one's offset and header to `f`. Returns where the walk stopped:
+/// `end`, unless a record runs past it.
+pub fn walk_headers(file: &File, path: &Path, from: u64, end: u64, mut f: impl FnMut(u64, &[u8])) -> Result<u64> {
+    let mut off = from;
+    let mut h = [0u8; RECORD_HEADER_LEN];
+    while off < end {
+        file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", path))?;
+        f(off, &h);
+        off += framed_len(&h);
+    }
+    Ok(off)
+}
+
 /// A framed record checked whole (`check_framed`).
 #[derive(Debug)]
 pub struct Framed<'a> {

@@ -788,16 +788,13 @@ impl Writer {
     /// The header CRCs of the last record and of the one before the last transaction,
     /// read back from the journal's record headers.
     fn read_tail(&self) -> Result<(u32, u32)> {
-        let (mut off, mut tail, mut before) = (journal::HEADER_LEN, 0, 0);
-        let mut h = [0u8; journal::RECORD_HEADER_LEN];
-        while off < self.end {
+        let (mut tail, mut before) = (0, 0);
+        let off = journal::walk_headers(&self.file, &self.path, journal::HEADER_LEN, self.end, |off, h| {
             if Some(off) == self.last_tx_offset {
                 before = tail;
             }
-            self.file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", &self.path))?;
-            tail = journal::header_crc(&h);
-            off += journal::framed_len(&h);
-        }
+            tail = journal::header_crc(h);
+        })?;
         if off != self.end {
             return Err(StoreError::Damaged {
                 path: self.path.clone(),

@@ -54,16 +54,10 @@ pub fn beside(root: &Path, suffix: &str) -> PathBuf {
     root.with_file_name(name)
 }
 
-/// Walks record headers from `from` to `end`: (records, where it stopped).
+/// Counts records from `from` to `end`: (records, where it stopped).
 fn scan(file: &File, path: &Path, from: u64, end: u64) -> Result<(u64, u64), StoreError> {
-    let mut off = from;
     let mut n = 0;
-    let mut h = [0u8; journal::RECORD_HEADER_LEN];
-    while off < end {
-        file.read_exact_at(&mut h, off).map_err(StoreError::io("read journal", path))?;
-        off += journal::framed_len(&h);
-        n += 1;
-    }
+    let off = journal::walk_headers(file, path, from, end, |_, _| n += 1)?;
     Ok((n, off))
 }
 
