@@ -1690,20 +1690,39 @@ fn an_empty_plaintext_copy_put_in_place_of_a_pinned_one_is_refused_untouched() {
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
     let pin = lock["sealed_backup_id"].as_str().expect("the first start pins the sealed backup").to_string();
     // the server's copy swapped for an empty plaintext backup (same server key, same pairing)
-    server.kill();
-    std::fs::remove_dir_all(&root).unwrap();
-    server_backup(tmp.path(), "node.bkp");
-    let before = std::fs::read(root.join("backup.json")).ok();
-    server.spawn();
-    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
-    let (at, halt) = node.replay(trace, half..trace.len()).unwrap().expect("lightningd is halted");
-    assert_eq!(at, half);
-    let why = halt.to_string();
+    let why = halts_with_the_copy_untouched(&ldir, &root, &mut server, half..trace.len(), || {
+        std::fs::remove_dir_all(&root).unwrap();
+        server_backup(tmp.path(), "node.bkp");
+    });
     assert!(why.contains("a plaintext backup") && why.contains(&pin), "{why}");
-    drop(node);
-    assert_eq!(std::fs::read(root.join("backup.json")).ok(), before, "the copy was stamped");
     let st = cln_backup::layout::Layout::new(&root).list().unwrap();
     assert_eq!(std::fs::metadata(st.journal).unwrap().len(), cln_backup::journal::HEADER_LEN);
+}
+
+/// Starts the node on `ldir` after `swap` changed its server's copy (the server down
+/// meanwhile): lightningd must halt at the first write of `range`, and the copy's journal
+/// and backup.json stay as `swap` left them. The halt's answer and the plugin's log.
+fn halts_with_the_copy_untouched(
+    ldir: &Path,
+    root: &Path,
+    server: &mut Server,
+    range: std::ops::Range<usize>,
+    swap: impl FnOnce(),
+) -> String {
+    server.kill();
+    swap();
+    let before = (journal_data(root), std::fs::read(root.join("backup.json")).ok());
+    server.spawn();
+    let mut node = cln_backup::sim::Node::new(Path::new(BIN), ldir).unwrap();
+    let start = range.start;
+    let (at, halt) = node.replay(trace("small"), range).unwrap().expect("lightningd went on");
+    assert_eq!(at, start, "{halt}");
+    let logs = node.plugin().unwrap().logs();
+    drop(node);
+    let after = (journal_data(root), std::fs::read(root.join("backup.json")).ok());
+    assert!(!after.0.windows(11).any(|w| w == b"INSERT INTO"), "plaintext written to the server");
+    assert_eq!(after, before, "the copy was written or stamped");
+    format!("{halt}\n{logs:?}")
 }
 
 /// Records in a backup's current journal.
@@ -1805,25 +1824,10 @@ fn a_node_that_chose_encryption_never_writes_into_a_plaintext_copy() {
     let ldir = new_node(tmp.path(), &u, false, 51);
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(ldir.join("backup.lock")).unwrap()).unwrap();
     assert_eq!(lock["no_encryption"], false, "{lock}");
-    server.kill();
-    {
+    let why = halts_with_the_copy_untouched(&ldir, &root, &mut server, 0..trace("small").len(), || {
         let keys = cln_backup::keys::KeySource::default();
         let (mut w, _) = cln_backup::writer::Writer::open(&root, &keys).unwrap();
         w.apply(0, &["PRAGMA foreign_keys = ON".to_string()]).unwrap();
-    }
-    let before = journal_data(&root);
-    server.spawn();
-    let trace = trace("small");
-    let mut node = cln_backup::sim::Node::new(Path::new(BIN), &ldir).unwrap();
-    let (i, answer) = node.replay(trace, 0..trace.len()).unwrap().expect("lightningd went on");
-    assert_eq!(i, 0, "{answer}");
-    let logs = node.plugin().unwrap().logs();
-    assert!(
-        logs.iter().any(|(_, m)| m.contains("holds a plaintext backup, but this node's backup is encrypted")),
-        "{logs:?}"
-    );
-    drop(node);
-    let after = journal_data(&root);
-    assert!(!after.windows(11).any(|w| w == b"INSERT INTO"), "plaintext written to the server");
-    assert_eq!(after, before, "written into the plaintext copy");
+    });
+    assert!(why.contains("holds a plaintext backup, but this node's backup is encrypted"), "{why}");
 }
