@@ -126,18 +126,22 @@ pub struct SmallDisk {
 }
 
 impl SmallDisk {
-    pub fn mount(size: &str) -> Option<SmallDisk> {
+    /// A tmpfs of `size`, for a real full disk. Fails the test where it cannot be mounted
+    /// (it needs root, as `.ci/run` has): a full-disk test is never skipped.
+    pub fn mount(size: &str) -> SmallDisk {
         let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
+        let status = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("SKIPPED: cannot mount a tmpfs here, so no real full disk");
-            return None;
+            .status();
+        match status {
+            Ok(s) if s.success() => SmallDisk { dir },
+            other => panic!(
+                "cannot mount a {size} tmpfs at {} ({other:?}), so this full-disk test cannot run: run it as root \
+                 (as .ci/run does)",
+                dir.path().display()
+            ),
         }
-        Some(SmallDisk { dir })
     }
 
     pub fn path(&self) -> &Path {

@@ -276,7 +276,7 @@ fn compact_command_answers() {
 /// compaction fails and says why, leaves nothing behind, and db_write goes on.
 #[test]
 fn full_disk_during_compaction_leaves_the_backup_whole() {
-    let Some(disk) = SmallDisk::mount("4m") else { return };
+    let disk = SmallDisk::mount("4m");
     let s = Setup::at(tempfile::tempdir().unwrap(), Some(disk.path().join("node.bkp")));
     let trace = trace("small");
     let mut node = s.node();

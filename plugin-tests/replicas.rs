@@ -80,7 +80,7 @@ fn three_destinations_each_restore_alone() {
 /// disk halts lightningd, and the first still restores to what was committed.
 #[test]
 fn a_full_destination_halts_by_default() {
-    let Some(disk) = SmallDisk::mount("1m") else { return };
+    let disk = SmallDisk::mount("1m");
     let tmp = tempfile::tempdir().unwrap();
     let roots = vec![tmp.path().join("node.bkp"), disk.path().join("node.bkp")];
     let ldir = init_multi(tmp.path(), &roots, &[]);
@@ -114,7 +114,7 @@ fn a_full_destination_halts_by_default() {
 /// up once there is space, survives a SIGKILL while catching up, and restores equal.
 #[test]
 fn a_full_destination_falls_behind_and_catches_up() {
-    let Some(disk) = SmallDisk::mount("1m") else { return };
+    let disk = SmallDisk::mount("1m");
     let tmp = tempfile::tempdir().unwrap();
     let roots = vec![tmp.path().join("node.bkp"), disk.path().join("node.bkp")];
     let ldir = init_multi(tmp.path(), &roots, &["--min-destinations", "1"]);
