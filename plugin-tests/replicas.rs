@@ -368,3 +368,72 @@ fn a_plaintext_copy_ahead_is_not_restored_from_for_an_encrypted_node() {
     let a = cln_backup::destination::inspect::inspect(&url(&roots[0]), &ldir).unwrap();
     assert_eq!(c.tip.position.version, a.tip.position.version, "seeded from the sealed copy");
 }
+
+/// A transaction at `version` (one after the node's), inserting `tag` with `len` bytes.
+fn tx_at(version: u32, tag: &str, len: usize) -> cln_backup::sim::TraceRecord {
+    cln_backup::sim::TraceRecord {
+        data_version: version,
+        writes: vec![
+            format!("INSERT INTO vars (name, val) VALUES ('missed-{tag}', '{}')", "x".repeat(len)),
+            format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", version - 1),
+        ],
+        before_init: false,
+    }
+}
+
+/// A copy away (its disk unplugged) while lightningd replaced its last, never-committed
+/// transaction still holds the old one, at the same data_version and here longer. At the
+/// next start it must still be the copy that is behind: restored, or copied onto the
+/// others, it would give a transaction lightningd never committed.
+#[test]
+fn a_copy_that_missed_a_replaced_transaction_is_still_behind_at_the_next_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roots: Vec<PathBuf> = ["a", "b"].iter().map(|d| tmp.path().join(d).join("node.bkp")).collect();
+    roots.iter().for_each(|r| std::fs::create_dir_all(r.parent().unwrap()).unwrap());
+    let ldir = init_multi(tmp.path(), &roots, &["--min-destinations", "1"]);
+    let trace = trace("channels");
+    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    node.options = json!({"backup-min-destinations": 1});
+    assert_eq!(node.replay(trace, 0..trace.len() / 2).unwrap(), None);
+    let v = node.data_version().unwrap();
+    // lightningd dies between the hook and its commit of X
+    assert_eq!(node.step_then_die(&tx_at(v + 1, "x", 6000)).unwrap(), Answer::Continue);
+    node.plugin.take().unwrap().kill().unwrap();
+    // it starts again with the second disk gone, and sends Y at the same version instead
+    let away = tmp.path().join("b.away");
+    std::fs::rename(tmp.path().join("b"), &away).unwrap();
+    node.start().unwrap();
+    node.initialized = false;
+    assert_eq!(node.step(&tx_at(v + 1, "y", 10)).unwrap(), Answer::Continue);
+    assert_eq!(status(&mut node)["destinations"][1]["state"], "failed", "it cannot be opened");
+    node.stop().unwrap();
+    // the disk is back: it holds X at v + 1, the first copy Y
+    std::fs::rename(&away, tmp.path().join("b")).unwrap();
+    let listed = std::fs::read_to_string(ldir.join("backup-behind.json")).unwrap();
+    assert!(listed.contains(&url(&roots[1])) && !listed.contains(&url(&roots[0])), "{listed}");
+    // restore --lightning-dir takes the copy that holds every write, and says why not the other
+    let dest = tmp.path().join("picked.sqlite3");
+    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("Restoring from {}", url(&roots[0]))), "{out}");
+    assert!(
+        out.contains(&format!("{} is not used: it missed the writes from data_version {}", url(&roots[1]), v + 1)),
+        "{out}"
+    );
+    assert_same(&dest, &node.db_path());
+    node.start().unwrap();
+    node.initialized = false;
+    let st = status(&mut node);
+    assert_eq!(st["destinations"][0]["state"], "in-sync", "{st:#}");
+    assert_eq!(node.step(&tx_at(v + 2, "z", 10)).unwrap(), Answer::Continue);
+    wait_state(&mut node, 1, "in-sync", Duration::from_secs(30));
+    node.stop().unwrap();
+    let listed = std::fs::read_to_string(ldir.join("backup-behind.json")).unwrap();
+    assert!(!listed.contains("file://"), "taken off once up to date: {listed}");
+    for (i, r) in roots.iter().enumerate() {
+        let dest = tmp.path().join(format!("r{i}.sqlite3"));
+        restore_alone(r, &dest);
+        assert_same(&dest, &node.db_path());
+    }
+}

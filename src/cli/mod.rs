@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::destination::behind::{self, Behind};
 use crate::destination::{self, inspect};
 use crate::error::StoreError;
 use crate::keys::{self, KeySource};
@@ -543,6 +544,12 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         extra: Default::default(),
     }
     .to_json();
+    // what an earlier backup's copies missed says nothing about this one's
+    if let Err(e) = fs::remove_file(behind::path(ldir)) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            bail!("cannot remove the earlier backup's {}: {e}", behind::path(ldir).display());
+        }
+    }
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
@@ -648,9 +655,9 @@ fn pick_most_advanced(ldir: &Path) -> Result<String> {
             Err(e) => println!("  unreadable: {e}"),
         }
     }
-    let Some((best, why)) = inspect::most_advanced(&copies) else {
-        bail!("none of the {} destinations in {LOCK_NAME} can be read: see above", lf.urls.len());
-    };
+    let behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
+    let (best, why) = inspect::most_advanced(&copies, &behind)
+        .map_err(|e| anyhow!("cannot restore from the {} destinations in {LOCK_NAME}: {e}", lf.urls.len()))?;
     println!("Restoring from {}: {why}", destination::shown(&best.url));
     Ok(best.url.clone())
 }
@@ -679,15 +686,23 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let targets = destination::check_distinct(&all, ldir).map_err(|e| anyhow!(e))?;
     let target = targets.last().cloned();
     let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
-    let Some((best, why)) = inspect::most_advanced(&copies) else {
-        bail!("none of the destinations in {LOCK_NAME} can be read to seed the new one; run backup-cli verify --lightning-dir {}", ldir.display());
-    };
+    let mut behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
+    let (best, why) = inspect::most_advanced(&copies, &behind).map_err(|e| {
+        anyhow!(
+            "no destination in {LOCK_NAME} can seed the new one ({e}); run backup-cli verify --lightning-dir {}",
+            ldir.display()
+        )
+    })?;
     if let Ok(destination::Target::Legacy(_)) = destination::parse(&best.url, ldir) {
         bail!(
             "{} is a backup of the Python plugin (v1), which cannot seed a new copy: convert it first with \
              `backup-cli migrate` (see README, 'Coming from the Python backup plugin')",
             best.url
         );
+    }
+    // an entry for a URL backup.lock does not have is a leftover: the new copy holds every write
+    if behind.remove(|u| destination::parse(u, ldir).ok() == target) {
+        behind.save(ldir)?;
     }
     println!("Seeding {} from {}: {why}", destination::shown(url), destination::shown(&best.url));
     let root = match target {
@@ -776,6 +791,10 @@ fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
         lf.min_destinations = Some(lf.urls.len());
     }
     write_lock(ldir, &lf)?;
+    let mut behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
+    if behind.remove(|u| destination::parse(u, ldir).ok().as_ref() == Some(&target)) {
+        behind.save(ldir)?;
+    }
     println!(
         "Removed {removed} from {LOCK_NAME} ({} destination(s) left; backend_url is {}). Its files are untouched: delete them when you no longer want that copy.",
         lf.urls.len(),

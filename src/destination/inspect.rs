@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use super::behind::Behind;
 use super::{GenerationFiles, Target, Tip};
 use crate::journal::Kind;
 use crate::reader::View;
@@ -142,19 +143,39 @@ fn inspect_v1(url: &str, path: &Path) -> Result<Copy, String> {
     })
 }
 
-/// The most advanced of the copies that could be read, and why it was chosen, in words.
-pub fn most_advanced(copies: &[Result<Copy, String>]) -> Option<(&Copy, String)> {
+/// The most advanced of the copies that could be read and are not listed in
+/// `backup-behind.json`, and why it was chosen, in words. A listed copy lacks writes the
+/// others hold, even at the same data_version; when every readable copy is listed, the error
+/// says so and none is chosen.
+pub fn most_advanced<'a>(copies: &'a [Result<Copy, String>], behind: &Behind) -> Result<(&'a Copy, String), String> {
     let ok: Vec<&Copy> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
-    let best = ok.iter().copied().reduce(|a, b| if super::replicas::ahead(&b.tip, &a.tip) { b } else { a })?;
+    let (listed, trusted): (Vec<&Copy>, Vec<&Copy>) = ok.iter().partition(|c| behind.get(&c.url).is_some());
+    let Some(best) = trusted.iter().copied().reduce(|a, b| if super::replicas::ahead(&b.tip, &a.tip) { b } else { a })
+    else {
+        if listed.is_empty() {
+            return Err("none of them can be read".into());
+        }
+        let each: Vec<String> = listed
+            .iter()
+            .filter_map(|c| behind.get(&c.url).map(|e| format!("{}: {}", super::shown(&c.url), Behind::describe(e))))
+            .collect();
+        return Err(format!(
+            "every copy that can be read missed writes that lightningd committed, so none of them is the node's \
+             latest state, and starting lightningd on an old state can lose the funds in its channels: {}. \
+             If the copies that hold every write are lost, restore one of these by its URL \
+             (`backup-cli restore URL DEST`) only to recover funds as an old state allows (see README)",
+            each.join("; ")
+        ));
+    };
     let others: Vec<String> = ok
         .iter()
         .filter(|c| c.url != best.url)
-        .map(|c| {
-            if c.tip.same_end(&best.tip) {
-                format!("{} holds the same", super::shown(&c.url))
-            } else {
-                format!("{} holds only up to data_version {}", super::shown(&c.url), c.tip.position.version)
+        .map(|c| match behind.get(&c.url) {
+            Some(e) => format!("{} is not used: {}", super::shown(&c.url), Behind::describe(e)),
+            None if c.tip.position.version == best.tip.position.version => {
+                format!("{} holds the same data_version", super::shown(&c.url))
             }
+            None => format!("{} holds only up to data_version {}", super::shown(&c.url), c.tip.position.version),
         })
         .chain(copies.iter().filter_map(|c| c.as_ref().err().map(|e| format!("unreadable: {e}"))))
         .collect();
@@ -163,5 +184,5 @@ pub fn most_advanced(copies: &[Result<Copy, String>]) -> Option<(&Copy, String)>
     } else {
         format!("it holds data_version {}, the latest; {}", best.tip.position.version, others.join("; "))
     };
-    Some((best, why))
+    Ok((best, why))
 }

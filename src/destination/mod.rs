@@ -11,6 +11,7 @@
 //! read-only (restore, verify and `migrate` read it; nothing writes it).
 //! A new kind is one module here and one arm in `parse`.
 
+pub mod behind;
 pub mod file;
 pub mod inspect;
 pub mod postgres;

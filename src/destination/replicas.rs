@@ -12,8 +12,11 @@
 //!   write is refused and lightningd halts. With `min` = N, lightningd goes on while at least
 //!   N destinations hold every write; the others are `behind` and are brought back up to date
 //!   in the background (`catch_up`), then are written synchronously again.
-//! - Nothing is remembered about a lagging destination outside itself: what it holds (its
-//!   `Tip`) says what it lacks, after a restart too. The most advanced copies are in sync.
+//! - A lagging destination is listed in `backup-behind.json` (`behind`) before the first
+//!   write it lacks is acknowledged, and taken off once it holds every write again. At a
+//!   start, a listed copy is behind whatever it holds, and of the others those at the most
+//!   advanced data_version are in sync. Their last records may differ: sealed for another
+//!   place, or each an uncommitted transaction that lightningd sends again.
 
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::{json, Value};
 
+use super::behind::Behind;
 use super::{Shared, Tip};
 use crate::clock::fmt_time;
 use crate::compact::lock;
@@ -86,6 +90,11 @@ pub struct Replicas {
     done_rx: Receiver<Done>,
     /// What handing an append to a worker costs this thread (moving average, µs).
     handoff_us: f64,
+    /// The lightning dir: URLs are relative to it, and `backup-behind.json` is in it.
+    base: std::path::PathBuf,
+    /// `backup-behind.json` as it is on disk; None when it could not be read (then a copy
+    /// that ends otherwise than the most advanced one is behind too).
+    listed: Option<Behind>,
 }
 
 /// Moving average over about the last 4 samples: quick to follow a destination that slows.
@@ -132,45 +141,112 @@ impl Replicas {
             done_tx,
             done_rx,
             handoff_us: 10.0,
+            base: base.to_path_buf(),
+            listed: match Behind::load(base) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    warn!("{e}");
+                    None
+                }
+            },
         };
         r.classify_at_open();
         r.start_workers();
         r
     }
 
-    /// The most advanced copies are in sync; the others, and those not opened, are behind.
+    /// A copy listed in `backup-behind.json` is behind; of the others, those at the most
+    /// advanced data_version are in sync, and the rest (and those not opened) are behind.
     fn classify_at_open(&mut self) {
         let tips: Vec<Option<Tip>> = self.slots.iter().map(|s| s.dest.as_ref().map(|d| lock(d).tip())).collect();
-        let best = tips.iter().flatten().copied().reduce(|a, b| if ahead(&b, &a) { b } else { a });
-        for (slot, tip) in self.slots.iter_mut().zip(&tips) {
-            let in_sync = matches!((tip, &best), (Some(t), Some(b)) if t.same_end(b));
-            if !in_sync {
-                slot.state = State::Behind;
-                slot.behind_since = Some(Instant::now());
-                if slot.last_error.is_none() {
-                    if let (Some(t), Some(b)) = (tip, &best) {
-                        slot.last_error = Some(if t.position.version == b.position.version {
-                            format!(
-                                "holds data_version {} as the most advanced copy does, but ends with another \
-                                 record (one sealed for another place, or a transaction lightningd replaced){}",
-                                t.position.version,
-                                match t.generation == b.generation {
-                                    true => String::new(),
-                                    false =>
-                                        format!("; it is at generation {}, that copy at {}", t.generation, b.generation),
-                                }
-                            )
-                        } else {
-                            format!(
-                                "holds up to data_version {}, the most advanced copy {}",
-                                t.position.version, b.position.version
-                            )
-                        });
-                    }
-                }
+        let listed: Vec<Option<String>> =
+            self.slots.iter().map(|s| self.listed.as_ref().and_then(|b| b.get(&s.raw)).map(Behind::describe)).collect();
+        let pick = |trusted_only: bool| {
+            tips.iter()
+                .zip(&listed)
+                .filter(|(_, l)| !trusted_only || l.is_none())
+                .filter_map(|(t, _)| *t)
+                .reduce(|a, b| if ahead(&b, &a) { b } else { a })
+        };
+        // only when every copy that can be read is listed: the most advanced of them
+        let best = pick(true).or_else(|| pick(false));
+        let strict = self.listed.is_none();
+        for ((slot, tip), listed) in self.slots.iter_mut().zip(&tips).zip(listed) {
+            let in_sync = listed.is_none()
+                && matches!((tip, &best), (Some(t), Some(b))
+                    if t.same_end(b) || (!strict && t.position.version == b.position.version));
+            if in_sync {
+                continue;
             }
+            slot.state = State::Behind;
+            slot.behind_since = Some(Instant::now());
+            if slot.last_error.is_some() {
+                continue;
+            }
+            slot.last_error = match (listed, tip, &best) {
+                (Some(why), _, _) => Some(why),
+                (None, Some(t), Some(b)) if t.position.version == b.position.version => Some(format!(
+                    "holds data_version {} as the most advanced copy does, but ends with another record, and {} \
+                     cannot be read to tell whether that is one lightningd replaced{}",
+                    t.position.version,
+                    super::behind::FILE_NAME,
+                    match t.generation == b.generation {
+                        true => String::new(),
+                        false => format!("; it is at generation {}, that copy at {}", t.generation, b.generation),
+                    }
+                )),
+                (None, Some(t), Some(b)) => Some(format!(
+                    "holds up to data_version {}, the most advanced copy {}",
+                    t.position.version, b.position.version
+                )),
+                _ => None,
+            };
         }
         // Said at warn once an attempt to bring them up to date has failed (`catch_up`).
+    }
+
+    /// Lists every lagging copy in `backup-behind.json` that is not yet, before a write
+    /// it lacks is acknowledged. A copy not listed could pass for a complete one at the
+    /// next start, so a failure to list it refuses the write.
+    fn list_lagging(&mut self, data_version: u32) -> Result<(), String> {
+        let Some(listed) = &self.listed else {
+            return Ok(()); // unreadable: the strict rule at open covers it
+        };
+        if self.slots.iter().all(|s| s.state == State::InSync || listed.get(&s.raw).is_some()) {
+            return Ok(());
+        }
+        let mut next = listed.clone();
+        let mut changed = false;
+        for s in self.slots.iter().filter(|s| s.state == State::Behind) {
+            changed |= next.add(&s.raw, data_version);
+        }
+        if !changed {
+            return Ok(());
+        }
+        next.save(&self.base).map_err(|e| {
+            format!(
+                "Cannot record which backup destinations missed this write: {}; refusing, so that a restart \
+                 cannot take one of them for a complete copy",
+                e.explain()
+            )
+        })?;
+        self.listed = Some(next);
+        Ok(())
+    }
+
+    /// Takes a copy that holds every write again off `backup-behind.json`. If that fails it
+    /// stays listed, and the next start brings it up to date again: a check, nothing lost.
+    fn unlist(&mut self, i: usize) {
+        let raw = self.slots[i].raw.clone();
+        let Some(listed) = &mut self.listed else { return };
+        let mut next = listed.clone();
+        if !next.remove(|u| u == raw) {
+            return;
+        }
+        match next.save(&self.base) {
+            Ok(()) => *listed = next,
+            Err(e) => warn!("{} is up to date but stays listed as behind: {}", self.slots[i].url, e.explain()),
+        }
     }
 
     fn start_workers(&mut self) {
@@ -349,6 +425,9 @@ impl Replicas {
                     RETRY_EVERY.as_secs()
                 );
             }
+        }
+        if held >= self.required() {
+            self.list_lagging(data_version).map_err(Refusal::Versions)?;
         }
         if held < self.required() {
             let what = match failures.first() {
@@ -563,6 +642,7 @@ pub fn catch_up(replicas: &Mutex<Replicas>, base: &std::path::Path) -> bool {
         let mut r = lock(replicas);
         match copy_missing(&source, &dest, false) {
             Ok(n) => {
+                r.unlist(i);
                 let slot = &mut r.slots[i];
                 let lagged = slot.behind_since.map_or(0, |t| t.elapsed().as_secs());
                 slot.state = State::InSync;
@@ -780,7 +860,8 @@ mod tests {
     }
 
     /// A copy found behind at open, by default, halts the first write with its name and
-    /// why: fewer versions, or the same version ending with another record.
+    /// why: fewer versions, listed in backup-behind.json, or the same version ending with
+    /// another record while that list cannot be read. Not listed, that last one is in sync.
     #[test]
     fn a_copy_behind_at_open_is_named_with_why_when_the_write_halts() {
         let tmp = tempfile::tempdir().unwrap();
@@ -792,14 +873,19 @@ mod tests {
             journal::encode_record(&mut r, v, Kind::Transaction, &[format!("INSERT INTO t VALUES ('{x}')"), bump(v)]);
             r
         };
-        for (second, says) in [
-            (vec![tx(1, "a")], "holds up to data_version 1, the most advanced copy 2"),
-            (
-                vec![tx(1, "a"), tx(2, "c")],
-                "holds data_version 2 as the most advanced copy does, but ends with another",
-            ),
-        ] {
-            let roots: Vec<_> = (0..2).map(|i| tmp.path().join(format!("{}-{i}.bkp", says.len()))).collect();
+        let other_end = || vec![tx(1, "a"), tx(2, "c")];
+        for (case, (second, list, says)) in [
+            (vec![tx(1, "a")], None, Some("holds up to data_version 1, the most advanced copy 2".to_string())),
+            (other_end(), Some("[1]"), Some("missed the writes from data_version 2 on".into())),
+            (other_end(), Some("{"), Some("ends with another record, and backup-behind.json cannot be read".into())),
+            (other_end(), None, None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let base = tmp.path().join(format!("case-{case}"));
+            std::fs::create_dir(&base).unwrap();
+            let roots: Vec<_> = (0..2).map(|i| base.join(format!("{i}.bkp"))).collect();
             let urls: Vec<String> = roots.iter().map(|r| format!("file://{}", r.display())).collect();
             for (root, recs) in roots.iter().zip([vec![tx(1, "a"), tx(2, "b")], second]) {
                 crate::writer::create(root, None, None, None).unwrap();
@@ -808,11 +894,24 @@ mod tests {
                     d.append(v as u32 + 1, Kind::Transaction, false, r).unwrap();
                 }
             }
-            let mut r = Replicas::open(&urls, tmp.path(), 0, Duration::from_secs(1));
-            let Err(Refusal::Versions(m)) = r.apply(3, &["INSERT INTO t VALUES ('d')".to_string(), bump(3)]) else {
-                panic!("a write went on with a copy behind")
+            match list {
+                Some("[1]") => {
+                    let mut b = Behind::default();
+                    b.add(&urls[1], 2);
+                    b.save(&base).unwrap();
+                }
+                Some(damaged) => std::fs::write(super::super::behind::path(&base), damaged).unwrap(),
+                None => {}
+            }
+            let mut r = Replicas::open(&urls, &base, 0, Duration::from_secs(1));
+            let result = r.apply(3, &["INSERT INTO t VALUES ('d')".to_string(), bump(3)]);
+            let Some(says) = says else {
+                assert!(result.is_ok(), "case {case}: {:?}", result.err().map(|e| e.to_string()));
+                assert!(r.slots().iter().all(|s| s.state == State::InSync));
+                continue;
             };
-            assert!(m.contains(&format!("{} is not in sync: {says}", urls[1])), "{m}");
+            let Err(Refusal::Versions(m)) = result else { panic!("case {case}: a write went on with a copy behind") };
+            assert!(m.contains(&format!("{} is not in sync: ", urls[1])) && m.contains(&says), "case {case}: {m}");
             assert!(m.contains("1 of 2 destinations hold every write"), "{m}");
         }
     }
