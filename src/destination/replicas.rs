@@ -915,4 +915,30 @@ mod tests {
             assert!(m.contains("1 of 2 destinations hold every write"), "{m}");
         }
     }
+
+    /// The list is written before a write a copy lacks is acknowledged: if it cannot be,
+    /// the write is refused (lightningd halts), and the next one lists it and goes on.
+    #[test]
+    fn a_write_a_copy_lacks_is_refused_until_that_copy_is_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        let root = base.join("0.bkp");
+        crate::writer::create(&root, None, None, None).unwrap();
+        // the second copy's disk is not mounted: it cannot be opened, so lacks every write
+        let urls = vec![format!("file://{}", root.display()), format!("file://{}/gone/1.bkp", base.display())];
+        let mut r = Replicas::open(&urls, base, 1, Duration::from_secs(1));
+        let obstacle = crate::fsutil::tmp_path(&super::super::behind::path(base));
+        std::fs::create_dir(&obstacle).unwrap();
+        let tx = [
+            "INSERT INTO t VALUES (1)".to_string(),
+            "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 0".to_string(),
+        ];
+        let Err(Refusal::Versions(m)) = r.apply(1, &tx) else { panic!("acknowledged before the copy was listed") };
+        assert!(m.contains("Cannot record which backup destinations missed this write"), "{m}");
+        assert_eq!(Behind::load(base).unwrap(), Behind::default());
+        std::fs::remove_dir(&obstacle).unwrap();
+        let again = r.apply(1, &tx).map_err(|e| e.to_string());
+        assert!(matches!(again, Ok((Applied::Replaced, _))), "lightningd sends it again: {:?}", again.err());
+        assert_eq!(Behind::load(base).unwrap().get(&urls[1]).map(|e| e.since_version), Some(1));
+    }
 }
