@@ -422,6 +422,20 @@ fn a_copy_that_missed_a_replaced_transaction_is_still_behind_at_the_next_start()
         "{out}"
     );
     assert_same(&dest, &node.db_path());
+    // with that copy gone too, the stale one is not restored from: the error says why
+    let gone = tmp.path().join("a.gone");
+    std::fs::rename(tmp.path().join("a"), &gone).unwrap();
+    let o = cli(&[
+        "restore",
+        "--lightning-dir",
+        ldir.to_str().unwrap(),
+        tmp.path().join("stale.sqlite3").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(err.contains("every copy that can be read missed writes") && err.contains(&url(&roots[1])), "{err}");
+    assert!(!tmp.path().join("stale.sqlite3").exists());
+    std::fs::rename(&gone, tmp.path().join("a")).unwrap();
     node.start().unwrap();
     node.initialized = false;
     let st = status(&mut node);
