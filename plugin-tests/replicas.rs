@@ -418,10 +418,21 @@ fn a_copy_that_missed_a_replaced_transaction_is_still_behind_at_the_next_start()
     let out = stdout(&o);
     assert!(out.contains(&format!("Restoring from {}", url(&roots[0]))), "{out}");
     assert!(
-        out.contains(&format!("{} is not used: it missed the writes from data_version {}", url(&roots[1]), v + 1)),
+        out.contains(&format!(
+            "{} is not used: it lacks writes lightningd committed: it fell behind at data_version {}",
+            url(&roots[1]),
+            v + 1
+        )),
         "{out}"
     );
     assert_same(&dest, &node.db_path());
+    // the complete copy cannot be removed while the other one lacks writes
+    let o = cli(&["remove-destination", "--lightning-dir", ldir.to_str().unwrap(), &url(&roots[0])]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("the only destination that holds every write"),
+        "{}",
+        stderr(&o)
+    );
     // with that copy gone too, the stale one is not restored from: the error says why
     let gone = tmp.path().join("a.gone");
     std::fs::rename(tmp.path().join("a"), &gone).unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::destination::behind::{self, Behind};
+use crate::destination::behind::{self, Behind, Listing};
 use crate::destination::{self, inspect};
 use crate::error::StoreError;
 use crate::keys::{self, KeySource};
@@ -509,6 +509,12 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         return Ok(());
     };
     let lock = ready_for_init(ldir)?;
+    // what an earlier backup's copies missed says nothing about this one's
+    if let Err(e) = fs::remove_file(behind::path(ldir)) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            bail!("cannot remove the earlier backup's {}: {e}", behind::path(ldir).display());
+        }
+    }
     let db = ldir.join(restore::DB_NAME);
     let (meta, key) = sealing.prepare(Some(ldir), db.exists())?;
     let sealer = key.map(|k| crate::seal::Sealer::new(&k, meta.id().unwrap_or_default())).transpose()?;
@@ -544,13 +550,11 @@ fn init(lightning_dir: Option<&Path>, urls: &[String], min: Option<usize>, cwd: 
         extra: Default::default(),
     }
     .to_json();
-    // what an earlier backup's copies missed says nothing about this one's
-    if let Err(e) = fs::remove_file(behind::path(ldir)) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            bail!("cannot remove the earlier backup's {}: {e}", behind::path(ldir).display());
-        }
-    }
     fsutil::write_atomic(&lock, false, |f, tmp| f.write_all(body.as_bytes()).map_err(StoreError::io("write", tmp)))?;
+    // every copy holds every write: the list starts empty (else the plugin starts it)
+    if let Err(e) = Behind::default().save(ldir) {
+        eprintln!("warning: {}; the plugin makes it at its first start", e.explain());
+    }
     println!("Wrote {}. Now add to lightningd's config: important-plugin=/path/to/cln-backup", lock.display());
     Ok(())
 }
@@ -655,8 +659,7 @@ fn pick_most_advanced(ldir: &Path) -> Result<String> {
             Err(e) => println!("  unreadable: {e}"),
         }
     }
-    let behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
-    let (best, why) = inspect::most_advanced(&copies, &behind)
+    let (best, why) = inspect::most_advanced(&copies, &Behind::load(ldir), ldir)
         .map_err(|e| anyhow!("cannot restore from the {} destinations in {LOCK_NAME}: {e}", lf.urls.len()))?;
     println!("Restoring from {}: {why}", destination::shown(&best.url));
     Ok(best.url.clone())
@@ -686,8 +689,8 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
     let targets = destination::check_distinct(&all, ldir).map_err(|e| anyhow!(e))?;
     let target = targets.last().cloned();
     let copies: Vec<_> = lf.urls.iter().map(|u| inspect::inspect(u, ldir)).collect();
-    let mut behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
-    let (best, why) = inspect::most_advanced(&copies, &behind).map_err(|e| {
+    let listing = Behind::load(ldir);
+    let (best, why) = inspect::most_advanced(&copies, &listing, ldir).map_err(|e| {
         anyhow!(
             "no destination in {LOCK_NAME} can seed the new one ({e}); run backup-cli verify --lightning-dir {}",
             ldir.display()
@@ -701,8 +704,10 @@ fn add_destination(ldir: &Path, url: &str) -> Result<()> {
         );
     }
     // an entry for a URL backup.lock does not have is a leftover: the new copy holds every write
-    if behind.remove(|u| destination::parse(u, ldir).ok() == target) {
-        behind.save(ldir)?;
+    if let Listing::Kept(mut behind) = listing.clone() {
+        if behind.remove(url, ldir) {
+            behind.save(ldir)?;
+        }
     }
     println!("Seeding {} from {}: {why}", destination::shown(url), destination::shown(&best.url));
     let root = match target {
@@ -785,14 +790,23 @@ fn remove_destination(ldir: &Path, url: &str) -> Result<()> {
             "{url} is the node's only destination: add another first (a node without a backup is not allowed to run)"
         );
     }
+    let mut behind = Behind::load_or_empty(ldir).map_err(|e| anyhow!(e))?;
+    let complete = |u: &String| behind.find(u, ldir).is_none();
+    if complete(&lf.urls[i]) && lf.urls.iter().filter(|u| complete(u)).count() == 1 {
+        bail!(
+            "{url} is the only destination that holds every write: the others are listed in {} as lacking \
+             writes lightningd committed. Let lightningd bring them up to date first (backup-status shows them \
+             in-sync), or add another destination, then remove this one",
+            behind::FILE_NAME
+        );
+    }
     let removed = lf.urls.remove(i);
     if let Some(m) = lf.min_destinations.filter(|m| *m > lf.urls.len()) {
         println!("backup-min-destinations was {m}: lowered to {}", lf.urls.len());
         lf.min_destinations = Some(lf.urls.len());
     }
     write_lock(ldir, &lf)?;
-    let mut behind = Behind::load(ldir).map_err(|e| anyhow!(e))?;
-    if behind.remove(|u| destination::parse(u, ldir).ok().as_ref() == Some(&target)) {
+    if behind.remove(&removed, ldir) {
         behind.save(ldir)?;
     }
     println!(

@@ -38,37 +38,72 @@ pub fn path(ldir: &Path) -> PathBuf {
     ldir.join(FILE_NAME)
 }
 
+/// What the lightning dir says about its copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listing {
+    Kept(Behind),
+    /// No list: a backup made before there was one (or a lightning dir rebuilt by hand).
+    Missing,
+    /// It cannot be read: why, and what to do.
+    Unreadable(String),
+}
+
+/// Whether two URLs name the same copy, as backup.lock's checks decide (two spellings of
+/// one path are one copy).
+pub fn same_copy(a: &str, b: &str, base: &Path) -> bool {
+    a == b || matches!((super::parse(a, base), super::parse(b, base)), (Ok(x), Ok(y)) if x == y)
+}
+
 impl Behind {
-    /// The list in `ldir`; empty when there is none.
-    pub fn load(ldir: &Path) -> Result<Behind, String> {
+    /// The list in `ldir`.
+    pub fn load(ldir: &Path) -> Listing {
         let p = path(ldir);
+        let fix = "check which copies hold lightningd's latest state, remove the others with \
+                   `backup-cli remove-destination` and add them again with `backup-cli add-destination` \
+                   (lightningd stopped), then delete the file";
         match std::fs::read(&p) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                format!(
-                    "{} is damaged ({e}). It lists the destinations that missed writes: check each with \
-                     `backup-cli verify --lightning-dir`, then remove the damaged ones, add them again and delete \
-                     this file, lightningd stopped",
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(b) => Listing::Kept(b),
+                Err(e) => Listing::Unreadable(format!(
+                    "{} is damaged ({e}): it lists the destinations that missed writes. To go on, {fix}",
                     p.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Behind::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+                )),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Listing::Missing,
+            Err(e) => Listing::Unreadable(format!(
+                "cannot read {} ({e}): it lists the destinations that missed writes. Check the lightning \
+                 dir's disk; if the file is lost, {fix}",
+                p.display()
+            )),
+        }
+    }
+
+    /// The list for a tool that must not guess: an error unless it can be read (none is an
+    /// empty list: a backup from before there was one).
+    pub fn load_or_empty(ldir: &Path) -> Result<Behind, String> {
+        match Behind::load(ldir) {
+            Listing::Kept(b) => Ok(b),
+            Listing::Missing => Ok(Behind::default()),
+            Listing::Unreadable(e) => Err(e),
         }
     }
 
     /// Replaces the list in `ldir` durably (tmp, write, fsync, rename, fsync dir).
     pub fn save(&self, ldir: &Path) -> Result<(), StoreError> {
-        let body = serde_json::to_vec_pretty(self).unwrap_or_default();
-        fsutil::write_atomic(&path(ldir), true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))
+        let p = path(ldir);
+        let body = serde_json::to_vec_pretty(self)
+            .map_err(|e| StoreError::Invalid { path: p.clone(), what: format!("cannot encode the list: {e}") })?;
+        fsutil::write_atomic(&p, true, |f, tmp| f.write_all(&body).map_err(StoreError::io("write", tmp)))
     }
 
-    pub fn get(&self, url: &str) -> Option<&Entry> {
-        self.behind.iter().find(|e| e.url == url)
+    /// The entry for the copy `url` names (relative to `base`, the lightning dir).
+    pub fn find(&self, url: &str, base: &Path) -> Option<&Entry> {
+        self.behind.iter().find(|e| same_copy(&e.url, url, base))
     }
 
     /// Lists `url` unless it is; true when the list changed.
-    pub fn add(&mut self, url: &str, since_version: u32) -> bool {
-        if self.get(url).is_some() {
+    pub fn add(&mut self, url: &str, since_version: u32, base: &Path) -> bool {
+        if self.find(url, base).is_some() {
             return false;
         }
         let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
@@ -76,17 +111,17 @@ impl Behind {
         true
     }
 
-    /// Takes off every listed URL `same` says is the one; true when the list changed.
-    pub fn remove(&mut self, mut same: impl FnMut(&str) -> bool) -> bool {
+    /// Takes the copy `url` names off the list; true when the list changed.
+    pub fn remove(&mut self, url: &str, base: &Path) -> bool {
         let before = self.behind.len();
-        self.behind.retain(|e| !same(&e.url));
+        self.behind.retain(|e| !same_copy(&e.url, url, base));
         self.behind.len() != before
     }
 
     /// How a listed copy is described to the operator.
     pub fn describe(e: &Entry) -> String {
         format!(
-            "it missed the writes from data_version {} on (listed in {FILE_NAME} since {})",
+            "it lacks writes lightningd committed: it fell behind at data_version {} ({}, listed in {FILE_NAME})",
             e.since_version,
             crate::clock::fmt_time(std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.since))
         )
@@ -100,16 +135,18 @@ mod tests {
     #[test]
     fn a_list_survives_a_save_and_a_damaged_one_is_an_error() {
         let d = tempfile::tempdir().unwrap();
-        assert_eq!(Behind::load(d.path()).unwrap(), Behind::default());
+        let base = d.path();
+        assert_eq!(Behind::load(base), Listing::Missing);
+        let b_url = format!("file://{}/b.bkp", base.display());
         let mut b = Behind::default();
-        assert!(b.add("file:///b", 7) && !b.add("file:///b", 9));
-        b.save(d.path()).unwrap();
-        let back = Behind::load(d.path()).unwrap();
-        assert_eq!(back, b);
-        assert_eq!(back.get("file:///b").unwrap().since_version, 7);
-        assert!(b.remove(|u| u == "file:///b") && !b.remove(|u| u == "file:///b"));
-        std::fs::write(path(d.path()), b"{\"behind\": [").unwrap();
-        let e = Behind::load(d.path()).unwrap_err();
-        assert!(e.contains(FILE_NAME) && e.contains("verify"), "{e}");
+        assert!(b.add(&b_url, 7, base) && !b.add(&format!("{b_url}/"), 9, base), "one copy, two spellings");
+        b.save(base).unwrap();
+        assert_eq!(Behind::load(base), Listing::Kept(b.clone()));
+        assert_eq!(b.find(&format!("{b_url}/"), base).map(|e| e.since_version), Some(7));
+        assert!(b.remove(&format!("{b_url}/"), base) && !b.remove(&b_url, base));
+        std::fs::write(path(base), b"{\"behind\": [").unwrap();
+        let Listing::Unreadable(e) = Behind::load(base) else { panic!("a damaged list read") };
+        assert!(e.contains(FILE_NAME) && e.contains("remove-destination"), "{e}");
+        assert!(Behind::load_or_empty(base).is_err());
     }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::behind::Behind;
+use super::behind::{Behind, Listing};
 use super::{GenerationFiles, Target, Tip};
 use crate::journal::Kind;
 use crate::reader::View;
@@ -146,10 +146,21 @@ fn inspect_v1(url: &str, path: &Path) -> Result<Copy, String> {
 /// The most advanced of the copies that could be read and are not listed in
 /// `backup-behind.json`, and why it was chosen, in words. A listed copy lacks writes the
 /// others hold, even at the same data_version; when every readable copy is listed, the error
-/// says so and none is chosen.
-pub fn most_advanced<'a>(copies: &'a [Result<Copy, String>], behind: &Behind) -> Result<(&'a Copy, String), String> {
+/// says so and none is chosen. Without a list (a backup from before it), copies at the
+/// latest version that end differently are an error too: nothing says which is right.
+pub fn most_advanced<'a>(
+    copies: &'a [Result<Copy, String>],
+    listing: &Listing,
+    base: &Path,
+) -> Result<(&'a Copy, String), String> {
+    let none = Behind::default();
+    let behind = match listing {
+        Listing::Kept(b) => b,
+        Listing::Missing => &none,
+        Listing::Unreadable(e) => return Err(e.clone()),
+    };
     let ok: Vec<&Copy> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
-    let (listed, trusted): (Vec<&Copy>, Vec<&Copy>) = ok.iter().partition(|c| behind.get(&c.url).is_some());
+    let (listed, trusted): (Vec<&Copy>, Vec<&Copy>) = ok.iter().partition(|c| behind.find(&c.url, base).is_some());
     let Some(best) = trusted.iter().copied().reduce(|a, b| if super::replicas::ahead(&b.tip, &a.tip) { b } else { a })
     else {
         if listed.is_empty() {
@@ -157,7 +168,9 @@ pub fn most_advanced<'a>(copies: &'a [Result<Copy, String>], behind: &Behind) ->
         }
         let each: Vec<String> = listed
             .iter()
-            .filter_map(|c| behind.get(&c.url).map(|e| format!("{}: {}", super::shown(&c.url), Behind::describe(e))))
+            .filter_map(|c| {
+                behind.find(&c.url, base).map(|e| format!("{}: {}", super::shown(&c.url), Behind::describe(e)))
+            })
             .collect();
         return Err(format!(
             "every copy that can be read missed writes that lightningd committed, so none of them is the node's \
@@ -167,14 +180,36 @@ pub fn most_advanced<'a>(copies: &'a [Result<Copy, String>], behind: &Behind) ->
             each.join("; ")
         ));
     };
+    if *listing == Listing::Missing {
+        let differ: Vec<String> = trusted
+            .iter()
+            .filter(|c| c.tip.position.version == best.tip.position.version && !c.tip.same_end(&best.tip))
+            .map(|c| super::shown(&c.url))
+            .collect();
+        if !differ.is_empty() {
+            return Err(format!(
+                "{} and {} hold data_version {} but end with different records, and there is no {} (a backup \
+                 made before it) to say which one missed writes: one of them may hold a transaction lightningd \
+                 never committed. Restore the one you know held every write, by its URL (backup-cli restore URL DEST)",
+                super::shown(&best.url),
+                differ.join(" and "),
+                best.tip.position.version,
+                super::behind::FILE_NAME
+            ));
+        }
+    }
     let others: Vec<String> = ok
         .iter()
         .filter(|c| c.url != best.url)
-        .map(|c| match behind.get(&c.url) {
+        .map(|c| match behind.find(&c.url, base) {
             Some(e) => format!("{} is not used: {}", super::shown(&c.url), Behind::describe(e)),
-            None if c.tip.position.version == best.tip.position.version => {
-                format!("{} holds the same data_version", super::shown(&c.url))
-            }
+            None if c.tip.same_end(&best.tip) => format!("{} holds the same", super::shown(&c.url)),
+            None if c.tip.position.version == best.tip.position.version => format!(
+                "{} holds data_version {} too, ending with another record (sealed for another place, or a \
+                 transaction lightningd never committed)",
+                super::shown(&c.url),
+                c.tip.position.version
+            ),
             None => format!("{} holds only up to data_version {}", super::shown(&c.url), c.tip.position.version),
         })
         .chain(copies.iter().filter_map(|c| c.as_ref().err().map(|e| format!("unreadable: {e}"))))

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde_json::{json, Value};
 
-use super::behind::Behind;
+use super::behind::{Behind, Listing};
 use super::{Shared, Tip};
 use crate::clock::fmt_time;
 use crate::compact::lock;
@@ -60,6 +60,8 @@ pub struct Slot {
     worker: Option<Sender<Job>>,
     /// Its recent append time (moving average, µs); None before the first.
     recent_us: Option<f64>,
+    /// Listed in `backup-behind.json` (on disk).
+    listed: bool,
 }
 
 struct Job {
@@ -92,9 +94,10 @@ pub struct Replicas {
     handoff_us: f64,
     /// The lightning dir: URLs are relative to it, and `backup-behind.json` is in it.
     base: std::path::PathBuf,
-    /// `backup-behind.json` as it is on disk; None when it could not be read (then a copy
-    /// that ends otherwise than the most advanced one is behind too).
-    listed: Option<Behind>,
+    /// `backup-behind.json` as it is on disk (or will be at the first change).
+    list: Behind,
+    /// Why no write may be acknowledged (the list cannot be read and the copies differ).
+    refuse: Option<String>,
 }
 
 /// Moving average over about the last 4 samples: quick to follow a destination that slows.
@@ -130,6 +133,7 @@ impl Replicas {
                 last_warned: None,
                 worker: None,
                 recent_us: None,
+                listed: false,
             });
         }
         let mut r = Replicas {
@@ -142,39 +146,41 @@ impl Replicas {
             done_rx,
             handoff_us: 10.0,
             base: base.to_path_buf(),
-            listed: match Behind::load(base) {
-                Ok(b) => Some(b),
-                Err(e) => {
-                    warn!("{e}");
-                    None
-                }
-            },
+            list: Behind::default(),
+            refuse: None,
         };
-        r.classify_at_open();
+        r.classify_at_open(Behind::load(base));
         r.start_workers();
         r
     }
 
     /// A copy listed in `backup-behind.json` is behind; of the others, those at the most
     /// advanced data_version are in sync, and the rest (and those not opened) are behind.
-    fn classify_at_open(&mut self) {
+    /// Without a list (a backup from before it) a copy is in sync only if it ends exactly as
+    /// the most advanced one; with a list that cannot be read, no write goes on unless they
+    /// all do.
+    fn classify_at_open(&mut self, listing: Listing) {
+        let base = self.base.clone();
+        if let Listing::Kept(b) = &listing {
+            for s in &mut self.slots {
+                s.listed = b.find(&s.raw, &base).is_some();
+            }
+        }
         let tips: Vec<Option<Tip>> = self.slots.iter().map(|s| s.dest.as_ref().map(|d| lock(d).tip())).collect();
-        let listed: Vec<Option<String>> =
-            self.slots.iter().map(|s| self.listed.as_ref().and_then(|b| b.get(&s.raw)).map(Behind::describe)).collect();
         let pick = |trusted_only: bool| {
             tips.iter()
-                .zip(&listed)
-                .filter(|(_, l)| !trusted_only || l.is_none())
+                .zip(&self.slots)
+                .filter(|(_, s)| !trusted_only || !s.listed)
                 .filter_map(|(t, _)| *t)
                 .reduce(|a, b| if ahead(&b, &a) { b } else { a })
         };
-        // only when every copy that can be read is listed: the most advanced of them
-        let best = pick(true).or_else(|| pick(false));
-        let strict = self.listed.is_none();
-        for ((slot, tip), listed) in self.slots.iter_mut().zip(&tips).zip(listed) {
-            let in_sync = listed.is_none()
+        let trusted = pick(true);
+        let best = trusted.or_else(|| pick(false));
+        let kept = matches!(listing, Listing::Kept(_));
+        for (slot, tip) in self.slots.iter_mut().zip(&tips) {
+            let in_sync = !slot.listed
                 && matches!((tip, &best), (Some(t), Some(b))
-                    if t.same_end(b) || (!strict && t.position.version == b.position.version));
+                    if t.same_end(b) || (kept && t.position.version == b.position.version));
             if in_sync {
                 continue;
             }
@@ -183,24 +189,75 @@ impl Replicas {
             if slot.last_error.is_some() {
                 continue;
             }
-            slot.last_error = match (listed, tip, &best) {
-                (Some(why), _, _) => Some(why),
-                (None, Some(t), Some(b)) if t.position.version == b.position.version => Some(format!(
-                    "holds data_version {} as the most advanced copy does, but ends with another record, and {} \
-                     cannot be read to tell whether that is one lightningd replaced{}",
+            slot.last_error = match (&listing, tip, &best) {
+                (Listing::Kept(b), _, _) if slot.listed => b.find(&slot.raw, &base).map(|e| {
+                    let mut why = Behind::describe(e);
+                    if trusted.is_none() {
+                        why.push_str(
+                            ". No copy that holds every write can be read: bring one back (or add it again), or \
+                             make a new backup (lightningd stopped: move backup.lock away, then backup-cli init)",
+                        );
+                    }
+                    why
+                }),
+                (_, Some(t), Some(b)) if t.position.version == b.position.version => Some(format!(
+                    "holds data_version {} as the most advanced copy does, but ends with another record{}",
                     t.position.version,
-                    super::behind::FILE_NAME,
                     match t.generation == b.generation {
                         true => String::new(),
                         false => format!("; it is at generation {}, that copy at {}", t.generation, b.generation),
                     }
                 )),
-                (None, Some(t), Some(b)) => Some(format!(
+                (_, Some(t), Some(b)) => Some(format!(
                     "holds up to data_version {}, the most advanced copy {}",
                     t.position.version, b.position.version
                 )),
                 _ => None,
             };
+        }
+        let top: Vec<&Slot> = match &best {
+            Some(b) => self
+                .slots
+                .iter()
+                .zip(&tips)
+                .filter(|(_, t)| t.is_some_and(|t| t.position.version == b.position.version))
+                .map(|(s, _)| s)
+                .collect(),
+            None => vec![],
+        };
+        match listing {
+            Listing::Kept(b) => self.list = b,
+            // Copies at the latest version that end differently, and nothing says which one
+            // missed writes: one may hold a transaction lightningd never committed.
+            Listing::Missing | Listing::Unreadable(_) if top.iter().any(|s| s.state == State::Behind) => {
+                let names: Vec<&str> = top.iter().map(|s| s.url.as_str()).collect();
+                let version = best.map_or(0, |b| b.position.version);
+                let cause = match &listing {
+                    Listing::Unreadable(e) => e.clone(),
+                    _ => format!("there is no {} (a backup made before it)", super::behind::FILE_NAME),
+                };
+                let why = format!(
+                    "{} hold data_version {version} but end with different records, and {cause}: one of them may \
+                     hold a transaction lightningd never committed. With lightningd stopped, remove the copy that \
+                     was away or failed last (backup-cli remove-destination), start lightningd, then add it again \
+                     (backup-cli add-destination)",
+                    names.join(" and ")
+                );
+                for s in &mut self.slots {
+                    s.state = State::Behind;
+                    s.behind_since.get_or_insert_with(Instant::now);
+                }
+                self.refuse = Some(why);
+            }
+            // Each copy is in sync or plainly behind in versions: the list starts here.
+            listing => {
+                if let Listing::Unreadable(e) = &listing {
+                    warn!("{e}. The copies at the latest version end alike, so a new list replaces it");
+                }
+                if let Err(e) = self.list.save(&base) {
+                    warn!("Cannot start {}: {}", super::behind::FILE_NAME, e.explain());
+                }
+            }
         }
         // Said at warn once an attempt to bring them up to date has failed (`catch_up`).
     }
@@ -209,19 +266,12 @@ impl Replicas {
     /// it lacks is acknowledged. A copy not listed could pass for a complete one at the
     /// next start, so a failure to list it refuses the write.
     fn list_lagging(&mut self, data_version: u32) -> Result<(), String> {
-        let Some(listed) = &self.listed else {
-            return Ok(()); // unreadable: the strict rule at open covers it
-        };
-        if self.slots.iter().all(|s| s.state == State::InSync || listed.get(&s.raw).is_some()) {
+        if self.slots.iter().all(|s| s.state == State::InSync || s.listed) {
             return Ok(());
         }
-        let mut next = listed.clone();
-        let mut changed = false;
-        for s in self.slots.iter().filter(|s| s.state == State::Behind) {
-            changed |= next.add(&s.raw, data_version);
-        }
-        if !changed {
-            return Ok(());
+        let mut next = self.list.clone();
+        for s in self.slots.iter().filter(|s| s.state == State::Behind && !s.listed) {
+            next.add(&s.raw, data_version, &self.base);
         }
         next.save(&self.base).map_err(|e| {
             format!(
@@ -230,21 +280,26 @@ impl Replicas {
                 e.explain()
             )
         })?;
-        self.listed = Some(next);
+        self.list = next;
+        for s in self.slots.iter_mut().filter(|s| s.state == State::Behind) {
+            s.listed = true;
+        }
         Ok(())
     }
 
     /// Takes a copy that holds every write again off `backup-behind.json`. If that fails it
     /// stays listed, and the next start brings it up to date again: a check, nothing lost.
     fn unlist(&mut self, i: usize) {
-        let raw = self.slots[i].raw.clone();
-        let Some(listed) = &mut self.listed else { return };
-        let mut next = listed.clone();
-        if !next.remove(|u| u == raw) {
+        if !self.slots[i].listed {
             return;
         }
+        let mut next = self.list.clone();
+        next.remove(&self.slots[i].raw, &self.base);
         match next.save(&self.base) {
-            Ok(()) => *listed = next,
+            Ok(()) => {
+                self.list = next;
+                self.slots[i].listed = false;
+            }
             Err(e) => warn!("{} is up to date but stays listed as behind: {}", self.slots[i].url, e.explain()),
         }
     }
@@ -313,6 +368,9 @@ impl Replicas {
     /// `required()` of them hold it durably, with the version the backup held before; the
     /// ones that failed are then `behind`.
     pub fn apply<S: AsRef<str>>(&mut self, data_version: u32, writes: &[S]) -> Result<(Applied, u32), Refusal> {
+        if let Some(why) = &self.refuse {
+            return Err(Refusal::Versions(why.clone()));
+        }
         let kind = versions::classify(data_version, writes).map_err(Refusal::Versions)?;
         let targets: Vec<usize> = (0..self.slots.len())
             .filter(|&i| self.slots[i].state == State::InSync && self.slots[i].dest.is_some())
@@ -860,8 +918,9 @@ mod tests {
     }
 
     /// A copy found behind at open, by default, halts the first write with its name and
-    /// why: fewer versions, listed in backup-behind.json, or the same version ending with
-    /// another record while that list cannot be read. Not listed, that last one is in sync.
+    /// why: fewer versions, or listed in backup-behind.json. Two copies at the same version
+    /// that end differently are both in sync when neither is listed, and halt every write
+    /// when there is no list to tell (none, or a damaged one).
     #[test]
     fn a_copy_behind_at_open_is_named_with_why_when_the_write_halts() {
         let tmp = tempfile::tempdir().unwrap();
@@ -874,11 +933,28 @@ mod tests {
             r
         };
         let other_end = || vec![tx(1, "a"), tx(2, "c")];
+        let differ = "hold data_version 2 but end with different records, and";
         for (case, (second, list, says)) in [
-            (vec![tx(1, "a")], None, Some("holds up to data_version 1, the most advanced copy 2".to_string())),
-            (other_end(), Some("[1]"), Some("missed the writes from data_version 2 on".into())),
-            (other_end(), Some("{"), Some("ends with another record, and backup-behind.json cannot be read".into())),
-            (other_end(), None, None),
+            (
+                vec![tx(1, "a")],
+                None,
+                Some("is not in sync: holds up to data_version 1, the most advanced copy 2".into()),
+            ),
+            (
+                other_end(),
+                Some("[1]"),
+                Some("is not in sync: it lacks writes lightningd committed: it fell behind at data_version 2".into()),
+            ),
+            (other_end(), Some("[]"), None),
+            (
+                other_end(),
+                Some("{"),
+                Some(format!(
+                    "{differ} {} is damaged",
+                    super::super::behind::path(&tmp.path().join("case-3")).display()
+                )),
+            ),
+            (other_end(), None, Some(format!("{differ} there is no backup-behind.json"))),
         ]
         .into_iter()
         .enumerate()
@@ -897,9 +973,10 @@ mod tests {
             match list {
                 Some("[1]") => {
                     let mut b = Behind::default();
-                    b.add(&urls[1], 2);
+                    b.add(&urls[1], 2, &base);
                     b.save(&base).unwrap();
                 }
+                Some("[]") => Behind::default().save(&base).unwrap(),
                 Some(damaged) => std::fs::write(super::super::behind::path(&base), damaged).unwrap(),
                 None => {}
             }
@@ -911,8 +988,7 @@ mod tests {
                 continue;
             };
             let Err(Refusal::Versions(m)) = result else { panic!("case {case}: a write went on with a copy behind") };
-            assert!(m.contains(&format!("{} is not in sync: ", urls[1])) && m.contains(&says), "case {case}: {m}");
-            assert!(m.contains("1 of 2 destinations hold every write"), "{m}");
+            assert!(m.contains(&urls[1]) && m.contains(&says), "case {case}: {m}");
         }
     }
 
@@ -935,10 +1011,100 @@ mod tests {
         ];
         let Err(Refusal::Versions(m)) = r.apply(1, &tx) else { panic!("acknowledged before the copy was listed") };
         assert!(m.contains("Cannot record which backup destinations missed this write"), "{m}");
-        assert_eq!(Behind::load(base).unwrap(), Behind::default());
+        assert_eq!(Behind::load(base), Listing::Kept(Behind::default()), "started empty at open, not listed since");
         std::fs::remove_dir(&obstacle).unwrap();
         let again = r.apply(1, &tx).map_err(|e| e.to_string());
         assert!(matches!(again, Ok((Applied::Replaced, _))), "lightningd sends it again: {:?}", again.err());
-        assert_eq!(Behind::load(base).unwrap().get(&urls[1]).map(|e| e.since_version), Some(1));
+        let Listing::Kept(listed) = Behind::load(base) else { panic!("no list") };
+        assert_eq!(listed.find(&urls[1], base).map(|e| e.since_version), Some(1));
+    }
+
+    /// Two file copies at data_version 2 in `base`: the first holds the committed 'y', the
+    /// second the longer 'x' lightningd replaced while it was away, listed as `spell` says.
+    fn replaced_tx(
+        base: &std::path::Path,
+        spell: Option<&dyn Fn(&std::path::Path) -> String>,
+    ) -> (Vec<std::path::PathBuf>, Vec<String>) {
+        let keys = KeySource::default();
+        let tx = |v: u32, x: &str| {
+            let mut r = Vec::new();
+            let bump =
+                format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1);
+            journal::encode_record(&mut r, v, Kind::Transaction, &[format!("INSERT INTO t VALUES ('{x}')"), bump]);
+            r
+        };
+        std::fs::create_dir_all(base).unwrap();
+        let roots: Vec<_> = (0..2).map(|i| base.join(format!("{i}.bkp"))).collect();
+        let urls: Vec<String> = roots.iter().map(|r| format!("file://{}", r.display())).collect();
+        for (root, last) in roots.iter().zip(["y".to_string(), "x".repeat(200)]) {
+            crate::writer::create(root, None, None, None).unwrap();
+            let mut d = FileDestination::open("file://x", root, &keys).unwrap().0;
+            d.append(1, Kind::Transaction, false, &tx(1, "a")).unwrap();
+            d.append(2, Kind::Transaction, false, &tx(2, &last)).unwrap();
+        }
+        if let Some(spell) = spell {
+            let mut b = Behind::default();
+            b.add(&spell(&roots[1]), 2, base);
+            b.save(base).unwrap();
+        }
+        (roots, urls)
+    }
+
+    fn holds(root: &std::path::Path, what: &str) -> bool {
+        let mut r = JournalReader::open(&crate::layout::Layout::new(root).list().unwrap().journal).unwrap();
+        std::iter::from_fn(|| r.next_record().unwrap()).any(|x| String::from_utf8_lossy(&x.payload).contains(what))
+    }
+
+    /// Without a list that says which copy missed writes (none: a backup from before it; or
+    /// a damaged one), two copies at the latest version that end differently halt every
+    /// write, and neither is copied onto the other; restore --lightning-dir refuses too.
+    #[test]
+    fn without_a_list_copies_that_disagree_at_the_top_are_neither_trusted() {
+        for damaged in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let base = tmp.path().join("ldir");
+            let (roots, urls) = replaced_tx(&base, None);
+            if damaged {
+                std::fs::write(super::super::behind::path(&base), "{").unwrap();
+            }
+            let r = Mutex::new(Replicas::open(&urls, &base, 1, Duration::from_secs(1)));
+            let bump = "UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = 2".to_string();
+            let Err(Refusal::Versions(m)) = lock(&r).apply(3, &["INSERT INTO t VALUES ('d')".to_string(), bump]) else {
+                panic!("damaged {damaged}: a write went on")
+            };
+            assert!(m.contains("end with different records") && m.contains("remove-destination"), "{m}");
+            catch_up(&r, &base);
+            drop(r);
+            assert!(
+                holds(&roots[0], "'y'") && !holds(&roots[0], "'xxx"),
+                "damaged {damaged}: the committed copy was overwritten"
+            );
+            let copies: Vec<_> = urls.iter().map(|u| super::super::inspect::inspect(u, &base)).collect();
+            let picked = super::super::inspect::most_advanced(&copies, &Behind::load(&base), &base);
+            assert!(picked.is_err(), "damaged {damaged}: restore picked {:?}", picked.map(|(c, _)| c.url.clone()));
+        }
+    }
+
+    /// An entry names the copy, not a spelling of it: a trailing slash in backup.lock (the
+    /// same copy for every check) still finds it listed.
+    #[test]
+    fn a_listed_copy_is_found_under_another_spelling() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("ldir");
+        let (_, urls) = replaced_tx(&base, Some(&|r: &std::path::Path| format!("file://{}/", r.display())));
+        let r = Replicas::open(&urls, &base, 1, Duration::from_secs(1));
+        assert_eq!(r.slots()[1].state, State::Behind);
+        assert_eq!(r.slots()[0].state, State::InSync);
+    }
+
+    /// A listed copy left alone says what to do.
+    #[test]
+    fn a_listed_copy_alone_says_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("ldir");
+        let (_, urls) = replaced_tx(&base, Some(&|r: &std::path::Path| format!("file://{}", r.display())));
+        let r = Replicas::open(&urls[1..], &base, 0, Duration::from_secs(1));
+        let e = r.slots()[0].last_error.clone().unwrap();
+        assert!(e.contains("fell behind at data_version 2") && e.contains("backup-cli init"), "{e}");
     }
 }
