@@ -18,7 +18,8 @@
 //!
 //! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
 //! by call, against the same baseline (e.g. the commit before a change).
-//! CLN_BACKUP_BENCH_ONLY=hook stops after the hook round trips.
+//! CLN_BACKUP_BENCH_ONLY=hook stops after the hook round trips; =floor runs only the plugin
+//! against a minimal one (`against_a_minimal_plugin`).
 //! Set CLN_BACKUP_BENCH_DIR to measure on another filesystem (default: target/bench-tmp),
 //! and CLN_BACKUP_BENCH_GB to size the compaction-stall journal (default 1; 0 skips it).
 
@@ -203,8 +204,10 @@ fn hook_restore_and_compaction(base: &Path) {
         p50s.push((*name, p50, p99));
         let size = fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
         println!("  {name}: {} ({:.2} MB)", bin.display(), size as f64 / 1e6);
+        // issue 9's target for one destination; the others are compared below
+        let target = if *name == "one destination" { "<= 1.0" } else { "<= 1.3" };
         println!("  {:<6} {:>12} {:>12} {:>8}  target", "", "plugin µs", "baseline µs", "ratio");
-        println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.3", "p50", p50, b50, p50 / b50);
+        println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  {target}", "p50", p50, b50, p50 / b50);
         println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}  <= 1.5", "p99", p99, b99, p99 / b99);
         println!("  {:<6} {:>12.0} {:>12.0} {:>8.2}", "max", pmax, bmax, pmax / bmax);
         println!("{inside}");
@@ -224,6 +227,7 @@ fn hook_restore_and_compaction(base: &Path) {
         );
     }
     fanout_in_process(&trace, &base, &shm);
+    against_a_minimal_plugin(&trace, &base.join("floor"));
     let _ = fs::remove_dir_all(&shm);
     if only_hook {
         return;
@@ -411,7 +415,119 @@ fn record_compression(trace: &[sim::TraceRecord], hook_p50_us: f64) {
     );
 }
 
+/// Set to a journal path, the bench runs as `minimal_plugin` instead.
+const MINIMAL_PLUGIN: &str = "CLN_BACKUP_BENCH_MINIMAL_PLUGIN";
+
+/// The least a plugin can do: read a record's bytes from a pipe, append them with the
+/// writer's own durable append (into a preallocated, zero-filled file), answer one byte.
+/// No JSON, no sealing, no bookkeeping. Runs until stdin closes.
+fn minimal_plugin(journal: &Path) {
+    use std::io::{Read, Write};
+    let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(journal).unwrap();
+    let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let (mut off, mut alloc, mut rec) = (0u64, 0u64, Vec::new());
+    let mut len = [0u8; 4];
+    while input.read_exact(&mut len).is_ok() {
+        rec.resize(u32::from_le_bytes(len) as usize, 0);
+        input.read_exact(&mut rec).unwrap();
+        cln_backup::fsutil::append_durable(&file, off, &rec, &mut alloc).unwrap();
+        off += rec.len() as u64;
+        output.write_all(b"k").unwrap();
+        output.flush().unwrap();
+    }
+}
+
+/// The plugin (one sealed destination) against `minimal_plugin` and the bare baseline, in
+/// a loop of their own (another fdatasync in the loop speeds the baseline up, so this is
+/// kept apart from the target's). What the plugin costs above the minimal one is its own
+/// (JSON both ways, sealing, bookkeeping); what the minimal one costs above the baseline is
+/// the machine's: two pipe wake-ups, about 30 µs each to another vCPU on a VM without
+/// halt-polling.
+fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
+    use std::io::{Read, Write};
+    let ldir = base.join("regtest");
+    fs::create_dir_all(&ldir).unwrap();
+    let root = format!("file://{}", base.join("node.bkp").display());
+    let o = std::process::Command::new(CLI).args(["init", "--lightning-dir", ldir.to_str().unwrap(), &root]).output();
+    assert!(o.as_ref().is_ok_and(|o| o.status.success()), "{o:?}");
+    let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    let mut minimal = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(MINIMAL_PLUGIN, base.join("minimal.journal"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut min_in, mut min_out) = (minimal.stdin.take().unwrap(), minimal.stdout.take().unwrap());
+    let bare = OpenOptions::new().create(true).truncate(true).write(true).open(base.join("baseline.bin")).unwrap();
+    let (mut bare_off, mut buf) = (0u64, Vec::new());
+    let (mut baseline, mut least) = (Vec::with_capacity(trace.len()), Vec::with_capacity(trace.len()));
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    for (i, rec) in trace.iter().enumerate() {
+        buf.clear();
+        journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let mut order = [0, 1, 2];
+        order.rotate_left((rng % 3) as usize);
+        if rng & 8 != 0 {
+            order.swap(1, 2);
+        }
+        for step in order {
+            let t = Instant::now();
+            match step {
+                0 => {
+                    bare.write_all_at(&buf, bare_off).unwrap();
+                    bare.sync_data().unwrap();
+                    bare_off += buf.len() as u64;
+                    baseline.push(t.elapsed());
+                }
+                1 => {
+                    min_in.write_all(&(buf.len() as u32).to_le_bytes()).unwrap();
+                    min_in.write_all(&buf).unwrap();
+                    min_out.read_exact(&mut [0u8]).unwrap();
+                    least.push(t.elapsed());
+                }
+                _ => {
+                    node.start_if_needed(trace, i).unwrap();
+                    assert_eq!(node.step(rec).unwrap(), Answer::Continue, "call {i}");
+                }
+            }
+        }
+    }
+    // CPU time each spent (all its threads, kernel included), per call since it started
+    let cpu_us = |pid: u32, calls: usize| {
+        let s = fs::read_to_string(format!("/proc/{pid}/schedstat")).unwrap_or_default();
+        s.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0) / 1e3 / calls.max(1) as f64
+    };
+    let last_start = (0..trace.len()).rev().find(|&i| sim::restarts_at(trace, i)).unwrap_or(0);
+    let ours_cpu = node.plugin().map_or(0.0, |p| cpu_us(p.pid(), trace.len() - last_start));
+    let least_cpu = cpu_us(minimal.id(), trace.len());
+    drop(min_in);
+    let _ = minimal.wait();
+    node.stop().unwrap();
+    let mut ours = node.hook_times.clone();
+    let (b50, b99) = (pct(&mut baseline, 0.5), pct(&mut baseline, 0.99));
+    let (m50, m99) = (pct(&mut least, 0.5), pct(&mut least, 0.99));
+    let (p50, p99) = (pct(&mut ours, 0.5), pct(&mut ours, 0.99));
+    println!();
+    println!("the plugin against the least a plugin can do (pipe in, the writer's durable append, one byte out):");
+    println!(
+        "  {:<6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "plugin µs", "minimal µs", "bare µs", "vs minimal", "minimal/bare"
+    );
+    for (q, p, m, b) in [("p50", p50, m50, b50), ("p99", p99, m99, b99)] {
+        println!("  {q:<6} {p:>10.0} {m:>10.0} {b:>10.0} {:>9.2}x {:>11.2}x", p / m, m / b);
+    }
+    println!(
+        "  CPU time per call (each process's, kernel included): plugin {ours_cpu:.0} µs, minimal {least_cpu:.0} µs"
+    );
+}
+
 fn main() {
+    if let Some(j) = std::env::var_os(MINIMAL_PLUGIN) {
+        return minimal_plugin(Path::new(&j));
+    }
     let base = std::env::var_os("CLN_BACKUP_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-tmp"));
@@ -433,6 +549,9 @@ fn main() {
         fs::create_dir_all(&shm).unwrap();
         fanout_in_process(&sim::read_trace(&fs::read(&p).unwrap()).unwrap(), &base, &shm);
         let _ = fs::remove_dir_all(&shm);
+    } else if only == "floor" {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("plugin-tests/fixtures/soak/trace.jsonl.gz");
+        against_a_minimal_plugin(&sim::read_trace(&fs::read(&p).unwrap()).unwrap(), &base);
     } else if only == "hook" {
         hook_restore_and_compaction(&base);
     } else {
