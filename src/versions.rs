@@ -45,6 +45,13 @@ pub fn base_of(data_version: u32, kind: Kind) -> u32 {
 }
 
 /// Where the backup stands, as far as the rules need to know.
+/// Whether version `a` comes before `b`: data_version wraps at 2^32, so "before" is within
+/// half the range behind.
+pub fn before(a: u32, b: u32) -> bool {
+    let d = b.wrapping_sub(a);
+    d != 0 && d < 1 << 31
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
     /// Version of the last transaction the backup holds (the snapshot's if none since).

@@ -62,6 +62,8 @@ pub struct Slot {
     recent_us: Option<f64>,
     /// Listed in `backup-behind.json` (on disk).
     listed: bool,
+    /// Found behind at open: the first data_version it lacks, when its end is known.
+    lacks_from: Option<u32>,
 }
 
 struct Job {
@@ -134,6 +136,7 @@ impl Replicas {
                 worker: None,
                 recent_us: None,
                 listed: false,
+                lacks_from: None,
             });
         }
         let mut r = Replicas {
@@ -186,6 +189,8 @@ impl Replicas {
             }
             slot.state = State::Behind;
             slot.behind_since = Some(Instant::now());
+            // its last transaction may be one lightningd replaced: that version is in doubt
+            slot.lacks_from = tip.map(|t| t.position.version.wrapping_add(u32::from(!t.position.droppable)));
             if slot.last_error.is_some() {
                 continue;
             }
@@ -271,7 +276,9 @@ impl Replicas {
         }
         let mut next = self.list.clone();
         for s in self.slots.iter().filter(|s| s.state == State::Behind && !s.listed) {
-            next.add(&s.raw, data_version, &self.base);
+            // the first version it lacks: this one, or an earlier one if it was behind at open
+            let from = s.lacks_from.filter(|&v| versions::before(v, data_version)).unwrap_or(data_version);
+            next.add(&s.raw, from, &self.base);
         }
         next.save(&self.base).map_err(|e| {
             format!(
@@ -617,11 +624,10 @@ impl Replicas {
 
 /// Whether `a` holds more than `b`: a later version, or the same version with more after it.
 pub fn ahead(a: &Tip, b: &Tip) -> bool {
-    let d = a.position.version.wrapping_sub(b.position.version);
-    if d == 0 {
+    if a.position.version == b.position.version {
         a.generation > b.generation || (a.generation == b.generation && a.journal_len > b.journal_len)
     } else {
-        d < 1 << 31
+        versions::before(b.position.version, a.position.version)
     }
 }
 
@@ -1106,5 +1112,26 @@ mod tests {
         let r = Replicas::open(&urls[1..], &base, 0, Duration::from_secs(1));
         let e = r.slots()[0].last_error.clone().unwrap();
         assert!(e.contains("fell behind at data_version 2") && e.contains("backup-cli init"), "{e}");
+    }
+
+    /// A copy found behind at open is listed from the first version it may lack (its last
+    /// transaction may be one lightningd replaced), not from the write that lists it.
+    #[test]
+    fn a_copy_behind_at_open_is_listed_from_where_it_stopped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("ldir");
+        let (_, urls) = replaced_tx(&base, None);
+        let keys = KeySource::default();
+        let mut d = FileDestination::open("file://x", &base.join("0.bkp"), &keys).unwrap().0;
+        let mut rec = Vec::new();
+        let bump =
+            |v: u32| format!("UPDATE vars SET intval = intval + 1 WHERE name = 'data_version' AND intval = {}", v - 1);
+        journal::encode_record(&mut rec, 3, Kind::Transaction, &["INSERT INTO t VALUES ('c')".to_string(), bump(3)]);
+        d.append(3, Kind::Transaction, false, &rec).unwrap();
+        drop(d);
+        let mut r = Replicas::open(&urls, &base, 1, Duration::from_secs(1));
+        assert!(r.apply(4, &["INSERT INTO t VALUES ('d')".to_string(), bump(4)]).is_ok());
+        let Listing::Kept(listed) = Behind::load(&base) else { panic!("no list") };
+        assert_eq!(listed.find(&urls[1], &base).map(|e| e.since_version), Some(2));
     }
 }
