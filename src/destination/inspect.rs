@@ -161,8 +161,7 @@ pub fn most_advanced<'a>(
     };
     let ok: Vec<&Copy> = copies.iter().filter_map(|c| c.as_ref().ok()).collect();
     let (listed, trusted): (Vec<&Copy>, Vec<&Copy>) = ok.iter().partition(|c| behind.find(&c.url, base).is_some());
-    let Some(best) = trusted.iter().copied().reduce(|a, b| if super::replicas::ahead(&b.tip, &a.tip) { b } else { a })
-    else {
+    let Some(best) = super::replicas::most_advanced(trusted.iter().copied(), |c| &c.tip) else {
         if listed.is_empty() {
             return Err("none of them can be read".into());
         }

@@ -159,9 +159,9 @@ impl Replicas {
 
     /// A copy listed in `backup-behind.json` is behind; of the others, those at the most
     /// advanced data_version are in sync, and the rest (and those not opened) are behind.
-    /// Without a list (a backup from before it) a copy is in sync only if it ends exactly as
-    /// the most advanced one; with a list that cannot be read, no write goes on unless they
-    /// all do.
+    /// Without a list (a backup from before it), or with one that cannot be read, a copy is
+    /// in sync only if it ends exactly as the most advanced one, and no write goes on while
+    /// copies at the latest version end differently.
     fn classify_at_open(&mut self, listing: Listing) {
         let base = self.base.clone();
         if let Listing::Kept(b) = &listing {
@@ -171,11 +171,8 @@ impl Replicas {
         }
         let tips: Vec<Option<Tip>> = self.slots.iter().map(|s| s.dest.as_ref().map(|d| lock(d).tip())).collect();
         let pick = |trusted_only: bool| {
-            tips.iter()
-                .zip(&self.slots)
-                .filter(|(_, s)| !trusted_only || !s.listed)
-                .filter_map(|(t, _)| *t)
-                .reduce(|a, b| if ahead(&b, &a) { b } else { a })
+            let open = tips.iter().zip(&self.slots).filter(|(_, s)| !trusted_only || !s.listed);
+            most_advanced(open.filter_map(|(t, _)| *t), |t| t)
         };
         let trusted = pick(true);
         let best = trusted.or_else(|| pick(false));
@@ -629,6 +626,11 @@ pub fn ahead(a: &Tip, b: &Tip) -> bool {
     } else {
         versions::before(b.position.version, a.position.version)
     }
+}
+
+/// The item whose tip is ahead of all others (the first of equals).
+pub fn most_advanced<T>(items: impl IntoIterator<Item = T>, tip: impl Fn(&T) -> &Tip) -> Option<T> {
+    items.into_iter().reduce(|a, b| if ahead(tip(&b), tip(&a)) { b } else { a })
 }
 
 /// Why a lagging copy stays behind when only copies of other kinds are in sync.
