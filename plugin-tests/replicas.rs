@@ -22,6 +22,15 @@ fn init_multi(tmp: &Path, roots: &[PathBuf], extra: &[&str]) -> PathBuf {
     ldir
 }
 
+/// `restore --lightning-dir` into `dest`: it must restore from `from`. Its output.
+fn restore_picks(ldir: &Path, dest: &Path, from: &Path) -> String {
+    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains(&format!("Restoring from {}", url(from))), "{out}");
+    out
+}
+
 fn restore_alone(root: &Path, dest: &Path) -> cln_backup::restore::Summary {
     let o = cli(&["restore", &url(root), dest.to_str().unwrap()]);
     assert!(o.status.success(), "restore of {} failed: {}", root.display(), stderr(&o));
@@ -188,10 +197,7 @@ fn restore_from_the_most_advanced_copy() {
     std::fs::rename(&stale, &roots[0]).unwrap();
     let dest = tmp.path().join("out");
     std::fs::create_dir(&dest).unwrap();
-    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains(&format!("Restoring from {}", url(&roots[1]))), "{out}");
+    let out = restore_picks(&ldir, &dest, &roots[1]);
     assert!(out.contains(&format!("{} holds only up to data_version", url(&roots[0]))), "{out}");
     assert_same(&dest.join("lightningd.sqlite3"), &final_db("channels", tmp.path()));
     // and the plugin, started on these copies, brings the stale one up to date at once
@@ -355,10 +361,7 @@ fn a_plaintext_copy_ahead_is_not_restored_from_for_an_encrypted_node() {
     std::fs::rename(&forged, &roots[1]).unwrap();
     let dest = tmp.path().join("out");
     std::fs::create_dir(&dest).unwrap();
-    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains(&format!("Restoring from {}", url(&roots[0]))), "{out}");
+    let out = restore_picks(&ldir, &dest, &roots[0]);
     assert!(out.contains(&format!("{} holds a plaintext backup, but", url(&roots[1]))), "{out}");
     assert_same(&dest.join("lightningd.sqlite3"), &at_half.join("lightningd.sqlite3"));
     let third = tmp.path().join("c.bkp");
@@ -413,10 +416,7 @@ fn a_copy_that_missed_a_replaced_transaction_is_still_behind_at_the_next_start()
     assert!(listed.contains(&url(&roots[1])) && !listed.contains(&url(&roots[0])), "{listed}");
     // restore --lightning-dir takes the copy that holds every write, and says why not the other
     let dest = tmp.path().join("picked.sqlite3");
-    let o = cli(&["restore", "--lightning-dir", ldir.to_str().unwrap(), dest.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains(&format!("Restoring from {}", url(&roots[0]))), "{out}");
+    let out = restore_picks(&ldir, &dest, &roots[0]);
     assert!(
         out.contains(&format!(
             "{} is not used: it lacks writes lightningd committed: it fell behind at data_version {}",
