@@ -42,6 +42,17 @@ use std::sync::Mutex;
 const BIN: &str = env!("CARGO_BIN_EXE_cln-backup");
 const CLI: &str = env!("CARGO_BIN_EXE_backup-cli");
 
+/// A new random order of `order` (xorshift, Fisher-Yates): which step runs just before which
+/// changes a disk write's time, so no step keeps a fixed place.
+fn shuffle(order: &mut [usize], rng: &mut u64) {
+    for k in (1..order.len()).rev() {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        order.swap(k, (*rng % (k as u64 + 1)) as usize);
+    }
+}
+
 fn pct(v: &mut [Duration], q: f64) -> f64 {
     v.sort_unstable();
     v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e6
@@ -135,12 +146,7 @@ fn hook_restore_and_compaction(base: &Path) {
     for (i, rec) in trace.iter().enumerate() {
         buf.clear();
         journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
-        for k in (1..order.len()).rev() {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            order.swap(k, (rng % (k as u64 + 1)) as usize);
-        }
+        shuffle(&mut order, &mut rng);
         for &step in &order {
             match step {
                 0 => {
@@ -465,14 +471,8 @@ fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
     for (i, rec) in trace.iter().enumerate() {
         buf.clear();
         journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
         let mut order = [0, 1, 2];
-        order.rotate_left((rng % 3) as usize);
-        if rng & 8 != 0 {
-            order.swap(1, 2);
-        }
+        shuffle(&mut order, &mut rng);
         for step in order {
             let t = Instant::now();
             match step {
