@@ -457,6 +457,16 @@ fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
     let o = std::process::Command::new(CLI).args(["init", "--lightning-dir", ldir.to_str().unwrap(), &root]).output();
     assert!(o.as_ref().is_ok_and(|o| o.status.success()), "{o:?}");
     let mut node = Node::new(Path::new(BIN), &ldir).unwrap();
+    // CLN_BACKUP_BENCH_COMPARE: another build (sealed too) in the same loop, for a before/after
+    let mut other = std::env::var_os("CLN_BACKUP_BENCH_COMPARE").map(|bin| {
+        let ldir = base.join("compared/regtest");
+        fs::create_dir_all(&ldir).unwrap();
+        let root = format!("file://{}", base.join("compared.bkp").display());
+        let o =
+            std::process::Command::new(CLI).args(["init", "--lightning-dir", ldir.to_str().unwrap(), &root]).output();
+        assert!(o.as_ref().is_ok_and(|o| o.status.success()), "{o:?}");
+        Node::new(Path::new(&bin), &ldir).unwrap()
+    });
     let mut minimal = std::process::Command::new(std::env::current_exe().unwrap())
         .env(MINIMAL_PLUGIN, base.join("minimal.journal"))
         .stdin(std::process::Stdio::piped())
@@ -471,9 +481,10 @@ fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
     for (i, rec) in trace.iter().enumerate() {
         buf.clear();
         journal::encode_record(&mut buf, rec.data_version, rec.kind(), &rec.writes);
-        let mut order = [0, 1, 2];
-        shuffle(&mut order, &mut rng);
-        for step in order {
+        let mut order = [0, 1, 2, 3];
+        let steps = if other.is_some() { 4 } else { 3 };
+        shuffle(&mut order[..steps], &mut rng);
+        for &step in &order[..steps] {
             let t = Instant::now();
             match step {
                 0 => {
@@ -488,9 +499,14 @@ fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
                     min_out.read_exact(&mut [0u8]).unwrap();
                     least.push(t.elapsed());
                 }
-                _ => {
+                2 => {
                     node.start_if_needed(trace, i).unwrap();
                     assert_eq!(node.step(rec).unwrap(), Answer::Continue, "call {i}");
+                }
+                _ => {
+                    let Some(n) = other.as_mut() else { continue };
+                    n.start_if_needed(trace, i).unwrap();
+                    assert_eq!(n.step(rec).unwrap(), Answer::Continue, "compared build, call {i}");
                 }
             }
         }
@@ -546,6 +562,18 @@ fn against_a_minimal_plugin(trace: &[sim::TraceRecord], base: &Path) {
     println!(
         "  of which user / kernel: plugin {ours_user:.0} / {ours_sys:.0} µs, minimal {least_user:.0} / {least_sys:.0} µs"
     );
+    if let Some(mut n) = other {
+        let their_cpu = n.plugin().map_or(0.0, |p| cpu_us(p.pid(), trace.len() - last_start));
+        n.stop().unwrap();
+        let mut theirs = n.hook_times.clone();
+        let (c50, c99) = (pct(&mut theirs, 0.5), pct(&mut theirs, 0.99));
+        println!(
+            "  compared build: p50 {c50:.0} µs, p99 {c99:.0} µs, CPU {their_cpu:.0} µs a call; \
+             this build / compared: p50 {:.3}x, p99 {:.3}x",
+            p50 / c50,
+            p99 / c99
+        );
+    }
 }
 
 fn main() {

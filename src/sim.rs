@@ -234,8 +234,13 @@ impl PluginProc {
 
     /// Writes the message in `buf`; while the pipe is full, reads what the plugin writes, so
     /// that neither side waits on the other.
+    /// Sends `buf` and the blank line that ends a message, as lightningd does.
     fn send_raw(&mut self) -> Result<()> {
         self.buf.extend_from_slice(b"\n\n");
+        self.write_buf()
+    }
+
+    fn write_buf(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         let mut at = 0;
         while at < self.buf.len() {
@@ -258,11 +263,11 @@ impl PluginProc {
         Ok(())
     }
 
-    /// Sends raw bytes (for malformed-input tests).
+    /// Sends these bytes and nothing else (for tests of framing and malformed input).
     pub fn send_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         self.buf.clear();
         self.buf.extend_from_slice(bytes);
-        self.send_raw()
+        self.write_buf()
     }
 
     fn wait_for(&mut self, id: &str) -> Result<Value> {

@@ -5,7 +5,6 @@
 //! or a version that the backup cannot vouch for, halts: the answer is not `continue`, so
 //! lightningd stops without committing. A halt is final for the process.
 
-use std::borrow::Cow;
 use std::fs;
 use std::io;
 use std::path::PathBuf;
@@ -18,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::options::{self, Settings};
+use super::protocol::{self, DbWrite, HookAnswer};
 use super::stats::Latency;
 use crate::clock::fmt_time;
 use crate::compact::{self, lock, Outcome};
@@ -27,24 +27,6 @@ use crate::layout::Layout;
 use crate::writer::{Applied, Writer};
 
 pub const LOCK_NAME: &str = "backup.lock";
-
-#[derive(Deserialize)]
-struct DbWrite<'a> {
-    data_version: u32,
-    #[serde(borrow)]
-    writes: Vec<Statement<'a>>,
-}
-
-/// A statement borrowed from the message (copied only if it has JSON escapes): serde
-/// borrows a `Cow` only where it is a field of its own, never as a `Vec`'s item.
-#[derive(Deserialize)]
-struct Statement<'a>(#[serde(borrow)] Cow<'a, str>);
-
-impl AsRef<str> for Statement<'_> {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
 
 enum Backend {
     Ready(Arc<Mutex<Replicas>>),
@@ -251,34 +233,33 @@ impl Core {
         self.settings.io_rate = rate;
     }
 
-    /// Handles one db_write call's params (raw JSON, parsed borrowed) and gives the answer.
-    pub fn db_write(&mut self, params: &str) -> Value {
+    /// Handles one db_write call (parsed borrowed from the message, or why it could not be)
+    /// and gives the answer.
+    pub fn db_write(&mut self, call: Result<DbWrite<'_>, String>) -> HookAnswer {
         let t0 = Instant::now();
         self.open_backend();
-        let call = parse_db_write(params);
         self.answer(t0, call)
     }
 
     /// The same, for params that are already a JSON value (cln-plugin's hook callback).
     pub fn db_write_value(&mut self, params: &Value) -> Value {
-        let t0 = Instant::now();
-        self.open_backend();
-        let call = DbWrite::deserialize(params).map_err(malformed);
-        self.answer(t0, call)
+        let call = DbWrite::deserialize(params).map_err(protocol::malformed_db_write);
+        let answer = self.db_write(call);
+        serde_json::to_value(answer).unwrap_or_else(|e| json!({"result": "halt", "reason": e.to_string()}))
     }
 
-    fn answer(&mut self, t0: Instant, call: Result<DbWrite<'_>, String>) -> Value {
+    fn answer(&mut self, t0: Instant, call: Result<DbWrite<'_>, String>) -> HookAnswer {
         let result = call.and_then(|c| self.apply(c));
         self.first_write_done = true;
         let answer = match result {
-            Ok(()) => json!({"result": "continue"}),
+            Ok(()) => HookAnswer::CONTINUE,
             Err(reason) => {
                 if !matches!(self.backend, Backend::Halted(_)) {
                     warn!("{reason}");
                 }
                 self.backend = Backend::Halted(reason.clone());
                 warn!("Refusing the db_write so that lightningd stops without committing it");
-                json!({"result": "halt", "reason": format!("cln-backup: {reason}")})
+                HookAnswer::halt(format!("cln-backup: {reason}"))
             }
         };
         self.latency.record(t0.elapsed().as_micros() as u64);
@@ -498,26 +479,17 @@ impl Core {
     }
 }
 
-fn malformed(e: serde_json::Error) -> String {
-    format!("Malformed db_write call from lightningd ({e}); expected {{\"data_version\": u32, \"writes\": [SQL, ...]}}")
-}
-
-fn parse_db_write(params: &str) -> Result<DbWrite<'_>, String> {
-    if !params.trim_start().starts_with('{') {
-        return Err(format!("Malformed db_write call from lightningd: params are {params}, not an object"));
-    }
-    serde_json::from_str(params).map_err(malformed)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::borrow::Cow;
+
     use super::*;
 
     #[test]
     fn statements_are_borrowed_unless_escaped() {
         let params =
             r#"{"data_version": 7, "writes": ["INSERT INTO t VALUES ('a')", "UPDATE t SET s = 'say \"hi\"\\n'"]}"#;
-        let call = parse_db_write(params).unwrap();
+        let call = protocol::parse_db_write(params).unwrap();
         assert_eq!(call.data_version, 7);
         assert!(matches!(call.writes[0].0, Cow::Borrowed(_)));
         assert_eq!(call.writes[1].as_ref(), r#"UPDATE t SET s = 'say "hi"\n'"#);
@@ -525,6 +497,6 @@ mod tests {
         let v: Value = serde_json::from_str(params).unwrap();
         let call = DbWrite::deserialize(&v).unwrap();
         assert_eq!(call.writes[1].as_ref(), r#"UPDATE t SET s = 'say "hi"\n'"#);
-        assert!(parse_db_write("[1]").is_err());
+        assert!(protocol::parse_db_write("[1]").is_err());
     }
 }

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::value::RawValue;
 
 use super::hook::Core;
-use super::protocol::{Framer, Incoming, Output};
+use super::protocol::{parse_db_write, DbWriteRequest, Framer, HookAnswer, Incoming, Output};
 use crate::compact::lock;
 
 /// Reads lightningd's messages from `input` until EOF, answering db_write (and our methods
@@ -43,21 +43,41 @@ pub fn serve(input: impl Read, out: &Output, core: &Arc<Mutex<Core>>, mut to_plu
         let bytes = match msg {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("cannot parse what lightningd sent ({e}); exiting");
+                log::warn!("cannot read what lightningd sent ({e}); exiting");
                 return Err(e);
             }
         };
-        let Ok(msg) = serde_json::from_slice::<Incoming>(bytes) else {
-            log::warn!(
-                "Ignoring a message from lightningd that is not a JSON-RPC object: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            );
-            continue;
+        // A db_write is read in one pass and answered here: lightningd waits on it.
+        if let Ok(call) = serde_json::from_slice::<DbWriteRequest>(bytes) {
+            if call.method == "db_write" {
+                let answer = lock(core).db_write(Ok(call.params));
+                // A failed write means lightningd is gone; stdin EOF follows.
+                let _ = if answer.is_continue() {
+                    out.respond_raw(call.id, HookAnswer::CONTINUE_JSON)
+                } else {
+                    out.respond(call.id, &answer)
+                };
+                continue;
+            }
+        }
+        let msg = match serde_json::from_slice::<Incoming>(bytes) {
+            Ok(m) => m,
+            Err(e) if e.is_data() => {
+                log::warn!(
+                    "Ignoring a message from lightningd that is not a JSON-RPC object: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
+                );
+                continue;
+            }
+            Err(e) => {
+                log::warn!("cannot parse what lightningd sent ({e}); exiting");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
         };
         match (msg.method.as_deref(), msg.id) {
             (Some("db_write"), Some(id)) => {
-                let answer = lock(core).db_write(msg.params.map_or("null", RawValue::get));
-                // A failed write means lightningd is gone; stdin EOF follows.
+                // params the one-pass read did not fit: the handler says what is wrong
+                let answer = lock(core).db_write(parse_db_write(msg.params.map_or("null", RawValue::get)));
                 let _ = out.respond(id, &answer);
             }
             (Some(m), _) if after_init || m == "getmanifest" || m == "init" => {
