@@ -100,6 +100,31 @@ fn a_log_line_while_a_pre_init_db_write_is_answered() {
     p.close().unwrap();
 }
 
+/// A message ends at its blank line, even when the blank line's two newlines come in two
+/// reads: nothing is written before it, and the answer follows it. The next message, sent
+/// with it, is answered too.
+#[test]
+fn a_db_write_is_taken_at_its_blank_line_even_split_across_reads() {
+    let s = setup();
+    let mut p = PluginProc::spawn(Path::new(BIN), &s.ldir, &[]).unwrap();
+    p.getmanifest().unwrap();
+    let t = &trace("small")[0];
+    let whole = msg("cln:db_write#1", "db_write", json!({"data_version": t.data_version, "writes": t.writes}));
+    let held = journal_data(&s.root);
+    p.send_bytes(whole.trim_end().as_bytes()).unwrap();
+    p.send_bytes(b"\n").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(journal_data(&s.root), held, "written before its blank line was whole");
+    let status = msg("cli:backup-status#2/cln:3", "backup-status", json!({}));
+    p.send_bytes(format!("\n{status}").as_bytes()).unwrap();
+    let v = p.response("cln:db_write#1").unwrap();
+    assert_eq!(v["result"], json!({"result": "continue"}), "{v}");
+    assert!(journal_data(&s.root).len() > held.len());
+    let st = p.response("cli:backup-status#2/cln:3").unwrap();
+    assert_eq!(st["result"]["latest_version"], t.data_version, "{st}");
+    p.close().unwrap();
+}
+
 /// init and a db_write in one read; then an RPC call right after init goes through
 /// cln-plugin; setconfig changes the dynamic option.
 #[test]
