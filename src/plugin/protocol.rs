@@ -242,14 +242,8 @@ impl Output {
     /// Answers a request with a result that is already JSON (the db_write hook's `continue`,
     /// on lightningd's clock: no serializer).
     pub fn respond_raw(&self, id: &RawValue, result: &str) -> io::Result<()> {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let (w, buf) = &mut *guard;
-        buf.clear();
-        for part in [r#"{"jsonrpc":"2.0","id":"#, id.get(), r#","result":"#, result, "}\n\n"] {
-            buf.extend_from_slice(part.as_bytes());
-        }
-        w.write_all(buf)?;
-        w.flush()
+        let parts = [r#"{"jsonrpc":"2.0","id":"#, id.get(), r#","result":"#, result, "}"];
+        self.send_parts(&parts.map(str::as_bytes))
     }
 
     pub fn respond_error(&self, id: &RawValue, code: i64, message: &str) -> io::Result<()> {
@@ -259,10 +253,15 @@ impl Output {
 
     /// Writes one whole message that is already JSON (cln-plugin's output, re-framed).
     pub fn send_raw(&self, json: &[u8]) -> io::Result<()> {
+        self.send_parts(&[json])
+    }
+
+    /// One message from pieces that are already JSON, and the blank line that ends it.
+    fn send_parts(&self, parts: &[&[u8]]) -> io::Result<()> {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (w, buf) = &mut *guard;
         buf.clear();
-        buf.extend_from_slice(json);
+        parts.iter().for_each(|p| buf.extend_from_slice(p));
         buf.extend_from_slice(b"\n\n");
         w.write_all(buf)?;
         w.flush()
