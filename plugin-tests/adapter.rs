@@ -101,8 +101,8 @@ fn a_log_line_while_a_pre_init_db_write_is_answered() {
 }
 
 /// A message ends at its blank line, even when the blank line's two newlines come in two
-/// reads: nothing is written before it, and the answer follows it. The next message, sent
-/// with it, is answered too.
+/// reads: nothing is written before it, and the answer follows it. Valid JSON that is not
+/// a JSON-RPC object is skipped, and the messages after it are answered.
 #[test]
 fn a_db_write_is_taken_at_its_blank_line_even_split_across_reads() {
     let s = setup();
@@ -115,13 +115,16 @@ fn a_db_write_is_taken_at_its_blank_line_even_split_across_reads() {
     p.send_bytes(b"\n").unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(journal_data(&s.root), held, "written before its blank line was whole");
+    // then JSON that is no JSON-RPC object: each skipped, with a warning
     let status = msg("cli:backup-status#2/cln:3", "backup-status", json!({}));
-    p.send_bytes(format!("\n{status}").as_bytes()).unwrap();
+    p.send_bytes(format!("\n[1, 2]\n\n\"x\"\n\nnull\n\n{status}").as_bytes()).unwrap();
     let v = p.response("cln:db_write#1").unwrap();
     assert_eq!(v["result"], json!({"result": "continue"}), "{v}");
     assert!(journal_data(&s.root).len() > held.len());
     let st = p.response("cli:backup-status#2/cln:3").unwrap();
     assert_eq!(st["result"]["latest_version"], t.data_version, "{st}");
+    let skipped = p.logs().iter().filter(|(_, m)| m.contains("not a JSON-RPC object")).count();
+    assert_eq!(skipped, 3, "{:?}", p.logs());
     p.close().unwrap();
 }
 

@@ -232,14 +232,14 @@ impl PluginProc {
         self.child.id()
     }
 
-    /// Writes the message in `buf`; while the pipe is full, reads what the plugin writes, so
-    /// that neither side waits on the other.
     /// Sends `buf` and the blank line that ends a message, as lightningd does.
     fn send_raw(&mut self) -> Result<()> {
         self.buf.extend_from_slice(b"\n\n");
         self.write_buf()
     }
 
+    /// Writes `buf`; while the pipe is full, reads what the plugin writes, so that neither
+    /// side waits on the other.
     fn write_buf(&mut self) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
         let mut at = 0;

@@ -235,16 +235,18 @@ impl Core {
 
     /// Handles one db_write call (parsed borrowed from the message, or why it could not be)
     /// and gives the answer.
-    pub fn db_write(&mut self, call: Result<DbWrite<'_>, String>) -> HookAnswer {
-        let t0 = Instant::now();
+    /// `received`: when its message was read, so that the latency in `backup-status` covers
+    /// reading the call too.
+    pub fn db_write(&mut self, received: Instant, call: Result<DbWrite<'_>, String>) -> HookAnswer {
         self.open_backend();
-        self.answer(t0, call)
+        self.answer(received, call)
     }
 
     /// The same, for params that are already a JSON value (cln-plugin's hook callback).
     pub fn db_write_value(&mut self, params: &Value) -> Value {
+        let received = Instant::now();
         let call = DbWrite::deserialize(params).map_err(protocol::malformed_db_write);
-        let answer = self.db_write(call);
+        let answer = self.db_write(received, call);
         serde_json::to_value(answer).unwrap_or_else(|e| json!({"result": "halt", "reason": e.to_string()}))
     }
 

@@ -26,6 +26,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde_json::value::RawValue;
 
@@ -47,10 +48,12 @@ pub fn serve(input: impl Read, out: &Output, core: &Arc<Mutex<Core>>, mut to_plu
                 return Err(e);
             }
         };
-        // A db_write is read in one pass and answered here: lightningd waits on it.
+        let received = Instant::now();
+        // A db_write is read in one pass and answered here: lightningd waits on it. (An id
+        // of null reads as no id below, as it always has: such a call gets no answer.)
         if let Ok(call) = serde_json::from_slice::<DbWriteRequest>(bytes) {
-            if call.method == "db_write" {
-                let answer = lock(core).db_write(Ok(call.params));
+            if call.method == "db_write" && call.id.get() != "null" {
+                let answer = lock(core).db_write(received, Ok(call.params));
                 // A failed write means lightningd is gone; stdin EOF follows.
                 let _ = if answer.is_continue() {
                     out.respond_raw(call.id, HookAnswer::CONTINUE_JSON)
@@ -77,7 +80,7 @@ pub fn serve(input: impl Read, out: &Output, core: &Arc<Mutex<Core>>, mut to_plu
         match (msg.method.as_deref(), msg.id) {
             (Some("db_write"), Some(id)) => {
                 // params the one-pass read did not fit: the handler says what is wrong
-                let answer = lock(core).db_write(parse_db_write(msg.params.map_or("null", RawValue::get)));
+                let answer = lock(core).db_write(received, parse_db_write(msg.params.map_or("null", RawValue::get)));
                 let _ = out.respond(id, &answer);
             }
             (Some(m), _) if after_init || m == "getmanifest" || m == "init" => {

@@ -41,16 +41,25 @@ impl<'de: 'a, 'a> Deserialize<'de> for DbWrite<'a> {
             }
             fn visit_map<M: serde::de::MapAccess<'de>>(self, mut m: M) -> Result<DbWrite<'a>, M::Error> {
                 use serde::de::Error;
+                // keys as an enum: a key read as a string would be copied
+                #[derive(Deserialize)]
+                #[serde(field_identifier, rename_all = "snake_case")]
+                enum Field {
+                    DataVersion,
+                    Writes,
+                    #[serde(other)]
+                    Other,
+                }
                 let (mut data_version, mut writes) = (None, None);
-                while let Some(key) = m.next_key::<Cow<'de, str>>()? {
-                    match &*key {
-                        "data_version" if data_version.is_some() => {
+                while let Some(key) = m.next_key::<Field>()? {
+                    match key {
+                        Field::DataVersion if data_version.is_some() => {
                             return Err(M::Error::duplicate_field("data_version"))
                         }
-                        "writes" if writes.is_some() => return Err(M::Error::duplicate_field("writes")),
-                        "data_version" => data_version = Some(m.next_value()?),
-                        "writes" => writes = Some(m.next_value()?),
-                        _ => drop(m.next_value::<serde::de::IgnoredAny>()?),
+                        Field::Writes if writes.is_some() => return Err(M::Error::duplicate_field("writes")),
+                        Field::DataVersion => data_version = Some(m.next_value()?),
+                        Field::Writes => writes = Some(m.next_value()?),
+                        Field::Other => drop(m.next_value::<serde::de::IgnoredAny>()?),
                     }
                 }
                 Ok(DbWrite {
@@ -294,10 +303,16 @@ mod tests {
         }
     }
 
-    /// Hands out its bytes a few at a time, like a pipe.
-    struct Trickle<'a>(&'a [u8], usize);
+    /// Hands out its bytes a few at a time, like a pipe; with `hiccups`, every other read
+    /// fails with WouldBlock or Interrupted first (a non-blocking pipe, a signal).
+    struct Trickle<'a>(&'a [u8], usize, bool, u32);
     impl Read for Trickle<'_> {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.3 += 1;
+            if self.2 && self.3 % 2 == 1 {
+                let kind = if self.3 % 4 == 1 { io::ErrorKind::WouldBlock } else { io::ErrorKind::Interrupted };
+                return Err(io::Error::from(kind));
+            }
             let n = self.1.min(self.0.len()).min(buf.len());
             buf[..n].copy_from_slice(&self.0[..n]);
             self.0 = &self.0[n..];
@@ -307,25 +322,38 @@ mod tests {
 
     #[test]
     fn framer_cuts_at_blank_lines_across_reads() {
-        for (step, size) in [(1, 3000), (7, 3000), (4096, 200_000), (1 << 20, 200_000)] {
-            let big = "x".repeat(size);
-            // a string may hold an escaped blank line; only a raw one ends a message
-            let input =
-                format!("{{\"a\": 1}}\n\n\n\n {{\"id\": \"cli:x#1/cln:y#2\", \"s\": \"{big}\\n\\n\"}}\n\n[1,2]\n\n");
-            let mut f = Framer::new(Trickle(input.as_bytes(), step));
-            assert_eq!(f.next_value().unwrap().unwrap(), br#"{"a": 1}"#);
-            let v: Value = serde_json::from_slice(f.next_value().unwrap().unwrap()).unwrap();
-            assert_eq!(v["s"].as_str().unwrap().len(), size + 2);
-            assert_eq!(f.next_value().unwrap().unwrap(), b"[1,2]");
-            assert!(f.next_value().is_none());
+        // Skips the failed reads a caller retries (WouldBlock: the stand-in polls, then asks again).
+        fn next<R: Read>(f: &mut Framer<R>) -> Option<Vec<u8>> {
+            loop {
+                match f.next_value()? {
+                    Ok(b) => return Some(b.to_vec()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        for (step, size) in [(1, 3000), (2, 3000), (7, 3000), (4096, 200_000), (1 << 20, 200_000)] {
+            for hiccups in [false, true] {
+                let big = "x".repeat(size);
+                // a string may hold an escaped blank line; only a raw one ends a message
+                let input = format!(
+                    "{{\"a\": 1}}\n\n\n\n {{\"id\": \"cli:x#1/cln:y#2\", \"s\": \"{big}\\n\\n\"}}\n\n[1,\n2]\n\n"
+                );
+                let mut f = Framer::new(Trickle(input.as_bytes(), step, hiccups, 0));
+                assert_eq!(next(&mut f).unwrap(), br#"{"a": 1}"#);
+                let v: Value = serde_json::from_slice(&next(&mut f).unwrap()).unwrap();
+                assert_eq!(v["s"].as_str().unwrap().len(), size + 2);
+                assert_eq!(next(&mut f).unwrap(), b"[1,\n2]");
+                assert!(next(&mut f).is_none());
+            }
         }
         // The framer only cuts; the parser judges what it hands out, a last message without
         // its blank line included.
-        let mut f = Framer::new(Trickle(b"{\"a\": }\n\n{\"a\": 1", 3));
-        assert_eq!(f.next_value().unwrap().unwrap(), b"{\"a\": }");
-        assert_eq!(f.next_value().unwrap().unwrap(), b"{\"a\": 1");
-        assert!(f.next_value().is_none());
-        assert!(Framer::new(Trickle(b" \n\n\n ", 2)).next_value().is_none());
+        let mut f = Framer::new(Trickle(b"{\"a\": }\n\n{\"a\": 1", 3, true, 0));
+        assert_eq!(next(&mut f).unwrap(), b"{\"a\": }");
+        assert_eq!(next(&mut f).unwrap(), b"{\"a\": 1");
+        assert!(next(&mut f).is_none());
+        assert!(next(&mut Framer::new(Trickle(b" \n\n\n ", 2, false, 0))).is_none());
     }
 
     #[test]
@@ -355,13 +383,19 @@ mod tests {
     #[test]
     fn hook_answers_are_what_lightningd_reads() {
         assert_eq!(serde_json::to_string(&HookAnswer::CONTINUE).unwrap(), HookAnswer::CONTINUE_JSON);
-        // written by hand and by serde, the same bytes
-        let id: Box<RawValue> = serde_json::from_str(r#""cln:db_write#12""#).unwrap();
-        let (sink, by_hand) = (Shared::default(), Shared::default());
-        Output::new(Box::new(sink.clone())).respond(&id, &HookAnswer::CONTINUE).unwrap();
-        Output::new(Box::new(by_hand.clone())).respond_raw(&id, HookAnswer::CONTINUE_JSON).unwrap();
-        assert_eq!(*sink.0.lock().unwrap(), *by_hand.0.lock().unwrap());
-        assert!(by_hand.0.lock().unwrap().ends_with(b"}}\n\n"));
+        // written by hand and by serde, the same bytes, the id echoed as it came
+        for id in
+            [r#""cln:db_write#12""#, r#""cln:db_write#7/cln:\"quoted\"\\id""#, r#""\u00e9""#, "7", r#"{"a": [1, 2]}"#]
+        {
+            let id: Box<RawValue> = serde_json::from_str(id).unwrap();
+            let (sink, by_hand) = (Shared::default(), Shared::default());
+            Output::new(Box::new(sink.clone())).respond(&id, &HookAnswer::CONTINUE).unwrap();
+            Output::new(Box::new(by_hand.clone())).respond_raw(&id, HookAnswer::CONTINUE_JSON).unwrap();
+            assert_eq!(*sink.0.lock().unwrap(), *by_hand.0.lock().unwrap(), "{id}");
+            assert!(by_hand.0.lock().unwrap().ends_with(b"}}\n\n"));
+            let v: Value = serde_json::from_slice(&by_hand.0.lock().unwrap()).unwrap();
+            assert_eq!(v["id"], serde_json::from_str::<Value>(id.get()).unwrap());
+        }
         let halt = serde_json::to_string(&HookAnswer::halt("why".into())).unwrap();
         assert_eq!(halt, r#"{"result":"halt","reason":"why"}"#);
     }
