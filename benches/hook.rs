@@ -19,7 +19,8 @@
 //! CLN_BACKUP_BENCH_COMPARE=/path/to/cln-backup also runs that build in the same loop, call
 //! by call, against the same baseline (e.g. the commit before a change).
 //! CLN_BACKUP_BENCH_ONLY=hook stops after the hook round trips; =floor runs only the plugin
-//! against a minimal one (`against_a_minimal_plugin`).
+//! against a minimal one (`against_a_minimal_plugin`), with the compared build, sealed, in
+//! that loop too.
 //! Set CLN_BACKUP_BENCH_DIR to measure on another filesystem (default: target/bench-tmp),
 //! and CLN_BACKUP_BENCH_GB to size the compaction-stall journal (default 1; 0 skips it).
 
