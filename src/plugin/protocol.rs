@@ -356,6 +356,59 @@ mod tests {
         assert!(next(&mut Framer::new(Trickle(b" \n\n\n ", 2, false, 0))).is_none());
     }
 
+    /// Random messages (stray single newlines, runs of blank lines, some large) through
+    /// random read sizes with WouldBlock and Interrupted between them: the framer hands out
+    /// what cutting the whole input at each blank line gives, no more, no less.
+    #[test]
+    fn framer_agrees_with_cutting_the_whole_input() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for _ in 0..300 {
+            let mut input = String::new();
+            for _ in 0..next(6) {
+                let len = if next(10) == 0 { 70_000 + next(100_000) } else { next(300) };
+                let body: String = (0..len)
+                    .map(|k| match next(40) {
+                        0 if k > 0 => '\n',
+                        1 => ' ',
+                        _ => char::from(b'a' + next(26) as u8),
+                    })
+                    .collect();
+                // no blank line inside a message: a stray newline never follows another
+                input += &body.replace("\n\n", "\n");
+                input += &"\n".repeat(2 + next(3) as usize);
+            }
+            if next(2) == 0 {
+                input += "{\"last\": true"; // a last message cut short, then EOF
+            }
+            let mut want = Vec::new();
+            let mut rest = input.as_str();
+            while let Some(i) = rest.find("\n\n") {
+                want.push(rest[..i].trim().to_string());
+                rest = &rest[i + 2..];
+            }
+            want.push(rest.trim().to_string());
+            want.retain(|m| !m.is_empty());
+            let step = [1, 2, 3, 64, 4096, 1 << 20][next(6) as usize];
+            let mut f = Framer::new(Trickle(input.as_bytes(), step, next(2) == 0, 0));
+            let mut got = Vec::new();
+            while let Some(r) = f.next_value() {
+                match r {
+                    Ok(b) => got.push(String::from_utf8(b.to_vec()).unwrap()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got.len(), want.len(), "step {step}");
+            assert!(got == want, "step {step}: the messages differ");
+        }
+    }
+
     #[test]
     fn a_db_write_is_read_in_one_pass_in_any_field_order() {
         let msg = br#"{"params": {"writes": ["INSERT INTO t VALUES (1)"], "data_version": 9}, "id": "cln:db_write#7", "jsonrpc": "2.0", "method": "db_write"}"#;
