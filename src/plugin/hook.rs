@@ -235,22 +235,11 @@ impl Core {
 
     /// Handles one db_write call (parsed borrowed from the message, or why it could not be)
     /// and gives the answer.
+    ///
     /// `received`: when its message was read, so that the latency in `backup-status` covers
     /// reading the call too.
     pub fn db_write(&mut self, received: Instant, call: Result<DbWrite<'_>, String>) -> HookAnswer {
         self.open_backend();
-        self.answer(received, call)
-    }
-
-    /// The same, for params that are already a JSON value (cln-plugin's hook callback).
-    pub fn db_write_value(&mut self, params: &Value) -> Value {
-        let received = Instant::now();
-        let call = DbWrite::deserialize(params).map_err(protocol::malformed_db_write);
-        let answer = self.db_write(received, call);
-        serde_json::to_value(answer).unwrap_or_else(|e| json!({"result": "halt", "reason": e.to_string()}))
-    }
-
-    fn answer(&mut self, t0: Instant, call: Result<DbWrite<'_>, String>) -> HookAnswer {
         let result = call.and_then(|c| self.apply(c));
         self.first_write_done = true;
         let answer = match result {
@@ -264,9 +253,17 @@ impl Core {
                 HookAnswer::halt(format!("cln-backup: {reason}"))
             }
         };
-        self.latency.record(t0.elapsed().as_micros() as u64);
+        self.latency.record(received.elapsed().as_micros() as u64);
         self.maybe_autocompact();
         answer
+    }
+
+    /// The same, for params that are already a JSON value (cln-plugin's hook callback).
+    pub fn db_write_value(&mut self, params: &Value) -> Value {
+        let received = Instant::now();
+        let call = DbWrite::deserialize(params).map_err(protocol::malformed_db_write);
+        let answer = self.db_write(received, call);
+        serde_json::to_value(answer).unwrap_or_else(|e| json!({"result": "halt", "reason": e.to_string()}))
     }
 
     fn apply(&mut self, call: DbWrite<'_>) -> Result<(), String> {
