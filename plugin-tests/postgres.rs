@@ -1034,3 +1034,64 @@ fn pg_backup_from_before_sealing_reads_as_plaintext_across_the_schema_migration(
     let (r, _) = restore(&url, "old", tmp.path(), "b.sqlite3");
     assert_same(&r, &final_db("small", tmp.path()));
 }
+
+/// A compaction's switch of a sealed PostgreSQL backup seals again the records that came
+/// after its fold point (their places moved): the end the destination reports afterwards
+/// (what catch-up and the start compare copies by) is the one of the records as stored,
+/// read back, not the one from before the switch.
+#[test]
+fn pg_sealed_switch_reports_the_end_of_the_records_as_resealed() {
+    let url = pgharness::fresh_db("sealedswitch");
+    let tmp = tempfile::tempdir().unwrap();
+    let ldir = tmp.path().join("regtest");
+    std::fs::create_dir_all(&ldir).unwrap();
+    std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
+    let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lock = cln_backup::destination::LockFile::parse(
+        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
+        &ldir.join("backup.lock"),
+    )
+    .unwrap();
+    let keys = cln_backup::keys::KeySource::lightning_dir(&ldir);
+    let mut d = PgDestination::open_with(&lock.urls[0], "regtest", BOUND, &keys).unwrap();
+    assert!(d.is_sealed());
+    let t = trace("small");
+    // through the seam, as the plugin writes: sealed for each record's place
+    let sealed_feed = |d: &mut PgDestination, recs: &[TraceRecord]| {
+        for r in recs {
+            let kind = r.kind();
+            let replace = versions::decide(d.position(), r.data_version, kind) == Decision::ReplaceLast;
+            Destination::append(d, r.data_version, kind, replace, &framed(r.data_version, kind, &r.writes))
+                .unwrap_or_else(|e| panic!("data_version {}: {}", r.data_version, e.explain()));
+        }
+    };
+    sealed_feed(&mut d, &t[..30]);
+    let plan = d.plan().unwrap();
+    let sealer = d.sealer().unwrap().unwrap();
+    let next =
+        pg::build_generation(&lock.urls[0], "regtest", plan, tmp.path(), Some((&sealer, &keys)), &mut |_, _, _| {})
+            .unwrap();
+    // records after the fold point, written while it was built
+    sealed_feed(&mut d, &t[30..45]);
+    let before = d.tail();
+    d.install_generation(&next).unwrap();
+    assert_eq!(d.generation(), 2);
+    let journal = tmp.path().join("journal");
+    std::fs::write(&journal, pg_journal(&lock.urls[0], "regtest", &tmp.path().join("dl"))).unwrap();
+    let mut r = cln_backup::journal::JournalReader::open(&journal).unwrap();
+    let mut last = None;
+    while let Some(rec) = r.next_record().unwrap() {
+        last = Some(rec.header_crc());
+    }
+    let stored = last.unwrap();
+    assert_ne!(stored, before, "the records after the fold point were not sealed again");
+    assert_eq!(d.tail(), stored, "the end reported is not the stored records'");
+    // and it goes on from there, sealed, and restores to the end
+    sealed_feed(&mut d, &t[45..]);
+    drop(d);
+    let dest = tmp.path().join("r.sqlite3");
+    let o = pg_restore(&lock.urls[0], &dest, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(&dest, &final_db("small", tmp.path()));
+}
