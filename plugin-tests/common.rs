@@ -188,3 +188,9 @@ pub fn wait_state(
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// The destination URLs that `backup.lock` in `ldir` lists, the first one first.
+pub fn lock_urls(ldir: &Path) -> Vec<String> {
+    let path = ldir.join("backup.lock");
+    cln_backup::destination::LockFile::parse(&std::fs::read_to_string(&path).unwrap(), &path).unwrap().urls
+}

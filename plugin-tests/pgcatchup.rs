@@ -27,8 +27,7 @@ fn two_copies(c: &Cluster) -> (tempfile::TempDir, PathBuf, PathBuf, String) {
     let l = ldir.to_str().unwrap();
     let o = cli(&["init", "--lightning-dir", l, "--min-destinations", "1", &url_of(&copy), &url]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
-    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let backend = lock_urls(&ldir)[1].clone();
     (tmp, ldir, copy, backend)
 }
 
@@ -279,8 +278,7 @@ fn pg_add_destination_whose_check_fails_deletes_its_rows_again() {
     std::fs::rename(tmp.path().join("hsm_secret.away"), ldir.join("hsm_secret")).unwrap();
     let o = cli(&["add-destination", "--lightning-dir", l, &url]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
-    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let backend = lock_urls(&ldir)[1].clone();
     let dest = tmp.path().join("r.sqlite3");
     let o = pg_restore(&backend, &dest, &[]);
     assert!(o.status.success(), "{}", stderr(&o));

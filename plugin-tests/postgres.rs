@@ -853,13 +853,9 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     let copy = tmp.path().join("copy.bkp");
     let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url_of(&copy), &url]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let lock = cln_backup::destination::LockFile::parse(
-        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
-        &ldir.join("backup.lock"),
-    )
-    .unwrap();
-    assert_eq!(lock.urls.len(), 2);
-    assert!(lock.urls[1].contains("backup=regtest"), "{:?}", lock.urls);
+    let urls = lock_urls(&ldir);
+    assert_eq!(urls.len(), 2);
+    assert!(urls[1].contains("backup=regtest"), "{:?}", urls);
     let file_meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(copy.join("backup.json")).unwrap()).unwrap();
     let pg_meta: serde_json::Value = serde_json::from_str(
@@ -879,11 +875,11 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     node.stop().unwrap();
     // one seal per record: the database holds exactly the file copy's journal
     let file_journal = journal_data(&copy);
-    assert_eq!(pg_journal(&lock.urls[1], "regtest", tmp.path()), file_journal);
+    assert_eq!(pg_journal(&urls[1], "regtest", tmp.path()), file_journal);
     assert!(readable(&copy, &needles("small")).is_empty());
     let fin = final_db("small", tmp.path());
     let dest = tmp.path().join("from-pg.sqlite3");
-    let o = pg_restore(&lock.urls[1], &dest, &[]);
+    let o = pg_restore(&urls[1], &dest, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same(&dest, &fin);
 
@@ -897,14 +893,10 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     )
     .unwrap();
     assert_eq!(meta2["backup_id"], file_meta["backup_id"]);
-    let lock = cln_backup::destination::LockFile::parse(
-        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
-        &ldir.join("backup.lock"),
-    )
-    .unwrap();
-    assert_eq!(lock.urls.len(), 3);
+    let urls = lock_urls(&ldir);
+    assert_eq!(urls.len(), 3);
     let dest = tmp.path().join("from-added.sqlite3");
-    let o = pg_restore(&lock.urls[2], &dest, &[]);
+    let o = pg_restore(&urls[2], &dest, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same(&dest, &fin);
     // and the node goes on writing to all three
@@ -919,8 +911,8 @@ fn pg_init_beside_a_file_copy_shares_one_backup_id_and_the_same_sealed_bytes() {
     assert_eq!(node.step(&rec).unwrap(), cln_backup::sim::Answer::Continue);
     node.stop().unwrap();
     let file_journal = journal_data(&copy);
-    assert_eq!(pg_journal(&lock.urls[1], "regtest", &tmp.path().join("a")), file_journal);
-    assert_eq!(pg_journal(&lock.urls[2], "regtest", &tmp.path().join("b")), file_journal);
+    assert_eq!(pg_journal(&urls[1], "regtest", &tmp.path().join("a")), file_journal);
+    assert_eq!(pg_journal(&urls[2], "regtest", &tmp.path().join("b")), file_journal);
 }
 
 /// A PostgreSQL copy far behind a compacted file copy is re-seeded with the file copy's
@@ -942,8 +934,7 @@ fn pg_install_reseeds_a_generation_as_it_is_and_refuses_another_backup() {
     assert_eq!(node.replay(t, 0..60).unwrap(), None);
     node.stop().unwrap();
     // the database is dropped from backup.lock; the file copy goes on and is compacted
-    let lock = std::fs::read_to_string(ldir.join("backup.lock")).unwrap();
-    let backend = cln_backup::destination::LockFile::parse(&lock, &ldir.join("backup.lock")).unwrap().urls[1].clone();
+    let backend = lock_urls(&ldir)[1].clone();
     let o = cli(&["remove-destination", "--lightning-dir", ldir.to_str().unwrap(), &backend]);
     assert!(o.status.success(), "{}", stderr(&o));
     node.start().unwrap();
@@ -1048,13 +1039,9 @@ fn pg_sealed_switch_reports_the_end_of_the_records_as_resealed() {
     std::fs::write(ldir.join("hsm_secret"), LEGACY_HSM).unwrap();
     let o = cli(&["init", "--lightning-dir", ldir.to_str().unwrap(), &url]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let lock = cln_backup::destination::LockFile::parse(
-        &std::fs::read_to_string(ldir.join("backup.lock")).unwrap(),
-        &ldir.join("backup.lock"),
-    )
-    .unwrap();
+    let urls = lock_urls(&ldir);
     let keys = cln_backup::keys::KeySource::lightning_dir(&ldir);
-    let mut d = PgDestination::open_with(&lock.urls[0], "regtest", BOUND, &keys).unwrap();
+    let mut d = PgDestination::open_with(&urls[0], "regtest", BOUND, &keys).unwrap();
     assert!(d.is_sealed());
     let t = trace("small");
     // through the seam, as the plugin writes: sealed for each record's place
@@ -1070,15 +1057,14 @@ fn pg_sealed_switch_reports_the_end_of_the_records_as_resealed() {
     let plan = d.plan().unwrap();
     let sealer = d.sealer().unwrap().unwrap();
     let next =
-        pg::build_generation(&lock.urls[0], "regtest", plan, tmp.path(), Some((&sealer, &keys)), &mut |_, _, _| {})
-            .unwrap();
+        pg::build_generation(&urls[0], "regtest", plan, tmp.path(), Some((&sealer, &keys)), &mut |_, _, _| {}).unwrap();
     // records after the fold point, written while it was built
     sealed_feed(&mut d, &t[30..45]);
     let before = d.tail();
     d.install_generation(&next).unwrap();
     assert_eq!(d.generation(), 2);
     let journal = tmp.path().join("journal");
-    std::fs::write(&journal, pg_journal(&lock.urls[0], "regtest", &tmp.path().join("dl"))).unwrap();
+    std::fs::write(&journal, pg_journal(&urls[0], "regtest", &tmp.path().join("dl"))).unwrap();
     let mut r = cln_backup::journal::JournalReader::open(&journal).unwrap();
     let mut last = None;
     while let Some(rec) = r.next_record().unwrap() {
@@ -1091,7 +1077,7 @@ fn pg_sealed_switch_reports_the_end_of_the_records_as_resealed() {
     sealed_feed(&mut d, &t[45..]);
     drop(d);
     let dest = tmp.path().join("r.sqlite3");
-    let o = pg_restore(&lock.urls[0], &dest, &[]);
+    let o = pg_restore(&urls[0], &dest, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same(&dest, &final_db("small", tmp.path()));
 }
